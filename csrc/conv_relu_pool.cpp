@@ -1,0 +1,91 @@
+// The fused block on top of ATen's convolution (oneDNN on CPU, cuDNN on CUDA): the convolution runs without its
+// bias, then ONE epilogue pass (fastcnn::bias_relu_pool, a per-device kernel) adds the bias, applies ReLU and the
+// pool, and writes only the pooled output and its compact code. The backward rebuilds the gradient of the
+// convolution output from the pooled gradient and the code, then hands it to ATen's convolution_backward.
+// The same device-generic code serves CPU and CUDA; only the epilogue kernels differ.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "fastcnn/checks.h"
+
+#include <tuple>
+
+namespace fastcnn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> call_bias_relu_pool(const at::Tensor& conv, const c10::optional<at::Tensor>& bias,
+                                                       c10::string_view pool, at::IntArrayRef pool_size,
+                                                       at::IntArrayRef pool_stride) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastcnn::bias_relu_pool", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(conv, bias, pool, pool_size, pool_stride);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_bias_relu_pool_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                                                                const at::Tensor& code, c10::SymIntArrayRef conv_size,
+                                                                c10::string_view pool, at::IntArrayRef pool_size,
+                                                                at::IntArrayRef pool_stride, bool bias_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastcnn::bias_relu_pool_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, c10::SymIntArrayRef,
+                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef,
+                                                                 bool)>();
+  return op.call(grad_out, out, code, conv_size, pool, pool_size, pool_stride, bias_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_pool(const at::Tensor& input, const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                                    c10::string_view pool, at::IntArrayRef pool_size,
+                                                    at::IntArrayRef pool_stride) {
+  check_floating_4d(input, "input");
+  at::Tensor conv = at::convolution(input, weight, /*bias=*/c10::nullopt, stride, padding, dilation,
+                                    /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  return call_bias_relu_pool(conv.contiguous(memory_format_of(input)), bias, pool, pool_size, pool_stride);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_pool_backward(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& code, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, c10::string_view pool, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+    std::array<bool, 3> output_mask) {
+  check_floating_4d(input, "input");
+  check_floating_4d(weight, "weight");
+  // Convolution output size: floor((size + 2p - d(k-1) - 1) / s) + 1 per spatial axis.
+  std::vector<c10::SymInt> conv_size;
+  for (int axis = 0; axis < 2; ++axis) {
+    const int64_t extent = dilation[axis] * (weight.size(2 + axis) - 1) + 1;
+    conv_size.emplace_back((input.size(2 + axis) + 2 * padding[axis] - extent) / stride[axis] + 1);
+  }
+  auto [grad_conv, grad_bias] = call_bias_relu_pool_backward(grad_out, out, code, conv_size, pool, pool_size,
+                                                             pool_stride, output_mask[2]);
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[0] || output_mask[1]) {
+    std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
+        grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+        /*output_padding=*/{0, 0}, groups, {output_mask[0], output_mask[1], false});
+  }
+  // Gradients nobody asked for come back as empty tensors (the schema returns Tensors, never None).
+  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : input.new_empty({0}); };
+  return {or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
+  m.impl("conv2d_relu_pool", &conv2d_relu_pool);
+  m.impl("conv2d_relu_pool_backward", &conv2d_relu_pool_backward);
+}
+
+#ifdef FASTCNN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
+  m.impl("conv2d_relu_pool", &conv2d_relu_pool);
+  m.impl("conv2d_relu_pool_backward", &conv2d_relu_pool_backward);
+}
+#endif
+
+}  // namespace fastcnn

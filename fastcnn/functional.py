@@ -1,0 +1,67 @@
+"""fastcnn's public functions, in the style of torch.nn.functional."""
+import torch.nn.functional as F
+
+from .ops import conv_relu_pool as _ops
+
+
+def conv2d_relu_pool(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, pool="max", pool_size=2,
+                     pool_stride=None):
+    """Fused ``pool(relu(conv2d(input, weight, bias, stride, padding, dilation, groups)))``.
+
+    Equals ``F.max_pool2d(F.relu(F.conv2d(...)), pool_size, pool_stride)`` (or ``F.avg_pool2d``, or no pool) in
+    value and gradient, but never writes the full-resolution activation: training saves only the pooled output and
+    one byte per pooled element.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; float32, float16, bfloat16 or float64; contiguous
+            or channels_last.
+        weight: ``(C_out, C_in / groups, kH, kW)``, same dtype and device as ``input``.
+        bias: optional ``(C_out,)``.
+        stride, padding, dilation, groups: as in ``F.conv2d`` (``padding`` may be ``"valid"`` or ``"same"``).
+        pool: ``"max"``, ``"avg"`` or ``"none"``.
+        pool_size: pooling window, an int or a pair (max: at most 256 elements; avg: at most 8).
+        pool_stride: pooling stride; ``None`` means ``pool_size``. Floor mode, no pool padding.
+
+    Shape:
+        output ``(N, C_out, H_p, W_p)`` with ``H_c = (H + 2p - d(kH - 1) - 1) // s + 1`` for the convolution and
+        ``H_p = (H_c - pool_size) // pool_stride + 1`` after the pool; in ``input``'s memory format.
+
+    Example:
+        >>> x, w, b = torch.randn(8, 3, 32, 32), torch.randn(16, 3, 3, 3), torch.randn(16)
+        >>> fastcnn.functional.conv2d_relu_pool(x, w, b, padding=1).shape
+        torch.Size([8, 16, 16, 16])
+    """
+    if input.dim() == 3:  # unbatched, as F.conv2d allows
+        return conv2d_relu_pool(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups, pool,
+                                pool_size, pool_stride).squeeze(0)
+    if isinstance(padding, str):
+        input, padding = _resolve_string_padding(input, weight, padding, stride, dilation)
+    return _ops.conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size,
+                                 pool_stride)
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Fused ``relu(conv2d(input, weight, bias, ...))``; arguments and shapes as ``F.conv2d``.
+
+    Example:
+        >>> fastcnn.functional.conv2d_relu(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)).shape
+        torch.Size([2, 4, 6, 6])
+    """
+    return conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool="none")
+
+
+def _resolve_string_padding(input, weight, padding, stride, dilation):
+    """``"valid"`` -> 0; ``"same"`` -> the symmetric padding F.conv2d uses, with its extra row/column on the
+    bottom/right when the total is odd (applied here with F.pad)."""
+    if padding == "valid":
+        return input, 0
+    if padding != "same":
+        raise ValueError(f"fastcnn: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    if stride not in (1, (1, 1), [1, 1]):
+        raise ValueError("fastcnn: padding='same' is not supported for strided convolutions")
+    dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+    extra_h, extra_w = total[0] % 2, total[1] % 2
+    if extra_h or extra_w:
+        input = F.pad(input, (0, extra_w, 0, extra_h))
+    return input, (total[0] // 2, total[1] // 2)

@@ -1,0 +1,51 @@
+"""Fake kernels and autograd for the C++/CUDA ops of fastcnn._C (schemas in csrc/fastcnn.cpp). Imported only when
+the extension loaded: the schemas must exist before anything registers on them."""
+import torch
+
+from ..reference.conv_relu_pool import memory_format_of
+from ._conv_outputs import allocate_conv_outputs, allocate_outputs, register_conv_autograd
+
+
+@torch.library.register_fake("fastcnn::bias_relu_pool")
+def _bias_relu_pool_fake(conv, bias, pool, pool_size, pool_stride):
+    return allocate_outputs(conv, conv.shape[1], tuple(conv.shape[2:]), pool, pool_size, pool_stride)
+
+
+@torch.library.register_fake("fastcnn::bias_relu_pool_backward")
+def _bias_relu_pool_backward_fake(grad_out, out, code, conv_size, pool, pool_size, pool_stride, bias_grad):
+    grad_conv = out.new_empty((*out.shape[:2], *conv_size)).contiguous(memory_format=memory_format_of(out))
+    return grad_conv, out.new_empty(out.shape[1] if bias_grad else 0)
+
+
+@torch.library.register_fake("fastcnn::conv2d_relu_pool")
+def _conv2d_relu_pool_fake(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
+    return allocate_conv_outputs(input, weight, stride, padding, dilation, pool, pool_size, pool_stride)
+
+
+@torch.library.register_fake("fastcnn::conv2d_relu_pool_backward")
+def _conv2d_relu_pool_backward_fake(grad_out, out, code, input, weight, stride, padding, dilation, groups, pool,
+                                    pool_size, pool_stride, output_mask):
+    def grad_like(t, wanted):
+        return torch.empty_like(t) if wanted else t.new_empty(0)
+
+    grad_bias = weight.new_empty(weight.shape[0] if output_mask[2] else 0)
+    return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
+
+
+def _bias_relu_pool_setup(ctx, inputs, output):
+    conv, bias, pool, pool_size, pool_stride = inputs
+    out, code = output
+    ctx.save_for_backward(out, code)
+    ctx.args = (tuple(conv.shape[2:]), pool, pool_size, pool_stride)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[1]
+
+
+def _bias_relu_pool_backward(ctx, grad_out, _grad_code):
+    out, code = ctx.saved_tensors
+    grad_conv, grad_bias = torch.ops.fastcnn.bias_relu_pool_backward(grad_out, out, code, *ctx.args, ctx.bias_grad)
+    return grad_conv, grad_bias if ctx.bias_grad else None, None, None, None
+
+
+torch.library.register_autograd("fastcnn::bias_relu_pool", _bias_relu_pool_backward,
+                                setup_context=_bias_relu_pool_setup)
+register_conv_autograd("fastcnn::conv2d_relu_pool", torch.ops.fastcnn.conv2d_relu_pool_backward)

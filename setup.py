@@ -1,0 +1,117 @@
+"""Builds fastcnn._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and a CUDA toolkit is
+found (no GPU needed). Knobs: FASTCNN_SKIP_CUDA=1, TORCH_CUDA_ARCH_LIST (default "9.0", Hopper), MAX_JOBS, CUDA_HOME.
+
+Build against the torch you will run with: `pip install --no-build-isolation .` (a plain `pip install .` builds in a
+throw-away environment with its own torch; fastcnn then warns at import if the versions differ).
+"""
+import glob
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The real CUDA toolkit folder. The `nvcc` on PATH may be a wrapper script that execs the real compiler from
+    elsewhere, in which case torch's guess (the wrapper's parent folder) is wrong, so follow the wrapper."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.isdir(os.environ[var]):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    nvcc = os.path.realpath(nvcc)
+    with open(nvcc, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"#!"):
+        match = re.search(rb"(/\S+)/bin/nvcc\b", head)
+        if match and os.path.isfile(match.group(1).decode() + "/bin/nvcc"):
+            return match.group(1).decode()
+    return os.path.dirname(os.path.dirname(nvcc))
+
+
+def wheel_cuda_includes():
+    """Include folders of the nvidia-* wheels a CUDA build of torch depends on. They hold library headers
+    (cusparse.h, cublas_v2.h, ...) that ATen's CUDA headers include and a bare toolkit may lack."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for base in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isfile(os.path.join(d, "cusparse.h")) or os.path.isfile(
+        os.path.join(d, "cublas_v2.h"))]
+
+
+cuda_home = None if os.environ.get("FASTCNN_SKIP_CUDA") == "1" else find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+
+import torch  # noqa: E402  (after CUDA_HOME is settled)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(cuda_home) and torch.version.cuda is not None
+if os.environ.get("FASTCNN_SKIP_CUDA") == "1":
+    reason = "FASTCNN_SKIP_CUDA=1"
+elif torch.version.cuda is None:
+    reason = f"torch {torch.__version__} is not a CUDA build"
+elif not cuda_home:
+    reason = "no CUDA toolkit found (no nvcc on PATH, no CUDA_HOME)"
+else:
+    reason = ""
+
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+extra_compile_args = {"cxx": ["-O3", "-DPy_LIMITED_API=0x03090000"]}
+include_dirs = [os.path.join(ROOT, "csrc", "include")]
+if with_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    extra_compile_args["cxx"].append("-DFASTCNN_WITH_CUDA")
+    extra_compile_args["nvcc"] = ["-O3", "-DFASTCNN_WITH_CUDA", "--expt-relaxed-constexpr",
+                                  "-DPy_LIMITED_API=0x03090000"]
+    if not os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        include_dirs += wheel_cuda_includes()
+Extension = CUDAExtension if with_cuda else CppExtension
+ext = Extension("fastcnn._C", sources, include_dirs=include_dirs, extra_compile_args=extra_compile_args,
+                py_limited_api=True)
+
+build_info = {
+    "torch": torch.__version__,
+    "torch_cuda": torch.version.cuda,
+    "python": platform.python_version(),
+    "platform": f"{sys.platform}-{platform.machine()}",
+    "cuda": with_cuda,
+    "cuda_home": cuda_home if with_cuda else None,
+    "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+    "cuda_skipped_because": reason or None,
+}
+
+
+class BuildWithInfo(BuildExtension):
+    """Builds the extension and records what was built next to it (fastcnn/_build_info.json)."""
+
+    def run(self):
+        print(f"fastcnn: building C++ CPU kernels; CUDA kernels: {'yes, archs ' + build_info['cuda_archs'] if with_cuda else 'no (' + reason + ')'}")
+        super().run()
+        targets = [os.path.join(self.build_lib, "fastcnn")]
+        if self.inplace:
+            targets.append(os.path.join(ROOT, "fastcnn"))
+        for folder in targets:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.json"), "w") as f:
+                json.dump(build_info, f, indent=2)
+
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildWithInfo.with_options(no_python_abi_suffix=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
