@@ -69,9 +69,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_pool_backward(
         grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
         /*output_padding=*/{0, 0}, groups, {output_mask[0], output_mask[1], false});
   }
-  // Gradients nobody asked for come back as empty tensors (the schema returns Tensors, never None).
-  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : input.new_empty({0}); };
-  return {or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias)};
+  // Each gradient in its tensor's memory format (ATen may choose another); gradients nobody asked for come back
+  // as empty tensors (the schema returns Tensors, never None).
+  const auto like = [&](const at::Tensor& grad, const at::Tensor& t) {
+    return grad.defined() ? grad.contiguous(memory_format_of(t)) : t.new_empty({0});
+  };
+  return {like(grad_input, input), like(grad_weight, weight), like(grad_bias, weight)};
 }
 
 }  // namespace

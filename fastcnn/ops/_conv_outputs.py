@@ -26,6 +26,19 @@ def allocate_outputs(input, channels, conv_size, pool, pool_size, pool_stride):
     return out, torch.empty(shape, dtype=torch.uint8, device=input.device, memory_format=fmt)
 
 
+def allocate_grads(input, weight, output_mask):
+    """Empty (grad_input, grad_weight, grad_bias), each in its tensor's memory format; the ones output_mask leaves
+    out are empty tensors (the op schemas return Tensors, never None)."""
+
+    def grad_like(t, wanted):
+        if not wanted:
+            return t.new_empty(0)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
+
+    grad_bias = weight.new_empty(weight.shape[0] if output_mask[2] else 0)
+    return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
+
+
 def register_conv_autograd(forward_op, backward_op):
     """Autograd for a fused-block op with the conv2d_relu_pool signature. Saved for backward: input and weight
     (which the caller holds anyway), the pooled output and the compact code - never the full-resolution activation.

@@ -3,7 +3,7 @@ the extension loaded: the schemas must exist before anything registers on them."
 import torch
 
 from ..reference.conv_relu_pool import memory_format_of
-from ._conv_outputs import allocate_conv_outputs, allocate_outputs, register_conv_autograd
+from ._conv_outputs import allocate_conv_outputs, allocate_grads, allocate_outputs, register_conv_autograd
 
 
 @torch.library.register_fake("fastcnn::bias_relu_pool")
@@ -25,11 +25,7 @@ def _conv2d_relu_pool_fake(input, weight, bias, stride, padding, dilation, group
 @torch.library.register_fake("fastcnn::conv2d_relu_pool_backward")
 def _conv2d_relu_pool_backward_fake(grad_out, out, code, input, weight, stride, padding, dilation, groups, pool,
                                     pool_size, pool_stride, output_mask):
-    def grad_like(t, wanted):
-        return torch.empty_like(t) if wanted else t.new_empty(0)
-
-    grad_bias = weight.new_empty(weight.shape[0] if output_mask[2] else 0)
-    return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
+    return allocate_grads(input, weight, output_mask)
 
 
 def _bias_relu_pool_setup(ctx, inputs, output):

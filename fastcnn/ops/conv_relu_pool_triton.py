@@ -7,7 +7,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..triton_kernels.conv_relu_pool_bwd import conv2d_relu_pool_backward as _launch_backward
 from ..triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward as _launch_forward
-from ._conv_outputs import allocate_conv_outputs, register_conv_autograd
+from ._conv_outputs import allocate_conv_outputs, allocate_grads, register_conv_autograd
 
 
 @triton_op("fastcnn::conv2d_relu_pool_triton", mutates_args={})
@@ -27,9 +27,7 @@ def conv2d_relu_pool_triton_backward(grad_out: torch.Tensor, out: torch.Tensor, 
                                      pool_size: List[int], pool_stride: List[int],
                                      output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients rebuilt from the pooled gradient and the code; the ones output_mask leaves out come back empty."""
-    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
-    grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
-    grad_bias = weight.new_empty(weight.shape[0] if output_mask[2] else 0)
+    grad_input, grad_weight, grad_bias = allocate_grads(input, weight, output_mask)
     _launch_backward(grad_out, out, code, input, weight, tuple(stride), tuple(padding), tuple(dilation), groups,
                      pool, tuple(pool_size), tuple(pool_stride), grad_input if output_mask[0] else None,
                      grad_weight if output_mask[1] else None, grad_bias if output_mask[2] else None,

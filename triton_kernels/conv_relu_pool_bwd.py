@@ -1,0 +1,272 @@
+"""Backward of the fused Conv2d + bias + ReLU (+ max/avg pool), without a full-resolution gradient in memory.
+
+The gradient dy w.r.t. the conv output is rebuilt inside the dgrad and wgrad operand loads from the pooled gradient,
+``code`` and ``out`` (``_pooled_dy``); grad_bias is reduced from the pooled tensors directly. Everything is
+deterministic: split reductions write fp32 partials that ``_split_sum_kernel`` adds in a fixed order.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._conv_common import POOL_IDS, _mma, conv_out_size, dot_flags, gemm_blocks, identity, pooled_size
+
+
+# dy[n, c, oh, ow] for pooled gradient gp, pooled output o and code (window t = i*PKW + j, window (ph, pw) covers
+# oh = ph*PSH + i, ow = pw*PSW + j):
+#   none: gp[n, c, oh, ow]                     where not (o <= 0)
+#   max:  sum over windows covering (oh, ow) of gp[ph, pw] where code[ph, pw] == t and not (o[ph, pw] <= 0)
+#   avg:  sum over windows covering (oh, ow) of gp[ph, pw] / (PKH*PKW) where bit t of code[ph, pw] is set
+# The covering windows are ph = oh // PSH - q for q < cdiv(PKH, PSH) (then i = oh - ph*PSH), and likewise in w.
+# Index tensors broadcast to mask's shape; n and c are int64; positions outside ``mask`` give 0.
+@triton.jit
+def _pooled_dy(g_ptr, o_ptr, c_ptr, n, c, oh, ow, mask, PH, PW,
+               sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+               POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr):
+    g_base = g_ptr + n * sg_n + c * sg_c
+    o_base = o_ptr + n * so_n + c * so_c
+    if POOL == 0:
+        gp = tl.load(g_base + oh * sg_h + ow * sg_w, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(o_base + oh * so_h + ow * so_w, mask=mask, other=0.0)
+        dy = tl.where(o <= 0, 0.0, gp)
+    else:
+        c_base = c_ptr + n * sc_n + c * sc_c
+        dy = tl.zeros(mask.shape, tl.float32)
+        for qi in tl.static_range((PKH + PSH - 1) // PSH):
+            ph = oh // PSH - qi
+            i = oh - ph * PSH
+            ok_h = mask & (ph >= 0) & (ph < PH) & (i < PKH)
+            for qj in tl.static_range((PKW + PSW - 1) // PSW):
+                pw = ow // PSW - qj
+                j = ow - pw * PSW
+                ok = ok_h & (pw >= 0) & (pw < PW) & (j < PKW)
+                gp = tl.load(g_base + ph * sg_h + pw * sg_w, mask=ok, other=0.0).to(tl.float32)
+                code = tl.load(c_base + ph * sc_h + pw * sc_w, mask=ok, other=0).to(tl.int32)
+                t = tl.where(ok, i * PKW + j, 0)  # keep shift amounts in range on masked lanes
+                if POOL == 1:
+                    o = tl.load(o_base + ph * so_h + pw * so_w, mask=ok, other=0.0)
+                    dy += tl.where((code == t) & ~(o <= 0), gp, 0.0)
+                else:
+                    dy += tl.where(((code >> t) & 1) != 0, gp / (PKH * PKW), 0.0)
+    return dy
+
+
+# grad_x[n, g*Cig + ci, h, w] = sum_{co < Cog, r, s} dy[n, g*Cog + co, oh, ow] * w[g*Cog + co, ci, r, s]
+#   where oh = (h + pad - r*dil) / st when that division is exact and 0 <= oh < OH (likewise ow).
+# A GEMM [BLOCK_M input pixels, BLOCK_K out-ch] x [BLOCK_K, BLOCK_N in-ch] per tap, the dy tile gathered on the fly.
+@triton.jit
+def _dgrad_kernel(
+    g_ptr, o_ptr, c_ptr, w_ptr, dx_ptr,
+    M, H, W, OH, OW, PH, PW, CIG, COG,
+    sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+    sw_o, sw_i, sw_h, sw_w, sd_n, sd_c, sd_h, sd_w,
+    ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    n = (offs_m // (W * H)).to(tl.int64)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = ci < CIG
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_tiles = tl.cdiv(COG, BLOCK_K)
+    for kk in range(KH * KW * k_tiles):
+        rs = kk // k_tiles
+        co = g * COG + (kk - rs * k_tiles) * BLOCK_K + offs_k
+        k_mask = co < (g + 1) * COG
+        r = rs // KW
+        s = rs % KW
+        th = ih + PAD_H - r * DIL_H
+        tw = iw + PAD_W - s * DIL_W
+        oh = th // ST_H
+        ow = tw // ST_W
+        ok = m_mask & (th >= 0) & (tw >= 0) & (th % ST_H == 0) & (tw % ST_W == 0) & (oh < OH) & (ow < OW)
+        dy = _pooled_dy(g_ptr, o_ptr, c_ptr, n[:, None], co.to(tl.int64)[None, :], oh[:, None], ow[:, None],
+                        ok[:, None] & k_mask[None, :], PH, PW,
+                        sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+                        POOL, PKH, PKW, PSH, PSW)
+        b = tl.load(w_ptr + co.to(tl.int64)[:, None] * sw_o + ci[None, :] * sw_i + r * sw_h + s * sw_w,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(dy.to(w_ptr.dtype.element_ty), b, acc, UPCAST, IEEE)
+
+    d_row = n * sd_n + ih.to(tl.int64) * sd_h + iw.to(tl.int64) * sd_w
+    d_off = d_row[:, None] + (g * CIG + ci).to(tl.int64)[None, :] * sd_c
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# part[split, g*Cog + co, ci, r, s] = sum over conv pixels p = (n, oh, ow) of this split's range of
+#   dy[n, g*Cog + co, oh, ow] * x[n, g*Cig + ci, oh*st - pad + r*dil, ow*st - pad + s*dil]   (0 outside the image)
+# Only the OHC x OWC conv pixels that some pool window covers are visited. A GEMM
+# [BLOCK_M out-ch, BLOCK_K pixels] x [BLOCK_K, BLOCK_N in-ch] per program; grid = (ch tiles, taps x groups, splits).
+@triton.jit
+def _wgrad_kernel(
+    g_ptr, o_ptr, c_ptr, x_ptr, part_ptr,
+    P, H, W, OHC, OWC, PH, PW, CIG, COG, C_OUT, K_ITERS, ITERS_PER_SPLIT,
+    sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+    sx_n, sx_c, sx_h, sx_w,
+    ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    n_tiles = tl.cdiv(CIG, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles
+    pid_n = tl.program_id(0) % n_tiles
+    g = tl.program_id(1) // (KH * KW)
+    rs = tl.program_id(1) % (KH * KW)
+    split = tl.program_id(2)
+    r = rs // KW
+    s = rs % KW
+    co = g * COG + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = co < (g + 1) * COG
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = ci < CIG
+    x_ch = (g * CIG + ci).to(tl.int64) * sx_c
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kk in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, K_ITERS)):
+        p = kk * BLOCK_K + offs_k
+        p_mask = p < P
+        ow = p % OWC
+        oh = (p // OWC) % OHC
+        n = (p // (OWC * OHC)).to(tl.int64)
+        dy = _pooled_dy(g_ptr, o_ptr, c_ptr, n[None, :], co.to(tl.int64)[:, None], oh[None, :], ow[None, :],
+                        m_mask[:, None] & p_mask[None, :], PH, PW,
+                        sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+                        POOL, PKH, PKW, PSH, PSW)
+        ih = oh * ST_H - PAD_H + r * DIL_H
+        iw = ow * ST_W - PAD_W + s * DIL_W
+        x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = n * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+        xv = tl.load(x_ptr + x_off[:, None] + x_ch[None, :], mask=x_ok[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(dy.to(x_ptr.dtype.element_ty), xv, acc, UPCAST, IEEE)
+
+    part_row = (split * C_OUT + co).to(tl.int64) * CIG
+    p_off = (part_row[:, None] + ci[None, :]) * (KH * KW) + rs
+    tl.store(part_ptr + p_off, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+# part[split, c] = sum over this split's pooled pixels (n, ph, pw) of
+#   none / max: gp where not (o <= 0);   avg: gp / (PKH*PKW) * popcount(code)
+# which is sum_{n, oh, ow} dy[n, c, oh, ow] (each set bit of an avg code is one conv pixel that receives gp / k).
+@triton.jit
+def _dbias_kernel(
+    g_ptr, o_ptr, c_ptr, part_ptr, M, PH, PW, C_OUT, M_ITERS, ITERS_PER_SPLIT,
+    sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+    POOL: tl.constexpr, NWIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = ch < C_OUT
+    c64 = ch.to(tl.int64)[None, :]
+    split = tl.program_id(1)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for it in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, M_ITERS)):
+        m = it * BLOCK_M + tl.arange(0, BLOCK_M)
+        pw = (m % PW)[:, None]
+        ph = ((m // PW) % PH)[:, None]
+        n = (m // (PW * PH)).to(tl.int64)[:, None]
+        mask = (m < M)[:, None] & c_mask[None, :]
+        gp = tl.load(g_ptr + n * sg_n + c64 * sg_c + ph * sg_h + pw * sg_w, mask=mask, other=0.0).to(tl.float32)
+        if POOL == 2:
+            code = tl.load(c_ptr + n * sc_n + c64 * sc_c + ph * sc_h + pw * sc_w, mask=mask, other=0).to(tl.int32)
+            cnt = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
+            for t in tl.static_range(NWIN):
+                cnt += (code >> t) & 1
+            acc += gp * cnt.to(tl.float32) / NWIN
+        else:
+            o = tl.load(o_ptr + n * so_n + c64 * so_c + ph * so_h + pw * so_w, mask=mask, other=0.0)
+            acc += tl.where(o <= 0, 0.0, gp)
+    tl.store(part_ptr + split.to(tl.int64) * C_OUT + ch, tl.sum(acc, axis=0), mask=c_mask)
+
+
+# out[i0, i1, i2, i3] (through its strides) = sum_{split} part[split, ((i0*D1 + i1)*D2 + i2)*D3 + i3], in split order.
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, L, SPLIT, D1, D2, D3, s0, s1, s2, s3, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(SPLIT):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += L  # 64-bit pointer arithmetic
+    i3 = offs % D3
+    i2 = (offs // D3) % D2
+    i1 = (offs // (D3 * D2)) % D1
+    i0 = (offs // (D3 * D2 * D1)).to(tl.int64)
+    tl.store(out_ptr + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def split_count(tiles, iters, target_programs=264, min_iters=4):
+    """Splits of a reduction of ``iters`` steps over ``tiles`` programs: enough programs to fill a GPU (2 per SM on
+    an H100), at least ``min_iters`` steps each. Returns ``(splits, iters_per_split)``, no split empty."""
+    splits = max(1, min(triton.cdiv(target_programs, max(tiles, 1)), iters // min_iters))
+    per = max(1, triton.cdiv(iters, splits))
+    return max(1, triton.cdiv(iters, per)), per
+
+
+def _split_sum(part, splits, out, wrap, sizes=(1, 1, 1)):
+    total = part.numel() // splits
+    strides = list(out.stride()) + [0] * (4 - out.dim())
+    wrap(_split_sum_kernel)[(triton.cdiv(total, 256),)](part, out, total, splits, *sizes, *strides, BLOCK=256)
+
+
+def conv2d_relu_pool_backward(grad_out, out, code, x, weight, stride, padding, dilation, groups, pool, pool_size,
+                              pool_stride, grad_x, grad_weight, grad_bias, wrap=None):
+    """Fill ``grad_x`` / ``grad_weight`` / ``grad_bias`` (each preallocated, or None to skip it) for the fused op.
+
+    Args:
+        grad_out, out, code: the pooled gradient, the forward's pooled output and its code (empty for "none").
+        x, weight, stride, padding, dilation, groups, pool, pool_size, pool_stride: as in the forward.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    n, _, h, w = x.shape
+    c_out, cig, kh, kw = weight.shape
+    cog = c_out // groups
+    oh, ow = (conv_out_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    ph, pw = pooled_size((oh, ow), pool, pool_size, pool_stride)
+    (pkh, pkw), (psh, psw) = ((1, 1), (1, 1)) if pool == "none" else (pool_size, pool_stride)
+    code_t = out if pool == "none" else code  # never read when pool == "none"
+    pooled = (grad_out, out, code_t, *grad_out.stride(), *out.stride(), *code_t.stride())
+    geom = dict(ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1], DIL_H=dilation[0],
+                DIL_W=dilation[1], KH=kh, KW=kw, POOL=POOL_IDS[pool], PKH=pkh, PKW=pkw, PSH=psh, PSW=psw,
+                **dot_flags(x.dtype))
+    if grad_x is not None and grad_x.numel():
+        m = n * h * w
+        cfg = gemm_blocks(m, cig, cog)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cig, cfg["BLOCK_N"]), groups)
+        wrap(_dgrad_kernel)[grid](*pooled[:3], weight, grad_x, m, h, w, oh, ow, ph, pw, cig, cog, *pooled[3:],
+                                  *weight.stride(), *grad_x.stride(), **geom, **cfg)
+    if grad_weight is not None and grad_weight.numel():
+        # conv rows/cols that some pool window covers (floor mode may leave the last ones unused)
+        ohc, owc = (oh, ow) if pool == "none" else ((ph - 1) * psh + pkh, (pw - 1) * psw + pkw)
+        p = n * ohc * owc if ph * pw > 0 else 0
+        cfg = gemm_blocks(cog, cig, p, max_k=64)  # K runs over pixels: long
+        tiles = triton.cdiv(cog, cfg["BLOCK_M"]) * triton.cdiv(cig, cfg["BLOCK_N"])
+        k_iters = triton.cdiv(p, cfg["BLOCK_K"])
+        splits, per = split_count(tiles * kh * kw * groups, k_iters)
+        part = torch.empty((splits, c_out, cig, kh, kw), device=x.device, dtype=torch.float32)
+        wrap(_wgrad_kernel)[(tiles, kh * kw * groups, splits)](
+            *pooled[:3], x, part, p, h, w, ohc, owc, ph, pw, cig, cog, c_out, k_iters, per, *pooled[3:],
+            *x.stride(), **geom, **cfg)
+        _split_sum(part, splits, grad_weight, wrap, sizes=(cig, kh, kw))
+    if grad_bias is not None and grad_bias.numel():
+        m, block_m, block_c = n * ph * pw, 64, 32
+        m_iters = triton.cdiv(m, block_m)
+        splits, per = split_count(triton.cdiv(c_out, block_c), m_iters)
+        part = torch.empty((splits, c_out), device=x.device, dtype=torch.float32)
+        wrap(_dbias_kernel)[(triton.cdiv(c_out, block_c), splits)](
+            *pooled[:3], part, m, ph, pw, c_out, m_iters, per, *pooled[3:],
+            POOL=POOL_IDS[pool], NWIN=pkh * pkw, BLOCK_M=block_m, BLOCK_C=block_c)
+        _split_sum(part, splits, grad_bias, wrap)

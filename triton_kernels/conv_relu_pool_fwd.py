@@ -1,0 +1,137 @@
+"""Forward of the fused Conv2d + bias + ReLU (+ max/avg pool): implicit GEMM whose epilogue pools in registers.
+
+Only the pooled output and its uint8 ``code`` (see ``fastcnn.reference.conv_relu_pool``) reach memory; the
+full-resolution convolution output never does.
+"""
+import triton
+import triton.language as tl
+
+from ._conv_common import POOL_IDS, _mma, conv_out_size, dot_flags, gemm_blocks, identity, pooled_size
+
+
+# For pooled pixel m = (n, ph, pw) and output channel co of group g (Cig / Cog channels per group):
+#   y[n, co, oh, ow] = b[co] + sum_{r, s, ci} x[n, g*Cig + ci, oh*st - pad + r*dil, ow*st - pad + s*dil]
+#                                               * w[co, ci, r, s]      (taps outside the image read zero)
+#   v = relu(y), NaN kept: v = 0 where y <= 0, else y.
+# The program scans the pool window t = i*PKW + j row-major, at conv pixel (oh, ow) = (ph*PSH + i, pw*PSW + j):
+#   max:  best, code <- v, t  where  v > best or isnan(v)    (first of equal maxima wins, last NaN wins)
+#   avg:  out = sum_t v / (PKH*PKW),  bit t of code = not (y <= 0)
+#   none: a 1x1 window of stride 1, no code.
+# Each window element is one [BLOCK_M pixels, BLOCK_K in-ch] x [BLOCK_K, BLOCK_N out-ch] GEMM over KH*KW taps and
+# cdiv(Cig, BLOCK_K) channel tiles, flattened into one loop so the compiler can pipeline it. y is rounded to the
+# output dtype before the ReLU and the comparisons, as the unfused ops see it; accumulation is fp32.
+@triton.jit
+def _conv_relu_pool_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, code_ptr,
+    M, H, W, PH, PW, CIG, COG,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_i, sw_h, sw_w,
+    so_n, so_c, so_h, so_w,
+    sc_n, sc_c, sc_h, sc_w,
+    ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    pw = offs_m % PW
+    ph = (offs_m // PW) % PH
+    n = (offs_m // (PW * PH)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < COG
+    co = g * COG + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_row = x_ptr + n * sx_n + (g * CIG).to(tl.int64) * sx_c  # [BLOCK_M] image + group base
+    w_col = w_ptr + co.to(tl.int64) * sw_o  # [BLOCK_N]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + co, mask=n_mask, other=0.0).to(tl.float32)
+
+    if POOL == 2:
+        best = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # running sum
+    else:
+        best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)  # running max; relu(y) > -inf always
+    code = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    k_tiles = tl.cdiv(CIG, BLOCK_K)
+    for t in range(PKH * PKW):
+        oh = ph * PSH + t // PKW
+        ow = pw * PSW + t % PKW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kk in range(KH * KW * k_tiles):
+            rs = kk // k_tiles
+            ci = (kk - rs * k_tiles) * BLOCK_K + offs_k
+            r = rs // KW
+            s = rs % KW
+            ih = oh * ST_H - PAD_H + r * DIL_H
+            iw = ow * ST_W - PAD_W + s * DIL_W
+            a_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            k_mask = ci < CIG
+            a_ptrs = x_row + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            a = tl.load(a_ptrs[:, None] + ci[None, :] * sx_c, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_col[None, :] + ci[:, None] * sw_i + r * sw_h + s * sw_w,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, UPCAST, IEEE)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        v = tl.where(y <= 0, 0.0, y)  # ReLU that keeps NaN
+        if POOL == 2:
+            best += v
+            code = code | ((~(y <= 0)).to(tl.int32) << t)
+        else:
+            take = (v > best) | (v != v)
+            best = tl.where(take, v, best)
+            code = tl.where(take, t, code)
+
+    if POOL == 2:
+        best = best / (PKH * PKW)
+    mask = m_mask[:, None] & n_mask[None, :]
+    sp = ph.to(tl.int64)
+    spw = pw.to(tl.int64)
+    o_off = (n * so_n + sp * so_h + spw * so_w)[:, None] + co.to(tl.int64)[None, :] * so_c
+    tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=mask)
+    if POOL != 0:
+        c_off = (n * sc_n + sp * sc_h + spw * sc_w)[:, None] + co.to(tl.int64)[None, :] * sc_c
+        tl.store(code_ptr + c_off, code.to(tl.uint8), mask=mask)
+
+
+def conv2d_relu_pool_forward(x, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride,
+                             out, code, wrap=None):
+    """Write ``pool(relu(conv2d(x, weight, bias)))`` into ``out`` and its uint8 record into ``code``.
+
+    Args:
+        x: ``[N, C_in, H, W]``, any strides. weight: ``[C_out, C_in/groups, KH, KW]``. bias: ``[C_out]`` or None.
+        stride, padding, dilation, pool_size, pool_stride: 2-tuples of ints. pool: "none" | "max" | "avg".
+        out: preallocated ``[N, C_out, PH, PW]`` (x's dtype); code: same-shape uint8, or empty for pool="none".
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    n, _, h, w = x.shape
+    c_out, cig, kh, kw = weight.shape
+    oh, ow = (conv_out_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    ph, pw = pooled_size((oh, ow), pool, pool_size, pool_stride)
+    (pkh, pkw), (psh, psw) = ((1, 1), (1, 1)) if pool == "none" else (pool_size, pool_stride)
+    assert out.shape == (n, c_out, ph, pw), (out.shape, (n, c_out, ph, pw))
+    if pkh * pkw > (8 if pool == "avg" else 256):
+        raise ValueError(f"a {pool} pool window of {pkh}x{pkw} does not fit the uint8 code")
+    m, cog = n * ph * pw, c_out // groups
+    if m == 0 or c_out == 0:
+        return
+    code_t = out if pool == "none" else code  # never stored to when pool == "none"
+    cfg = gemm_blocks(m, cog, cig)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cog, cfg["BLOCK_N"]), groups)
+    wrap(_conv_relu_pool_fwd_kernel)[grid](
+        x, weight, x if bias is None else bias, out, code_t,
+        m, h, w, ph, pw, cig, cog,
+        *x.stride(), *weight.stride(), *out.stride(), *code_t.stride(),
+        ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+        POOL=POOL_IDS[pool], PKH=pkh, PKW=pkw, PSH=psh, PSW=psw,
+        HAS_BIAS=bias is not None, **dot_flags(x.dtype), **cfg,
+    )
