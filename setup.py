@@ -99,7 +99,8 @@ class BuildWithInfo(BuildExtension):
     """Builds the extension and records what was built next to it (fastcnn/_build_info.json)."""
 
     def run(self):
-        print(f"fastcnn: building C++ CPU kernels; CUDA kernels: {'yes, archs ' + build_info['cuda_archs'] if with_cuda else 'no (' + reason + ')'}")
+        cuda = f"yes, archs {build_info['cuda_archs']}" if with_cuda else f"no ({reason})"
+        print(f"fastcnn: building the C++ CPU kernels; CUDA kernels: {cuda}")
         super().run()
         targets = [os.path.join(self.build_lib, "fastcnn")]
         if self.inplace:

@@ -3,8 +3,12 @@
 Importing never fails for want of a compiled backend: a missing or mismatched fastcnn._C warns once and the
 Triton/reference backends serve; `python -m fastcnn.info` says what is available here and why.
 """
-from . import _extension  # noqa: F401  (loads fastcnn._C, which defines the op schemas)
-from . import functional, nn, ops
+from . import (
+    _extension,  # noqa: F401  (loads fastcnn._C, which defines the op schemas)
+    functional,
+    nn,
+    ops,
+)
 from .ops import BACKENDS, set_backend, use_backend
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Shared helpers of the fused-block tests: backends to test here, input makers, and the stock computation."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,12 +16,19 @@ def backends_here(device_type="cpu"):
     return [b for b in fastcnn.BACKENDS if why_unavailable(b, device_type) is None]
 
 
-def integer_inputs(n, c_in, c_out, size, kernel, groups=1, dtype=torch.float32, channels_last=False, bias=True):
+def device_backends():
+    """(device, backend) pairs to test: what runs on CPU here, plus the GPU backends (marked, skipped without one)."""
+    cases = [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends_here("cpu")]
+    return cases + [pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda) for b in ("cuda", "triton")]
+
+
+def integer_inputs(n, c_in, c_out, size, kernel, groups=1, dtype=torch.float32, channels_last=False, bias=True,
+                   device="cpu"):
     """Small-integer tensors: every sum the block computes is exact in every dtype, so fused and stock must agree
     bit for bit, ties in the pool included (which tests the first-maximum-wins rule)."""
-    x = torch.randint(-1, 3, (n, c_in, *size)).to(dtype)
-    w = torch.randint(-1, 2, (c_out, c_in // groups, *kernel)).to(dtype)
-    b = torch.randint(-1, 2, (c_out,)).to(dtype) if bias else None
+    x = torch.randint(-1, 3, (n, c_in, *size)).to(device, dtype)
+    w = torch.randint(-1, 2, (c_out, c_in // groups, *kernel)).to(device, dtype)
+    b = torch.randint(-1, 2, (c_out,)).to(device, dtype) if bias else None
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, w, b
@@ -42,7 +50,7 @@ def forward_backward(fn, tensors, grad_out=None):
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
     if grad_out is None:
-        grad_out = torch.randint(-2, 3, out.shape).to(out.dtype)
+        grad_out = torch.randint(-2, 3, out.shape).to(out.device, out.dtype)
     out.backward(grad_out)
     return out.detach(), grad_out, [None if t is None else t.grad for t in leaves]
 

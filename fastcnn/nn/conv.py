@@ -5,7 +5,6 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops._conv_args import pair
-from ..reference.conv_relu_pool import POOLS
 
 
 class _FusedConv2d(nn.Conv2d):

@@ -28,8 +28,20 @@ def _backend_for(input):
     return backend
 
 
+def _autocast(*tensors):
+    """Autocast as conv2d does: under an enabled autocast region, floating tensors other than float64 run in the
+    autocast dtype. (Custom ops are invisible to autocast, so the cast happens here, for every backend.)"""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
     """``pool(relu(conv2d(input, weight, bias, ...)))``; see fastcnn.functional.conv2d_relu_pool for the contract."""
+    input, weight, bias = _autocast(input, weight, bias)
     stride, padding, dilation, pool_size, pool_stride = check_conv_relu_pool(
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride)
     backend = _backend_for(input)

@@ -44,7 +44,8 @@ except Exception:  # fastcnn/__init__.py missing or in flux: load the oracle fil
     conv2d_relu_pool = _oracle.conv2d_relu_pool
 
 try:
-    from fastcnn.triton_kernels import conv_relu_pool_bwd as bwd, conv_relu_pool_fwd as fwd
+    from fastcnn.triton_kernels import conv_relu_pool_bwd as bwd
+    from fastcnn.triton_kernels import conv_relu_pool_fwd as fwd
 except Exception:  # not installed yet: the source folder is ROOT/triton_kernels
     _load_by_path("_fastcnn_triton_kernels", ROOT / "triton_kernels/__init__.py", ROOT / "triton_kernels")
     fwd = importlib.import_module("_fastcnn_triton_kernels.conv_relu_pool_fwd")

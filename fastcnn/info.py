@@ -1,0 +1,45 @@
+"""`python -m fastcnn.info`: what was built, and which backend can serve each op here (and why the others cannot)."""
+import platform
+
+import torch
+
+from . import _extension
+from .ops import BACKENDS, why_unavailable
+
+OPS = ("conv2d_relu_pool",)
+
+
+def report():
+    """The report as text."""
+    info = _extension.build_info()
+    lines = [f"fastcnn {__import__('fastcnn').__version__}",
+             f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+             f"triton {_triton_version()}",
+             f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}"]
+    if info is None:
+        lines.append("build: fastcnn._C not built")
+    else:
+        cuda = f"yes, archs {info['cuda_archs']}" if info["cuda"] else f"no ({info['cuda_skipped_because']})"
+        lines.append(f"build: torch {info['torch']}, python {info['python']}, {info['platform']}; CUDA kernels: {cuda}")
+    lines.append(f"fastcnn._C: {'loaded' if _extension.LOADED else _extension.WHY_NOT_LOADED}")
+    for op in OPS:
+        lines.append(f"\n{op} (backends for CPU and CUDA tensors):")
+        for device in ("cpu", "cuda"):
+            for backend in BACKENDS:
+                reason = why_unavailable(backend, device)
+                lines.append(f"  {device:4} {backend:9} {'available' if reason is None else 'unavailable: ' + reason}")
+    if not torch.cuda.is_available():
+        lines.append("(no CUDA device here: the cuda rows say what CUDA tensors would get on a GPU machine)")
+    return "\n".join(lines)
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    print(report())
