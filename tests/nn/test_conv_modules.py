@@ -2,10 +2,11 @@
 import pytest
 import torch
 import torch.nn as nn
-from _blocks import backends_here, forward_backward
-from _tolerances import assert_close_to_oracle
 
 import fastcnn
+
+from _blocks import backends_here, forward_backward
+from _tolerances import assert_close_to_oracle
 
 BACKENDS = [b for b in backends_here("cpu") if b != "triton"]
 

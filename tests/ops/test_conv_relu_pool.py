@@ -2,11 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _blocks import LECTURE_CASES, POOL_CASES, device_backends, forward_backward, integer_inputs, saved_bytes, stock
-from _tolerances import assert_close_to_oracle
 
 import fastcnn
 from fastcnn.reference import conv_relu_pool as reference
+
+from _blocks import LECTURE_CASES, POOL_CASES, device_backends, forward_backward, integer_inputs, saved_bytes, stock
+from _tolerances import assert_close_to_oracle
 
 DEVICE_BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,9 +1,10 @@
 """Bad input to the fused block: a clear error naming the argument, never a crash or a silent wrong answer."""
 import pytest
 import torch
-from _blocks import backends_here
 
 import fastcnn
+
+from _blocks import backends_here
 
 F = fastcnn.functional
 

@@ -3,9 +3,10 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from _blocks import POOL_CASES, backends_here, integer_inputs  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from _blocks import POOL_CASES, backends_here, integer_inputs  # noqa: E402
 from test_conv_relu_pool import DTYPES, assert_exactly_stock  # noqa: E402
 
 BACKENDS = [b for b in backends_here("cpu") if b != "triton"]  # the interpreter is too slow for many examples

@@ -3,10 +3,11 @@ aot_dispatch) and torch.compile(fullgraph=True). On a GPU-less machine this cove
 are checked this way on the GPU (the interpreter touches fake tensors' data, so it cannot run under fake mode)."""
 import pytest
 import torch
-from _blocks import POOL_CASES, integer_inputs
 
 import fastcnn
 from fastcnn import _extension
+
+from _blocks import POOL_CASES, integer_inputs
 
 needs_cpp = pytest.mark.skipif(not _extension.LOADED, reason="fastcnn._C is not built")
 POOLS = POOL_CASES + [("max", (3, 3), (2, 2))]
