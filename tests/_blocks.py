@@ -1,14 +1,13 @@
 """Shared helpers of the fused-block tests: backends to test here, input makers, and the stock computation."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastcnn
 from fastcnn.ops import why_unavailable
+from fastcnn.reference.conv_relu_pool import conv2d_relu_pool as stock  # noqa: F401  (the stock Conv2d -> ReLU -> pool)
 
 LECTURE_CASES = [(1, 3, 0), (1, 3, 1), (1, 3, 2), (1, 4, 2), (2, 3, 1)]  # (stride, kernel, padding)
 POOL_CASES = [("max", (2, 2), (2, 2)), ("avg", (2, 2), (2, 2)), ("none", (1, 1), (1, 1))]
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def backends_here(device_type="cpu"):
@@ -32,16 +31,6 @@ def integer_inputs(n, c_in, c_out, size, kernel, groups=1, dtype=torch.float32, 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, w, b
-
-
-def stock(x, w, b, stride, padding, dilation, groups, pool, pool_size, pool_stride):
-    """Conv2d -> ReLU -> MaxPool2d / AvgPool2d with stock PyTorch."""
-    y = F.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
-    if pool == "max":
-        return F.max_pool2d(y, pool_size, pool_stride)
-    if pool == "avg":
-        return F.avg_pool2d(y, pool_size, pool_stride)
-    return y
 
 
 def forward_backward(fn, tensors, grad_out=None):
