@@ -70,13 +70,12 @@ else:
     reason = ""
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-extra_compile_args = {"cxx": ["-O3", "-DPy_LIMITED_API=0x03090000"]}
+extra_compile_args = {"cxx": ["-O3"]}  # py_limited_api=True makes torch define Py_LIMITED_API
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extra_compile_args["cxx"].append("-DFASTCNN_WITH_CUDA")
-    extra_compile_args["nvcc"] = ["-O3", "-DFASTCNN_WITH_CUDA", "--expt-relaxed-constexpr",
-                                  "-DPy_LIMITED_API=0x03090000"]
+    extra_compile_args["nvcc"] = ["-O3", "-DFASTCNN_WITH_CUDA", "--expt-relaxed-constexpr"]
     if not os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
         include_dirs += wheel_cuda_includes()
 Extension = CUDAExtension if with_cuda else CppExtension
