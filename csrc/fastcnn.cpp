@@ -27,4 +27,23 @@ TORCH_LIBRARY(fastcnn, m) {
   m.def("conv2d_relu_pool_backward(Tensor grad_out, Tensor out, Tensor code, Tensor input, Tensor weight,"
         " int[2] stride, int[2] padding, int[2] dilation, int groups, str pool, int[2] pool_size,"
         " int[2] pool_stride, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // Fused optimizer steps over lists of tensors (the update rules are in fastcnn/reference/optim.py). Each
+  // increments its steps (where it has them) and updates every tensor in place, unless found_inf is nonzero, in which
+  // case nothing changes. grad_scale, when given, divides the gradients first (and the unscaled gradients are
+  // written back). lr_tensor, when given, replaces lr (a 0-dim float32 tensor, for CUDA-graph capture).
+  m.def("adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
+        " Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2,"
+        " float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,"
+        " Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def("sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, float lr, Tensor? lr_tensor,"
+        " float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step,"
+        " Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def("adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, Tensor(d!)[] steps, float lr,"
+        " Tensor? lr_tensor, float lr_decay, float weight_decay, float eps, bool maximize, Tensor? grad_scale,"
+        " Tensor? found_inf) -> ()");
+  m.def("lars_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, float lr, Tensor? lr_tensor,"
+        " float momentum, float dampening, float weight_decay, float trust_coefficient, float eps, bool nesterov,"
+        " bool maximize, bool trust_clip, bool update_norm, bool lr_in_momentum, bool is_first_step,"
+        " Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
