@@ -38,12 +38,12 @@ C10_HOST_DEVICE inline void windows_containing(int64_t p, int64_t k, int64_t s, 
 
 // PyTorch's max-pool rule, scanning the window row-major: replace the running maximum when v > best or v is
 // NaN, so the first of equal maxima wins and the last NaN wins.
+// Branch-free, so that loops over many windows vectorise.
 template <typename acc_t>
 C10_HOST_DEVICE inline void max_update(acc_t v, uint8_t offset, acc_t& best, uint8_t& code) {
-  if (v > best || v != v) {
-    best = v;
-    code = offset;
-  }
+  const bool take = v > best || v != v;
+  best = take ? v : best;
+  code = take ? offset : code;
 }
 
 // PyTorch's ReLU backward passes the gradient where the ReLU output is not <= 0 (NaN included).
