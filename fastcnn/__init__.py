@@ -8,8 +8,9 @@ from . import (
     functional,
     nn,
     ops,
+    optim,
 )
 from .ops import BACKENDS, set_backend, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "functional", "nn", "ops", "set_backend", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "functional", "nn", "ops", "optim", "set_backend", "use_backend", "__version__"]

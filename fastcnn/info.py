@@ -5,8 +5,9 @@ import torch
 
 from . import _extension
 from .ops import BACKENDS, why_unavailable
+from .ops import optim as optim_ops
 
-OPS = ("conv2d_relu_pool",)
+OPS = ("conv2d_relu_pool", "adam_", "sgd_", "adagrad_", "lars_")
 
 
 def report():
@@ -26,7 +27,8 @@ def report():
         lines.append(f"\n{op} (backends for CPU and CUDA tensors):")
         for device in ("cpu", "cuda"):
             for backend in BACKENDS:
-                reason = why_unavailable(backend, device)
+                reason = (optim_ops.why_unavailable(op, backend, device) if op in optim_ops.OPS
+                          else why_unavailable(backend, device))
                 lines.append(f"  {device:4} {backend:9} {'available' if reason is None else 'unavailable: ' + reason}")
     if not torch.cuda.is_available():
         lines.append("(no CUDA device here: the cuda rows say what CUDA tensors would get on a GPU machine)")

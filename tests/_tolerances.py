@@ -30,3 +30,20 @@ def assert_close_to_oracle(result, stock, oracle, name=""):
     allowed = 2 * _max_error(stock, oracle) + ERROR_FLOOR[result.dtype] * scale
     error = _max_error(result, oracle)
     assert error <= allowed, f"{name}: error {error:.3g} > allowed {allowed:.3g} ({result.dtype})"
+
+
+# Optimizer lockstep (tests/optim): a fastcnn optimizer and torch.optim.X(fused=True), fed the same unit-variance
+# gradients, may differ per tensor by this many units of eps(dtype) * max(1, max|torch's tensor|) at any step of a
+# 100-step run (FMA contraction and op order differ slightly between the kernels, e.g. torch's CPU kernel updates
+# exp_avg with a lerp; measured at most 2).
+OPTIM_LOCKSTEP_ULPS = 4
+
+
+def assert_lockstep(result, stock, name=""):
+    """fastcnn's optimizer tensor against torch.optim's after the same steps (same dtype); see OPTIM_LOCKSTEP_ULPS."""
+    assert result.dtype == stock.dtype and result.shape == stock.shape, f"{name}: {result.dtype} {stock.dtype}"
+    if stock.numel() == 0:
+        return
+    unit = torch.finfo(stock.dtype).eps * max(1.0, stock.abs().max().item())
+    error = (result.double() - stock.double()).abs().max().item()
+    assert error <= OPTIM_LOCKSTEP_ULPS * unit, f"{name}: differs by {error / unit:.3g} ulps > {OPTIM_LOCKSTEP_ULPS}"
