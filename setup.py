@@ -71,6 +71,12 @@ else:
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 extra_compile_args = {"cxx": ["-O3"]}  # py_limited_api=True makes torch define Py_LIMITED_API
+extra_link_args = []
+if sys.platform.startswith("linux"):
+    # at::parallel_for is OpenMP code inlined from ATen's headers: without -fopenmp it runs on one thread. The
+    # libgomp.so.1 this links against is the one torch already loaded (same soname), so there is one thread pool.
+    extra_compile_args["cxx"].append("-fopenmp")
+    extra_link_args.append("-fopenmp")
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -80,7 +86,7 @@ if with_cuda:
         include_dirs += wheel_cuda_includes()
 Extension = CUDAExtension if with_cuda else CppExtension
 ext = Extension("fastcnn._C", sources, include_dirs=include_dirs, extra_compile_args=extra_compile_args,
-                py_limited_api=True)
+                extra_link_args=extra_link_args, py_limited_api=True)
 
 build_info = {
     "torch": torch.__version__,

@@ -1,0 +1,471 @@
+// CUDA kernels of the fused optimizer steps fastcnn::adam_, sgd_, adagrad_ and lars_; cpu/optim.cpp is the
+// behavioural model (same checks, same per-element math from optim_math.h, hence the same rounding: every operation
+// rounds on its own, __fmul_rn & co., never contracted to an FMA).
+//
+// Launches. The tensors are grouped by dtype signature (param dtype, state dtype); per group, one launch for Adam,
+// SGD and Adagrad and two for LARS, over the group's work table (multi_tensor.cuh): a persistent grid of kBlock-thread
+// blocks, block b taking work items b, b + gridDim, ...; per item the block runs one chunk of kChunk elements of one
+// tensor, kILP elements per thread per access (16-byte vectors where every pointer of the tensor is aligned, a scalar
+// tail; strided scalar accesses otherwise). Everything runs on the current stream with no host sync and no host read
+// of a device value: found_inf, grad_scale, lr_tensor and the steps are read by the kernels, so a step can be
+// captured in a CUDA graph (after a warm-up step has built the work table; see multi_tensor.cuh).
+//
+// found_inf: every block reads it first and returns when it is nonzero, so nothing at all is written (steps included).
+//
+// Steps (Adam, Adagrad) are incremented inside the one launch. Every chunk of a tensor needs t = step + 1, and the
+// blocks of one tensor run in no particular order, so the step must not change before the last of them has read it.
+// claim_step: thread 0 of the block running a chunk reads the step, computes t (in the step's dtype, as step += 1
+// does), fences, and adds 1 to the tensor's chunk counter (an integer atomic); the chunk that brings the counter to a
+// multiple of the tensor's chunk count is the last to have read the step, and it alone writes t. Counters are never
+// reset (each launch adds exactly the tensor's chunk count), so a captured graph needs no reset node. The value
+// written does not depend on which block is last: the result is deterministic.
+//
+// LARS: launch 1 writes each chunk's float64 partial sums (sum p^2, sum of the gradient term^2) to a compact buffer
+// indexed by work item (a tensor's partials are contiguous); launch 2, over the items in reverse order (the last
+// chunks launch 1 read are still in L2), first re-sums its tensor's partials in a fixed order (thread k sums partials
+// k, k + kBlock, ..., then a fixed block tree) - every block of a tensor gets the same norms bit for bit - forms the
+// trust ratio and applies the update. No float atomics, deterministic.
+#ifdef FASTCNN_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fastcnn/multi_tensor.cuh"
+#include "fastcnn/optim.h"
+
+#include <cmath>
+#include <map>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fastcnn {
+namespace optim_cuda {
+
+#include "fastcnn/optim_math.h"
+
+namespace {
+
+using mta::kBlock;
+
+enum OpTag : int { kAdamOp = 1, kSgdOp = 2, kAdagradOp = 3, kLarsOp = 4 };
+
+// The 0-dim tensors and flags every kernel reads (device pointers, or null when not given).
+struct Common {
+  const float* found_inf;
+  const float* grad_scale;
+  const float* lr_tensor;
+  double lr;
+  bool maximize;
+};
+
+__device__ __forceinline__ bool skip_step(const Common& c) { return c.found_inf != nullptr && *c.found_inf != 0.0f; }
+__device__ __forceinline__ double lr_of(const Common& c) {
+  return c.lr_tensor != nullptr ? static_cast<double>(*c.lr_tensor) : c.lr;
+}
+__device__ __forceinline__ double scale_of(const Common& c) {
+  return c.grad_scale != nullptr ? static_cast<double>(*c.grad_scale) : 1.0;
+}
+
+// Thread 0 only: t = step + 1 for the tensor of `rec`; the tensor's last chunk to get here writes t (see the top).
+__device__ double claim_step(const int64_t* rec, int depth, unsigned long long* counter, bool step_is_double) {
+  void* const step = reinterpret_cast<void*>(rec[depth + mta::kStepPtr]);
+  const double t = step_is_double ? __ldcg(static_cast<const double*>(step)) + 1.0
+                                  : static_cast<double>(__ldcg(static_cast<const float*>(step)) + 1.0f);
+  __threadfence();  // the read above happens before this chunk counts as having read
+  const unsigned long long chunks = static_cast<unsigned long long>(rec[depth + mta::kNumChunks]);
+  const unsigned long long before = atomicAdd(counter, 1ull);
+  if ((before + 1) % chunks == 0) {
+    __threadfence();
+    if (step_is_double) {
+      *static_cast<double*>(step) = t;
+    } else {
+      *static_cast<float*>(step) = static_cast<float>(t);
+    }
+  }
+  return t;
+}
+
+__device__ __forceinline__ void decode(const mta::View& view, int64_t w, int& tensor, int64_t& chunk,
+                                       const int64_t*& rec) {
+  const int64_t item = view.items[w];
+  tensor = static_cast<int>(item >> 32);
+  chunk = item & 0xffffffffll;
+  rec = view.records + static_cast<int64_t>(tensor) * view.stride;
+}
+
+// --- Adam -------------------------------------------------------------------------------------------------------
+struct AdamParams {
+  Common common;
+  double beta1, beta2, weight_decay, eps;
+  int wd_mode;
+  bool step_is_double;
+};
+
+template <typename P, typename S, bool kAmsgrad>
+__global__ void __launch_bounds__(kBlock) adam_kernel(mta::View view, AdamParams a) {
+  using T = at::opmath_type<P>;
+  constexpr int kDepth = kAmsgrad ? 5 : 4;
+  if (skip_step(a.common)) return;
+  const double lr = lr_of(a.common), scale = scale_of(a.common);
+  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize;
+  const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);  // everything but the grad unless unscaling
+  __shared__ double bias[2];
+  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
+    int tensor;
+    int64_t chunk;
+    const int64_t* rec;
+    decode(view, w, tensor, chunk, rec);
+    if (threadIdx.x == 0) {
+      const double t = claim_step(rec, kDepth, view.counters + tensor, a.step_is_double);
+      adam_bias_corrections(lr, a.beta1, a.beta2, t, bias[0], bias[1]);
+    }
+    __syncthreads();
+    const AdamCoeffs<T> c = make_adam_coeffs<T>(scale, lr, a.beta1, a.beta2, a.weight_decay, a.eps, bias[0], bias[1]);
+    mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
+      T unused = T(0);
+      T& vmax = kAmsgrad ? e[kDepth - 1] : unused;
+      adam_update(e[0], e[1], e[2], e[3], vmax, a.wd_mode, kAmsgrad, unscale, maximize, c);
+    });
+    __syncthreads();  // bias[] is rewritten by the next item
+  }
+}
+
+// --- SGD --------------------------------------------------------------------------------------------------------
+struct SgdParams {
+  Common common;
+  double momentum, dampening, weight_decay;
+  bool nesterov, first_step;
+};
+
+template <typename P, typename S, bool kMomentum>
+__global__ void __launch_bounds__(kBlock) sgd_kernel(mta::View view, SgdParams a) {
+  using T = at::opmath_type<P>;
+  constexpr int kDepth = kMomentum ? 3 : 2;
+  if (skip_step(a.common)) return;
+  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize;
+  const bool has_wd = a.weight_decay != 0, nesterov = a.nesterov, first = a.first_step;
+  const SgdCoeffs<T> c =
+      make_sgd_coeffs<T>(scale_of(a.common), lr_of(a.common), a.momentum, a.dampening, a.weight_decay);
+  const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
+  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
+    int tensor;
+    int64_t chunk;
+    const int64_t* rec;
+    decode(view, w, tensor, chunk, rec);
+    mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
+      T unused = T(0);
+      T& b = kMomentum ? e[kDepth - 1] : unused;
+      sgd_update(e[0], e[1], b, has_wd, kMomentum, nesterov, first, unscale, maximize, c);
+    });
+  }
+}
+
+// --- Adagrad ----------------------------------------------------------------------------------------------------
+struct AdagradParams {
+  Common common;
+  double lr_decay, weight_decay, eps;
+  bool step_is_double;
+};
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(kBlock) adagrad_kernel(mta::View view, AdagradParams a) {
+  using T = at::opmath_type<P>;
+  constexpr int kDepth = 3;
+  if (skip_step(a.common)) return;
+  const double lr = lr_of(a.common), scale = scale_of(a.common);
+  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize, has_wd = a.weight_decay != 0;
+  const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
+  __shared__ double clr;
+  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
+    int tensor;
+    int64_t chunk;
+    const int64_t* rec;
+    decode(view, w, tensor, chunk, rec);
+    if (threadIdx.x == 0) {
+      clr = adagrad_clr(lr, a.lr_decay, claim_step(rec, kDepth, view.counters + tensor, a.step_is_double));
+    }
+    __syncthreads();
+    const AdagradCoeffs<T> c = make_adagrad_coeffs<T>(scale, a.weight_decay, clr, a.eps);
+    mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
+      adagrad_update(e[0], e[1], e[2], has_wd, unscale, maximize, c);
+    });
+    __syncthreads();
+  }
+}
+
+// --- LARS -------------------------------------------------------------------------------------------------------
+struct LarsParams {
+  Common common;
+  double momentum, dampening, weight_decay, trust_coefficient, eps;
+  bool nesterov, trust_clip, update_norm, first_step;
+};
+
+// Launch 1: partials[2w], partials[2w + 1] = sum over work item w's chunk of p^2 and of lars_norm_term^2, in float64.
+template <typename P>
+__global__ void __launch_bounds__(kBlock) lars_norms_kernel(mta::View view, LarsParams a, double* partials) {
+  using T = at::opmath_type<P>;
+  if (skip_step(a.common)) return;
+  const T scale = T(scale_of(a.common)), wd = T(a.weight_decay);
+  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize, update_norm = a.update_norm;
+  __shared__ double scratch[2 * kBlock / 32];
+  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
+    int tensor;
+    int64_t chunk;
+    const int64_t* rec;
+    decode(view, w, tensor, chunk, rec);
+    double sw = 0, sg = 0;
+    mta::for_chunk<2, mta::ilp_for<P>(), P, P, T>(rec, view.stride - mta::kExtraWords, chunk, 0u, [&](T (&e)[2]) {
+      const T u = lars_norm_term(e[0], e[1], update_norm, unscale, maximize, scale, wd);
+      sw += static_cast<double>(e[0]) * static_cast<double>(e[0]);
+      sg += static_cast<double>(u) * static_cast<double>(u);
+    });
+    mta::block_sum2(sw, sg, scratch);
+    if (threadIdx.x == 0) {
+      partials[2 * w] = sw;
+      partials[2 * w + 1] = sg;
+    }
+  }
+}
+
+// Launch 2: per item (in reverse order) the tensor's norms from its partials, the trust ratio, the update.
+// kMode: 0 plain, 1 momentum, 2 lr_in_momentum.
+template <typename P, typename S, int kMode>
+__global__ void __launch_bounds__(kBlock) lars_kernel(mta::View view, LarsParams a, const double* partials) {
+  using T = at::opmath_type<P>;
+  constexpr int kDepth = kMode != 0 ? 3 : 2;
+  if (skip_step(a.common)) return;
+  const double lr = lr_of(a.common), scale = scale_of(a.common);
+  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize;
+  const bool nesterov = a.nesterov, first = a.first_step;
+  const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
+  __shared__ double scratch[2 * kBlock / 32];
+  __shared__ double ratio;
+  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
+    int tensor;
+    int64_t chunk;
+    const int64_t* rec;
+    decode(view, view.num_items - 1 - w, tensor, chunk, rec);
+    const int64_t first_item = rec[kDepth + mta::kFirstItem], chunks = rec[kDepth + mta::kNumChunks];
+    double sw = 0, sg = 0;
+    for (int64_t k = threadIdx.x; k < chunks; k += kBlock) {
+      sw += partials[2 * (first_item + k)];
+      sg += partials[2 * (first_item + k) + 1];
+    }
+    mta::block_sum2(sw, sg, scratch);
+    if (threadIdx.x == 0) {
+      ratio = static_cast<double>(lars_trust_ratio<T>(T(sqrt_(sw)), T(sqrt_(sg)), T(a.trust_coefficient),
+                                                      T(a.weight_decay), T(a.eps), T(lr), a.update_norm,
+                                                      a.trust_clip));
+    }
+    __syncthreads();
+    const LarsCoeffs<T> c = make_lars_coeffs<T>(scale, lr, a.momentum, a.dampening, a.weight_decay, ratio);
+    mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
+      T unused = T(0);
+      T& b = kMode != 0 ? e[kDepth - 1] : unused;
+      lars_update(e[0], e[1], b, kMode == 1, kMode == 2, nesterov, first, unscale, maximize, c);
+    });
+    __syncthreads();  // ratio is rewritten by the next item
+  }
+}
+
+// --- host side --------------------------------------------------------------------------------------------------
+const float* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return optim::has(t) ? t->const_data_ptr<float>() : nullptr;
+}
+
+Common common_of(double lr, const c10::optional<at::Tensor>& lr_tensor, bool maximize,
+                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  return Common{ptr_or_null(found_inf), ptr_or_null(grad_scale), ptr_or_null(lr_tensor), lr, maximize};
+}
+
+// The call's tensors split by dtype signature (param dtype, state dtype), in order of first appearance: each group
+// holds the indices of its tensors.
+std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> group_by_dtypes(
+    at::TensorList params, const std::vector<optim::StateList>& states) {
+  std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vector<size_t>>> groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto sig = std::make_pair(params[i].scalar_type(), optim::state_dtype(params[i], states, i));
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == sig; });
+    if (it == groups.end()) {
+      groups.push_back({sig, {}});
+      it = groups.end() - 1;
+    }
+    it->second.push_back(i);
+  }
+  return groups;
+}
+
+// The group's lists (params, grads, then the used states, in order) and element sizes.
+struct GroupLists {
+  std::vector<std::vector<at::Tensor>> lists;
+  std::vector<int64_t> elem_size;
+  std::vector<at::Tensor> steps;
+};
+
+GroupLists gather(const std::vector<size_t>& idx, at::TensorList params, at::TensorList grads,
+                  const std::vector<optim::StateList>& states, at::TensorList steps) {
+  GroupLists g;
+  const auto add_list = [&](at::TensorList list) {
+    std::vector<at::Tensor> l;
+    l.reserve(idx.size());
+    for (size_t i : idx) l.push_back(list[i]);
+    g.elem_size.push_back(static_cast<int64_t>(l.front().element_size()));
+    g.lists.push_back(std::move(l));
+  };
+  add_list(params);
+  add_list(grads);
+  for (const auto& s : states) {
+    if (s.used) add_list(s.tensors);
+  }
+  if (!steps.empty()) {
+    for (size_t i : idx) g.steps.push_back(steps[i]);
+  }
+  return g;
+}
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t items, Args&&... args) {
+  const int grid = mta::grid_for(kernel, items);
+  kernel<<<grid, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool B>
+using Bool = std::integral_constant<bool, B>;
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(Bool<true>{});
+  } else {
+    f(Bool<false>{});
+  }
+}
+
+void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
+               const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
+               double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  const std::vector<optim::StateList> states = {
+      {"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}};
+  const at::Device device =
+      optim::check_optimizer_args("adam_", params, grads, states, steps, true, lr_tensor, grad_scale, found_inf);
+  if (params.empty()) return;
+  TORCH_CHECK(device.is_cuda(), "fastcnn.adam_: the CUDA kernel got tensors on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const AdamParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), beta1, beta2, weight_decay, eps,
+                     weight_decay == 0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay),
+                     steps[0].scalar_type() == at::kDouble};
+  for (const auto& group : group_by_dtypes(params, states)) {
+    const GroupLists g = gather(group.second, params, grads, states, steps);
+    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      const auto table = mta::get_table(kAdamOp, g.lists, g.elem_size, g.steps, mta::ilp_for<P>());
+      with_bool(amsgrad, [&](auto ams) {
+        launch(adam_kernel<P, S, decltype(ams)::value>, table->num_items, table->view(), a);
+      });
+    });
+  }
+}
+
+void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+              const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool is_first_step, const c10::optional<at::Tensor>& grad_scale,
+              const c10::optional<at::Tensor>& found_inf) {
+  const bool has_momentum = momentum != 0;
+  const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, has_momentum}};
+  const at::Device device =
+      optim::check_optimizer_args("sgd_", params, grads, states, {}, false, lr_tensor, grad_scale, found_inf);
+  if (params.empty()) return;
+  TORCH_CHECK(device.is_cuda(), "fastcnn.sgd_: the CUDA kernel got tensors on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const SgdParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), momentum, dampening, weight_decay,
+                    nesterov, is_first_step};
+  for (const auto& group : group_by_dtypes(params, states)) {
+    const GroupLists g = gather(group.second, params, grads, states, {});
+    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      const auto table = mta::get_table(kSgdOp, g.lists, g.elem_size, {}, mta::ilp_for<P>());
+      with_bool(has_momentum, [&](auto mom) {
+        launch(sgd_kernel<P, S, decltype(mom)::value>, table->num_items, table->view(), a);
+      });
+    });
+  }
+}
+
+void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+                  double lr, const c10::optional<at::Tensor>& lr_tensor, double lr_decay, double weight_decay,
+                  double eps, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                  const c10::optional<at::Tensor>& found_inf) {
+  const std::vector<optim::StateList> states = {{"state_sums", state_sums, true}};
+  const at::Device device =
+      optim::check_optimizer_args("adagrad_", params, grads, states, steps, true, lr_tensor, grad_scale, found_inf);
+  if (params.empty()) return;
+  TORCH_CHECK(device.is_cuda(), "fastcnn.adagrad_: the CUDA kernel got tensors on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const AdagradParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), lr_decay, weight_decay, eps,
+                        steps[0].scalar_type() == at::kDouble};
+  for (const auto& group : group_by_dtypes(params, states)) {
+    const GroupLists g = gather(group.second, params, grads, states, steps);
+    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      const auto table = mta::get_table(kAdagradOp, g.lists, g.elem_size, g.steps, mta::ilp_for<P>());
+      launch(adagrad_kernel<P, S>, table->num_items, table->view(), a);
+    });
+  }
+}
+
+void lars_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+               const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
+               double trust_coefficient, double eps, bool nesterov, bool maximize, bool trust_clip, bool update_norm,
+               bool lr_in_momentum, bool is_first_step, const c10::optional<at::Tensor>& grad_scale,
+               const c10::optional<at::Tensor>& found_inf) {
+  const int mode = lr_in_momentum ? 2 : (momentum != 0 ? 1 : 0);
+  const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, mode != 0}};
+  const at::Device device =
+      optim::check_optimizer_args("lars_", params, grads, states, {}, false, lr_tensor, grad_scale, found_inf);
+  if (params.empty()) return;
+  TORCH_CHECK(device.is_cuda(), "fastcnn.lars_: the CUDA kernel got tensors on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const LarsParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), momentum, dampening, weight_decay,
+                     trust_coefficient, eps, nesterov, trust_clip, update_norm, is_first_step};
+  for (const auto& group : group_by_dtypes(params, states)) {
+    const GroupLists g = gather(group.second, params, grads, states, {});
+    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      const auto table = mta::get_table(kLarsOp, g.lists, g.elem_size, {}, mta::ilp_for<P>());
+      // The norms kernel reads only params and grads: the same table, whose first two lists they are.
+      const at::Tensor partials = at::empty({2 * table->num_items}, params[0].options().dtype(at::kDouble));
+      launch(lars_norms_kernel<P>, table->num_items, table->view(), a, partials.mutable_data_ptr<double>());
+      const double* sums = partials.const_data_ptr<double>();
+      switch (mode) {
+        case 0: launch(lars_kernel<P, S, 0>, table->num_items, table->view(), a, sums); break;
+        case 1: launch(lars_kernel<P, S, 1>, table->num_items, table->view(), a, sums); break;
+        default: launch(lars_kernel<P, S, 2>, table->num_items, table->view(), a, sums); break;
+      }
+    });
+  }
+}
+
+}  // namespace
+}  // namespace optim_cuda
+}  // namespace fastcnn
+
+TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
+  m.impl("adam_", &fastcnn::optim_cuda::adam_cuda);
+  m.impl("sgd_", &fastcnn::optim_cuda::sgd_cuda);
+  m.impl("adagrad_", &fastcnn::optim_cuda::adagrad_cuda);
+  m.impl("lars_", &fastcnn::optim_cuda::lars_cuda);
+}
+
+#endif  // FASTCNN_WITH_CUDA
