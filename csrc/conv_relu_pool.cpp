@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_pool_backward(
   const auto like = [&](const at::Tensor& grad, const at::Tensor& t) {
     return grad.defined() ? grad.contiguous(memory_format_of(t)) : t.new_empty({0});
   };
-  return {like(grad_input, input), like(grad_weight, weight), like(grad_bias, weight)};
+  return {like(grad_input, input), like(grad_weight, weight), grad_bias.defined() ? grad_bias : weight.new_empty({0})};
 }
 
 }  // namespace

@@ -103,3 +103,19 @@ def test_inference_mode_saves_nothing_and_matches():
         out = block(x)
     assert not out.requires_grad
     torch.testing.assert_close(out, torch.max_pool2d(torch.relu(block._conv_forward(x, block.weight, block.bias)), 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool_module", POOL_MODULES, ids=["relu", "max2", "avg2", "max3s2"])
+def test_channels_last_module_matches_stock(backend, pool_module):
+    """The whole module in channels_last (weights included), as `model.to(memory_format=torch.channels_last)` does."""
+    stock, fused = stock_and_fused(pool_module, in_channels=3, out_channels=8, kernel_size=3, padding=1)
+    stock, fused = (m.to(memory_format=torch.channels_last) for m in (stock, fused))
+    x = torch.randn(2, 3, 12, 11).contiguous(memory_format=torch.channels_last)
+    with fastcnn.use_backend(backend):
+        out, grad_out, (grad_x,) = forward_backward(fused, (x,))
+    expected, _, (expected_grad_x,) = forward_backward(stock, (x,), grad_out)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_x, expected_grad_x)
+    for name, param in fused.named_parameters():
+        torch.testing.assert_close(param.grad, stock[0].get_parameter(name).grad, msg=name)
