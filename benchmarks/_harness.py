@@ -1,0 +1,343 @@
+"""Shared benchmark machinery (protocol: shared/BENCHMARKS.md): environment banner, the two ceilings, timing,
+correctness against a float64 oracle, saved-activation and peak memory, roofline fraction, and the JSON writer.
+
+Timing. GPU: ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed before every repeat; median and the
+20%/80% quantiles). CPU: ``time.perf_counter`` around each call after warm-up, a 64 MiB buffer rewritten before every
+repeat so the last-level cache does not flatter anyone; median and the 20%/80% quantiles of the repeats. CPU calls
+are synchronous, so no synchronisation is needed before reading the clock; on GPU the events synchronise.
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+SCHEMA_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- environment
+
+def _git_commit():
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, timeout=10)  # noqa
+        commit = run("rev-parse", "HEAD")
+        if commit.returncode != 0:
+            return "unknown (not a git checkout)"
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _fastcnn_build():
+    """What setup.py recorded about the compiled extension, and whether it loaded (a stale or missing build is not
+    visible in the commit)."""
+    import fastcnn
+    ext = fastcnn._extension
+    return {"info": ext.build_info(), "loaded": ext.LOADED, "why_not": ext.WHY_NOT_LOADED}
+
+
+def environment(device):
+    """Everything that makes a number reproducible: machine, versions, commit, build, threads, load."""
+    env = {
+        "device_type": device.type,
+        "cpu_model": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fastcnn": _version("fastcnn"),
+        "fastcnn_commit": _git_commit(),
+        "fastcnn_build": _fastcnn_build(),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   compute_capability=f"{props.major}.{props.minor}", driver=_nvidia_driver(),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   cudnn_benchmark=torch.backends.cudnn.benchmark,
+                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    else:
+        env.update(device_name=env["cpu_model"], driver=None, cuda=None)
+    return env
+
+
+def wait_for_quiet(max_wait_s, threshold=0.5, poll_s=60):
+    """Waits (polling every ``poll_s``) until the 1-minute load average is below ``threshold`` or ``max_wait_s``
+    has passed, so other work on the machine does not pollute the timings. Returns the seconds waited."""
+    start = time.monotonic()
+    while os.getloadavg()[0] >= threshold and time.monotonic() - start < max_wait_s:
+        print(f"load average {os.getloadavg()[0]:.2f} >= {threshold}: waiting {poll_s}s for a quiet machine",
+              flush=True)
+        time.sleep(poll_s)
+    return round(time.monotonic() - start)
+
+
+def device_slug(env):
+    """'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc': the device part of a result file's name."""
+    name = ("cpu " if env["device_type"] == "cpu" else "") + env["device_name"]
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def banner(env, ceilings):
+    lines = [f"device  {env['device_type']}: {env['device_name']}  (driver {env['driver']}, CUDA {env['cuda']})",
+             f"torch {env['torch']}  triton {env['triton']}  fastcnn {env['fastcnn']} @ {env['fastcnn_commit']}",
+             f"CPU {env['cpu_model']} ({env['cpu_capability']}), {env['cpu_threads']} threads, "
+             f"load average {env['load_average_start'][0]:.2f}",
+             f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s; matmul " +
+             ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+class _CacheFlusher:
+    """Rewrites a buffer larger than any last-level cache (CPU; on GPU do_bench flushes L2 itself)."""
+
+    def __init__(self):
+        self.buffer = torch.empty(16 << 20, dtype=torch.float32)  # 64 MiB
+
+    def __call__(self):
+        self.buffer.fill_(1.0)
+
+
+_flush = None
+BUSY_CORES = 0.25  # other processes using more CPU than this during a CPU timing make it suspect
+
+
+def _machine_busy_s():
+    """CPU seconds all processes have used (user, nice, system, irq, softirq, steal), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _quantiles(times_ms):
+    times = sorted(times_ms)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median_ms": statistics.median(times), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "reps": len(times)}
+
+
+def _time_cpu(fn, budget_s, min_reps, max_reps):
+    """One timed series; also ``other_cpu``: cores' worth of CPU that other processes used meanwhile."""
+    global _flush
+    _flush = _flush or _CacheFlusher()
+    busy0, own0, wall0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    times, deadline = [], time.perf_counter() + budget_s
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < deadline):
+        _flush()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    result = _quantiles(times)
+    if busy0 is not None:
+        other = (_machine_busy_s() - busy0) - (time.process_time() - own0)
+        result["other_cpu"] = round(max(0.0, other) / (time.perf_counter() - wall0), 3)
+    return result
+
+
+def bench(fn, device, budget_s=1.0, min_reps=5, max_reps=100, warmup=2, retries=3, retry_wait_s=20):
+    """Times ``fn()`` -> {median_ms, p20_ms, p80_ms, reps[, other_cpu, attempts]}. ``budget_s`` bounds the measured
+    time after warm-up: at least ``min_reps`` repeats, more while the budget lasts. On CPU a series during which
+    other processes used more than BUSY_CORES is repeated after a pause (up to ``retries`` times) and the least
+    disturbed series is kept, its ``other_cpu`` recorded."""
+    if device.type == "cuda":
+        import triton.testing  # on the GPU machine triton ships with torch
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=max(25, 100 * budget_s),
+                                                   rep=1000 * budget_s, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
+    for _ in range(warmup):
+        fn()
+    best = None
+    for attempt in range(1, retries + 2):
+        result = _time_cpu(fn, budget_s, min_reps, max_reps)
+        if best is None or result.get("other_cpu", 0) < best.get("other_cpu", 0):
+            best = result
+        if best.get("other_cpu", 0) <= BUSY_CORES or attempt > retries:
+            return dict(best, attempts=attempt)
+        print(f"  (other processes used {result['other_cpu']:.2f} cores meanwhile: timing again in "
+              f"{retry_wait_s}s)", flush=True)
+        time.sleep(retry_wait_s)
+        fn()
+
+
+def cuda_graphed(fn):
+    """A replay of ``fn`` captured in a CUDA graph (after warm-up on a side stream), to take launch overhead out of
+    small-batch timings. Only for functions without host synchronisation or allocation changes between calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+
+    def replay():
+        graph.replay()
+        return outputs
+    return replay
+
+
+# -------------------------------------------------------------------------------------------------- ceilings
+
+def _copy_gbps(device, n, retries):
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), device, budget_s=0.5, retries=retries)
+    return 2 * src.nbytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+def measure_ceilings(device, dtypes, retries=3):
+    """The two roofline ceilings, measured now: copy bandwidth (GB/s, read + write counted) of a large
+    device-to-device copy, and matmul throughput (TFLOP/s) for each dtype benchmarked. On GPU, float32 is measured
+    with TF32 allowed, as cuDNN convolutions use it by default."""
+    n = (256 << 20) if device.type == "cuda" else (64 << 20)  # 1 GiB / 256 MiB of float32
+    copy_gbps = _copy_gbps(device, n, retries)
+    size = 8192 if device.type == "cuda" else 2048
+    tflops = {}
+    for dtype in dtypes:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+        try:
+            t = bench(lambda: a @ b, device, budget_s=1.0, min_reps=3, retries=retries)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        tflops[str(dtype).replace("torch.", "")] = 2 * size**3 / (t["median_ms"] * 1e-3) / 1e12
+    return {"copy_gbps": copy_gbps, "copy_bytes": n * 4,
+            "matmul_tflops": tflops, "matmul_size": size}
+
+
+def roofline_fraction(flops, nbytes, median_ms, ceilings, dtype):
+    """max(FLOPs / matmul peak, bytes / copy bandwidth) / measured time: 1.0 = at the roofline bound."""
+    peak = ceilings["matmul_tflops"][str(dtype).replace("torch.", "")] * 1e12
+    bound_s = max(flops / peak, nbytes / (ceilings["copy_gbps"] * 1e9))
+    return bound_s / (median_ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------------------- correctness, memory
+
+def _rel_rms(x, ref):
+    return ((x - ref).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
+
+
+def check(got, stock, ref, dtype):
+    """Errors of ``got`` and of stock PyTorch ``stock`` against a float64 oracle ``ref`` (tuples of tensors).
+    ``ok`` when, for every tensor, got's relative RMS error is at most 2x stock's plus one unit of the dtype's
+    epsilon (flash-attention's rule). RMS rather than max decides, because a near-tie in a pool window may
+    legitimately pick the other element in either implementation; the max absolute error is recorded too, and
+    ``err_vs_stock``, the worst ratio of got's relative error to stock's."""
+    eps = torch.finfo(dtype).eps
+    result = {"max_abs_err": 0.0, "rel_rms_err": 0.0, "err_vs_stock": 0.0, "ok": True}
+    for g, s, r in zip(got, stock, ref):
+        g, s = g.double(), s.double()
+        rel_g, rel_s = _rel_rms(g, r), _rel_rms(s, r)
+        finite = bool(torch.isfinite(g).all())
+        result["ok"] = result["ok"] and finite and rel_g <= 2 * rel_s + eps
+        result["max_abs_err"] = max(result["max_abs_err"], (g - r).abs().max().item() if finite else float("inf"))
+        result["rel_rms_err"] = max(result["rel_rms_err"], rel_g if finite else float("inf"))
+        result["err_vs_stock"] = max(result["err_vs_stock"], rel_g / max(rel_s, 1e-30) if finite else float("inf"))
+    return result
+
+
+def saved_tensor_bytes(forward, held=()):
+    """Bytes autograd keeps for backward during ``forward()`` (each storage counted once): total, and activations
+    only (storages of ``held`` tensors - inputs and parameters the caller keeps anyway - left out)."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    held_ptrs = {t.untyped_storage().data_ptr() for t in held}
+    del out
+    return {"total": sum(storages.values()),
+            "activations": sum(n for ptr, n in storages.items() if ptr not in held_ptrs)}
+
+
+def peak_step_bytes(step, reset, device):
+    """Peak memory allocated above the resting level during one ``step()`` (GPU only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    reset()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# ------------------------------------------------------------------------------------------------------- output
+
+def disturbed_note(timings):
+    """A note on the CPU timings (dicts from ``bench``) during which other processes were busy, or None."""
+    disturbed = [t for t in timings if t.get("other_cpu", 0) > BUSY_CORES]
+    if not disturbed:
+        return None
+    return (f"{len(disturbed)} of {len(timings)} timings ran while other processes used more than {BUSY_CORES} "
+            "cores (`other_cpu`, marked ‡): those numbers are suspect")
+
+
+def write_results(suite, env, ceilings, rows, out_dir=None, notes=(), complete=True):
+    """Writes ``<out_dir>/<YYYY-MM-DD>_<device-slug>_<suite>.json`` and returns its path. ``complete=False`` marks a
+    run still going or aborted (written after every case, so a killed run leaves what it measured)."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(env, load_average_end=list(os.getloadavg()),
+               finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    name = f"{datetime.date.today().isoformat()}_{device_slug(env)}_{suite}.json"
+    path = os.path.join(out_dir, name)
+    payload = {"schema": SCHEMA_VERSION, "suite": suite, "complete": complete, "environment": env,
+               "ceilings": ceilings, "notes": list(notes), "rows": rows}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    return path
