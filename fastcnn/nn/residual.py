@@ -1,0 +1,129 @@
+"""Drop-in ResNet residual blocks: torchvision's ``BasicBlock`` and ``Bottleneck`` (same constructor, attributes,
+init and state_dict keys), whose forward runs fastcnn's fused ops when ``fused=True``."""
+import torch.nn as nn
+
+
+def _conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def _conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _ResidualBlock(nn.Module):
+    """Shared forward: the block is a chain of (conv, norm) stages with ReLU between them, then
+    ``relu(last_stage(x) + identity)``, where identity is ``downsample(x)`` or ``x``."""
+
+    def _stages(self):
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self._stock_forward(x)
+
+    def _stock_forward(self, x):
+        stages = self._stages()
+        out = x
+        for conv, norm in stages[:-1]:
+            out = self.relu(norm(conv(out)))
+        conv, norm = stages[-1]
+        out = norm(conv(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+    def extra_repr(self):
+        return f"fused={self.fused}"
+
+
+class BasicBlock(_ResidualBlock):
+    """torchvision's ResNet ``BasicBlock``: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)``.
+
+    Args:
+        inplanes: input channels.
+        planes: output channels of both 3x3 convolutions.
+        stride: stride of conv1 (the downsample module must downsample the identity to match).
+        downsample: optional module applied to ``x`` to form the identity.
+        groups, base_width, dilation: must be 1, 64, 1 (as torchvision's BasicBlock requires).
+        norm_layer: normalization layer factory, default ``nn.BatchNorm2d``.
+        fused: run the fused fastcnn ops (default) instead of the stock module sequence.
+
+    Shape:
+        input ``(N, inplanes, H, W)``; output ``(N, planes, H_out, W_out)`` with ``H_out = (H - 1) // stride + 1``.
+
+    Example:
+        >>> block = fastcnn.nn.BasicBlock(64, 64)
+        >>> block(torch.randn(2, 64, 14, 14)).shape
+        torch.Size([2, 64, 14, 14])
+    """
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, fused=True):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.fused = fused
+
+    def _stages(self):
+        return ((self.conv1, self.bn1), (self.conv2, self.bn2))
+
+
+class Bottleneck(_ResidualBlock):
+    """torchvision's ResNet ``Bottleneck`` (v1.5, stride on the 3x3 conv):
+    ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + identity)``.
+
+    Args:
+        inplanes: input channels.
+        planes: the block outputs ``planes * 4`` channels; the inner width is
+            ``int(planes * base_width / 64) * groups``.
+        stride: stride of conv2 (the downsample module must downsample the identity to match).
+        downsample: optional module applied to ``x`` to form the identity.
+        groups: groups of the 3x3 convolution.
+        base_width: width per group, default 64.
+        dilation: dilation (and padding) of the 3x3 convolution.
+        norm_layer: normalization layer factory, default ``nn.BatchNorm2d``.
+        fused: run the fused fastcnn ops (default) instead of the stock module sequence.
+
+    Shape:
+        input ``(N, inplanes, H, W)``; output ``(N, 4 * planes, H_out, W_out)`` with ``H_out = (H - 1) // stride + 1``.
+
+    Example:
+        >>> block = fastcnn.nn.Bottleneck(256, 64)
+        >>> block(torch.randn(2, 256, 14, 14)).shape
+        torch.Size([2, 256, 14, 14])
+    """
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, fused=True):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.fused = fused
+
+    def _stages(self):
+        return ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
