@@ -7,7 +7,7 @@ LECTURE_TRAIN_FRACTION = 42_000 / 58_954
 
 
 def train_size(n, train_fraction=LECTURE_TRAIN_FRACTION):
-    """round(n · train_fraction): 42,000 of 58,954 with the default fraction (and 1,280 of scikit-learn's 1,797 digits)."""
+    """round(n · train_fraction): 42,000 of 58,954 with the default fraction (1,280 of the 1,797 digits)."""
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
     return round(n * train_fraction)

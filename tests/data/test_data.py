@@ -20,7 +20,8 @@ def folder_tree(tmp_path):
         for i in range(7):
             size = 20 + i
             if i % 2:
-                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(tmp_path / name / f"{i}.png")
+                gray = rng.integers(0, 256, (size, size), dtype=np.uint8)
+                Image.fromarray(gray, "L").save(tmp_path / name / f"{i}.png")
             else:
                 rgb = rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)
                 Image.fromarray(rgb, "RGB").save(tmp_path / name / f"{i}.jpeg")
