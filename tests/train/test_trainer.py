@@ -1,0 +1,110 @@
+"""The Trainer: kill-and-resume equals an uninterrupted run bit for bit, atomic checkpoints, accumulation equals a
+big batch, bf16/channels_last/clipping, logs and plots, segmentation mIoU."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from _models import digit_batches, tiny_cnn
+
+from fastcnn.data import make_loader
+from fastcnn.train import EpochMetrics, Trainer, load_checkpoint, mean_iou, save_checkpoint, seed_everything
+from fastcnn.train import checkpoint as checkpoint_module
+
+
+class Crash(Exception):
+    pass
+
+
+def _run(tmp_path, epochs, resume=None, crash_after=None, seed=0):
+    seed_everything(seed)
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    def crash(trainer, record):
+        if record["epoch"] == crash_after:
+            raise Crash
+
+    loader = make_loader(digit_batches(), 16, shuffle=True)
+    trainer = Trainer(model, optimizer, loader, make_loader(digit_batches(seed=1), 16), scheduler=scheduler,
+                      checkpoint_path=str(tmp_path / "last.pt"), progress=False, callbacks=[crash])
+    history = trainer.fit(epochs, resume=resume)
+    return model, history
+
+
+def test_kill_and_resume_gives_the_uninterrupted_trajectory_bitwise(tmp_path):
+    straight, straight_history = _run(tmp_path / "a", 3)
+    with pytest.raises(Crash):
+        _run(tmp_path / "b", 3, crash_after=2)
+    assert load_checkpoint(str(tmp_path / "b" / "last.pt"))["epoch"] == 1
+    resumed, resumed_history = _run(tmp_path / "b", 3, resume=str(tmp_path / "b" / "last.pt"), seed=123)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in (straight_history + resumed_history)]
+    assert drop_time[:3] == drop_time[3:]
+    assert [r["lr"] for r in resumed_history] == [0.1, 0.05, 0.025]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ck.pt")
+    save_checkpoint(path, {"epoch": 1, "weight": torch.ones(3)})
+
+    def torn_write(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", torn_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"epoch": 2, "weight": torch.zeros(3)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_accumulation_equals_one_big_batch():
+    data = digit_batches(32)
+    models = [tiny_cnn(dropout=0.0) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model, batch, accumulate in ((models[0], 32, 1), (models[1], 8, 4)):
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), make_loader(data, batch),
+                          accumulate=accumulate, progress=False)
+        trainer.train_epoch(0)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_channels_last_clipping_logs_and_plots(tmp_path, capsys):
+    model = tiny_cnn()
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-2), make_loader(digit_batches(), 16),
+                      make_loader(digit_batches(seed=2), 16), precision="bf16-mixed", channels_last=True,
+                      grad_clip=0.5, log_dir=str(tmp_path), progress=True)
+    history = trainer.fit(2)
+    assert [r["epoch"] for r in history] == [1, 2] and all(0 <= r["val_accuracy"] <= 1 for r in history)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert {"log.csv", "log.json", "loss.png", "accuracy.png", "lr.png"} <= set(os.listdir(tmp_path))
+    assert "ETA" in capsys.readouterr().err
+    with open(tmp_path / "log.csv") as file:
+        assert file.readline().startswith("epoch,lr,train_loss,train_accuracy")
+
+
+def test_bad_trainer_arguments_are_named():
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad, match in (({"precision": "fp16"}, "precision"), ({"accumulate": 0}, "accumulate"),
+                       ({"grad_clip": -1.0}, "grad_clip"), ({"scheduler_interval": "batch"}, "scheduler_interval")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(model, optimizer, [], **bad)
+
+
+def test_segmentation_metrics_report_miou():
+    confusion = torch.tensor([[3.0, 1.0], [0.0, 2.0]])  # rows: target, columns: prediction
+    assert mean_iou(confusion) == pytest.approx((3 / 4 + 2 / 3) / 2)
+    metrics = EpochMetrics(num_classes=2)
+    targets = torch.tensor([[[0, 0], [0, 0], [1, 1]]]).reshape(1, 2, 3)
+    logits = nn.functional.one_hot(torch.tensor([[0, 0, 0, 1, 1, 1]]).reshape(1, 2, 3), 2).permute(0, 3, 1, 2)
+    metrics.update(torch.tensor(0.5), logits.float(), targets)
+    result = metrics.compute()
+    assert result["accuracy"] == pytest.approx(5 / 6) and result["miou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
