@@ -28,6 +28,16 @@ TORCH_LIBRARY(fastcnn, m) {
         " int[2] stride, int[2] padding, int[2] dilation, int groups, str pool, int[2] pool_size,"
         " int[2] pool_stride, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
+  // --- Transposed convolution (csrc/conv_transpose.cpp; math in fastcnn/reference/conv_transpose.py) ---
+  // act(conv_transpose2d(input, weight, bias, ...)) with activation "none" or "relu", in input's memory format.
+  m.def("conv_transpose2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding,"
+        " int[2] output_padding, int groups, int[2] dilation, str activation) -> Tensor");
+  // Its backward; the ReLU mask is read from the saved output. Gradients output_mask leaves out come back empty.
+  m.def("conv_transpose2d_act_backward(Tensor grad_out, Tensor out, Tensor input, Tensor weight, int[2] stride,"
+        " int[2] padding, int[2] output_padding, int groups, int[2] dilation, str activation, bool[3] output_mask)"
+        " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // --- end of transposed convolution ---
+
   // Fused optimizer steps over lists of tensors (the update rules are in fastcnn/reference/optim.py). Each
   // increments its steps (where it has them) and updates every tensor in place, unless found_inf is nonzero, in which
   // case nothing changes. grad_scale, when given, divides the gradients first (and the unscaled gradients are

@@ -2,6 +2,7 @@
 import torch.nn.functional as F
 
 from .ops import conv_relu_pool as _ops
+from .ops import conv_transpose as _transpose_ops
 
 
 def conv2d_relu_pool(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, pool="max", pool_size=2,
@@ -49,6 +50,35 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
     """
     return conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool="none")
 
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                     activation=None):
+    """Fused ``act(F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation))``.
+
+    Computed by stride-phase decomposition (no zero insertion; kernel == stride is one GEMM with a pixel-shuffle
+    store) with the bias and activation in the epilogue; equals the stock ops in value and gradient.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; float32, float16, bfloat16 or float64.
+        weight: ``(C_in, C_out / groups, kH, kW)``. bias: optional ``(C_out,)``.
+        stride, padding, output_padding, groups, dilation: as ``F.conv_transpose2d`` (output_padding must be
+            smaller than stride or dilation).
+        activation: ``None`` or ``"relu"``.
+
+    Shape:
+        output ``(N, C_out, H_out, W_out)``, ``H_out = (H - 1) s - 2p + d (kH - 1) + output_padding + 1``, in
+        ``input``'s memory format.
+
+    Example:
+        >>> x, w = torch.randn(2, 8, 7, 7), torch.randn(8, 4, 4, 4)
+        >>> fastcnn.functional.conv_transpose2d(x, w, stride=2, padding=1, activation="relu").shape
+        torch.Size([2, 4, 14, 14])
+    """
+    if input.dim() == 3:  # unbatched, as F.conv_transpose2d allows
+        return conv_transpose2d(input.unsqueeze(0), weight, bias, stride, padding, output_padding, groups, dilation,
+                                activation).squeeze(0)
+    return _transpose_ops.conv_transpose2d_act(input, weight, bias, stride, padding, output_padding, groups,
+                                               dilation, activation)
 
 def _resolve_string_padding(input, weight, padding, stride, dilation):
     """``"valid"`` -> 0; ``"same"`` -> the symmetric padding F.conv2d uses, with its extra row/column on the

@@ -22,13 +22,18 @@ def conv_output_size(size, kernel, stride, padding, dilation):
     return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
 
 
-def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
-    """Validates one call; returns the normalized (stride, padding, dilation, pool_size, pool_stride)."""
-    for name, t in (("input", input), ("weight", weight)):
+def check_float_tensors(**tensors):
+    """Each named argument must be a Tensor of a floating dtype fastcnn supports."""
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fastcnn: {name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"fastcnn: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
+    """Validates one call; returns the normalized (stride, padding, dilation, pool_size, pool_stride)."""
+    check_float_tensors(input=input, weight=weight)
     if input.dim() != 4:
         raise ValueError(f"fastcnn: input must be 4-D (N, C, H, W), got a {input.dim()}-D tensor of shape "
                          f"{tuple(input.shape)}")

@@ -1,0 +1,63 @@
+"""fastcnn.nn.ConvTranspose2d is a drop-in nn.ConvTranspose2d: constructor, init, state_dict, output_size, ReLU."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastcnn
+
+ARGS = [dict(in_channels=4, out_channels=6, kernel_size=2, stride=2),
+        dict(in_channels=4, out_channels=6, kernel_size=4, stride=2, padding=1, bias=False),
+        dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2),
+             groups=2, dilation=(1, 1))]
+
+
+@pytest.mark.parametrize("kwargs", ARGS)
+def test_same_parameters_init_and_state_dict_as_torch(kwargs):
+    torch.manual_seed(3)
+    stock = nn.ConvTranspose2d(**kwargs)
+    torch.manual_seed(3)
+    fused = fastcnn.nn.ConvTranspose2d(**kwargs)
+    assert isinstance(fused, nn.ConvTranspose2d)
+    assert stock.state_dict().keys() == fused.state_dict().keys()
+    for key, value in stock.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, atol=0, rtol=0)
+    x = torch.randn(2, 4, 5, 7)
+    torch.testing.assert_close(fused(x), stock(x))
+    fused.load_state_dict(stock.state_dict())
+
+
+def test_relu_equals_sequential_and_from_modules_shares_parameters():
+    conv = nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1)
+    fused = fastcnn.nn.ConvTranspose2d.from_modules(conv, nn.ReLU())
+    assert fused.weight is conv.weight and fused.activation == "relu" and "activation='relu'" in repr(fused)
+    x = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(fused(x), torch.relu(conv(x)))
+    torch.testing.assert_close(fastcnn.nn.ConvTranspose2d.from_modules(conv)(x), conv(x))
+
+
+def test_output_size_picks_output_padding_like_torch():
+    stock = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+    fused = fastcnn.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(1, 3, 5, 5)
+    for size in ([9, 9], [10, 10], [1, 2, 10, 9]):
+        torch.testing.assert_close(fused(x, output_size=size), stock(x, output_size=size))
+    with pytest.raises(ValueError):
+        fused(x, output_size=[12, 12])
+
+
+def test_channels_last_and_autocast():
+    layer = fastcnn.nn.ConvTranspose2d(4, 3, 2, stride=2, activation="relu")
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="activation must be None, 'none' or 'relu'"):
+        fastcnn.nn.ConvTranspose2d(3, 4, 2, activation="tanh")
+    with pytest.raises(ValueError, match="zeros"):
+        fastcnn.nn.ConvTranspose2d(3, 4, 2, padding_mode="reflect")
+    with pytest.raises(TypeError, match="must be an nn.ConvTranspose2d"):
+        fastcnn.nn.ConvTranspose2d.from_modules(nn.Conv2d(3, 4, 2))
