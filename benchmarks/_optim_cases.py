@@ -119,7 +119,7 @@ def providers(name, device, dtype):
     state_dtype = torch.float32 if dtype == torch.bfloat16 else None
     found, notes = [], []
     backends, skipped = fastcnn_backends(name, device, dtype)
-    notes += [f"fastcnn[{b}] not benchmarked for {name} on {device.type}: {why}" for b, why in skipped]
+    notes += [f"fastcnn[{b}] not benchmarked on {device.type}: {why}" for b, why in skipped]
     for backend, _ in backends:
         found.append((f"fastcnn[{backend}]", "fastcnn", state_dtype or dtype,
                       lambda ps, b=backend: fastcnn_optimizer(name, ps, b, state_dtype)))

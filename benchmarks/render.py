@@ -10,6 +10,9 @@ import glob
 import json
 import os
 
+from _charts import grouped_bars, save
+from _render_optim import render_optim
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Targets from shared/BENCHMARKS.md, per (suite, device type): {mode: {baseline: minimum ratio}}, and the table
 # (dtype, layout) they apply to (None: every table). "roofline" is the minimum fraction of the roofline bound.
@@ -133,9 +136,20 @@ def header(data, path):
 
 
 def render_file(path, charts_dir, plt):
+    """The markdown of one result file (and its chart): the common header, then the suite's own part."""
     with open(path) as f:
         data = json.load(f)
-    lines = header(data, path)
+    chart = os.path.join(charts_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+    if data["suite"].startswith("optim"):
+        body = render_optim(data, chart, plt, device_label(data["environment"]), BUSY_CORES)
+    else:
+        body = render_conv_block(data, chart, plt)
+    return header(data, path) + body
+
+
+def render_conv_block(data, chart, plt):
+    """Tables per (dtype, layout) of a conv-block run or sweep, and its chart."""
+    lines = []
     for (dtype, layout), rows in groups(data["rows"]).items():
         lines += [f"### {dtype}, {layout}", ""]
         if any(r.get("sweep") for r in rows):
@@ -145,7 +159,6 @@ def render_file(path, charts_dir, plt):
         else:
             lines += table(data, rows) + [""]
     if plt is not None:
-        chart = os.path.join(charts_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         (sweep_chart if "sweep" in data["suite"] else bar_chart)(plt, data, chart)
         lines += [f"![ratios]({os.path.relpath(chart, HERE)})", ""]
     return lines
@@ -167,24 +180,14 @@ def bar_chart(plt, data, path):
               for key, rows in groups(data["rows"]).items() for mode in ("fwd", "fwd+bwd")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.4 * len(panels)), squeeze=False)
     for ax, ((dtype, layout), mode, rows) in zip(axes[:, 0], panels):
-        series = _ratio_series(rows)
-        width = 0.8 / max(1, len(series))
-        for i, ((name, baseline), values) in enumerate(series.items()):
-            bars = ax.bar([x + i * width for x in range(len(rows))], values, width, label=f"{name} vs {baseline}")
-            ax.bar_label(bars, fmt="%.2f", fontsize=6)
-        ax.axhline(1.0, color="black", linewidth=0.8)
+        series = [(f"{name} vs {baseline}", values) for (name, baseline), values in _ratio_series(rows).items()]
+        grouped_bars(ax, series, [f"{r['block']}\n{size_label(r)}" for r in rows],
+                     f"{device_label(data['environment'])}: {dtype} {layout}, {mode}")
         target = targets_for(data, dtype, layout)
         for baseline, goal in (target[mode].items() if target else []):
             ax.axhline(goal, linestyle="--", linewidth=0.8, color="gray")
             ax.text(len(rows) - 0.5, goal, f" target vs {baseline}", fontsize=7, va="bottom", ha="right")
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
-        ax.set_xticklabels([f"{r['block']}\n{size_label(r)}" for r in rows], fontsize=8)
-        ax.set_ylabel("baseline time / fastcnn time")
-        ax.set_title(f"{device_label(data['environment'])}: {dtype} {layout}, {mode}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(plt, fig, path)
 
 
 def sweep_chart(plt, data, path):
@@ -212,9 +215,7 @@ def sweep_chart(plt, data, path):
                 ax.set_title(f"{mode}: {'ratio' if ax is ratio_ax else 'time'} against {axis}", fontsize=9)
                 ax.legend(fontsize=7)
     fig.suptitle(f"{device_label(data['environment'])}: {data['suite']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(plt, fig, path, dpi=100)
 
 
 def main(argv=None):
