@@ -38,6 +38,22 @@ TORCH_LIBRARY(fastcnn, m) {
         " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // --- end of transposed convolution ---
 
+  // --- BatchNorm of the fused residual blocks (csrc/cpu|cuda/batch_norm.*; math in fastcnn/reference/batch_norm.py)
+  // Per-channel batch mean and biased variance, in float32 (float64 for float64 input), deterministic.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // out = relu(input * scale + shift + residual) (scale None: 1; residual None: 0) and, if save_mask, the uint8
+  // ReLU mask (else an empty tensor).
+  m.def("scale_shift_add_relu(Tensor input, Tensor? scale, Tensor shift, Tensor? residual, bool save_mask)"
+        " -> (Tensor out, Tensor mask)");
+  // Backward pieces, with dz = grad_out where gate (the saved mask or the recomputed ReLU output) is not <= 0, else 0:
+  // per-channel sum dz and sum dz * (input - mean) (mean None: 0), deterministic;
+  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor gate, Tensor input, Tensor? mean)"
+        " -> (Tensor sum_dz, Tensor sum_dz_xmu)");
+  // and grad_input = a * dz + b * (input - mean) + d per channel (None: 0), plus dz itself if want_dz (else empty).
+  m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor gate, Tensor input, Tensor? mean, Tensor a, Tensor? b,"
+        " Tensor? d, bool want_dz) -> (Tensor grad_input, Tensor dz)");
+  // --- end of BatchNorm ---
+
   // Fused optimizer steps over lists of tensors (the update rules are in fastcnn/reference/optim.py). Each
   // increments its steps (where it has them) and updates every tensor in place, unless found_inf is nonzero, in which
   // case nothing changes. grad_scale, when given, divides the gradients first (and the unscaled gradients are

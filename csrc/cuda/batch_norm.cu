@@ -1,0 +1,330 @@
+// CUDA kernels of the fused BatchNorm pieces; cpu/batch_norm.cpp is the behavioural model (same checks, outputs,
+// memory formats) and fastcnn/reference/batch_norm.py has the math.
+//
+// Per-channel reductions (statistics; the backward's sum dz and sum dz (x - mean)) run in two kernels with no atomics: a partial
+// kernel where block (channel tile, split) reduces a fixed, shape-determined range of the channel's M = N*H*W
+// elements (per-thread Welford / sums, then a fixed-order shared-memory tree), and a finalize kernel that merges
+// the splits of each channel in order. Results are deterministic and independent of the GPU.
+//   NCHW: a block owns one channel; its threads stride over the split's elements (consecutive threads read
+//         consecutive pixels of a plane).
+//   NHWC: a block is 32 channels x 8 pixel rows; a warp reads 32 consecutive channels of one pixel.
+// Elementwise kernels (apply; the backward's grad_input = a dz + b (x - mean) + d) use grid-stride loops with int64
+// indices.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fastcnn/batch_norm.h"
+
+#include <algorithm>
+
+namespace fastcnn {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTileC = 32, kTileRows = 8;  // NHWC partial-kernel block: channels x rows
+constexpr int64_t kElemsPerSplit = 8192;   // target elements of one channel per partial block
+constexpr int64_t kMaxSplits = 256;
+
+#define GRID_STRIDE_LOOP(i, n) \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+// Welford moments, merged with Chan et al.'s formula (count kept in acc_t: exact below 2^24 per partial in fp32,
+// and a relative error of 2^-24 beyond, far below the statistics' own rounding).
+template <typename acc_t>
+struct Moments {
+  acc_t count, mean, m2;
+  __device__ void init() { count = mean = m2 = acc_t(0); }
+  __device__ void add(acc_t x) {
+    count += acc_t(1);
+    const acc_t delta = x - mean;
+    mean += delta / count;
+    m2 += delta * (x - mean);
+  }
+  __device__ void merge(const Moments& b) {
+    if (b.count == acc_t(0)) return;
+    const acc_t n = count + b.count, delta = b.mean - mean;
+    mean += delta * (b.count / n);
+    m2 += b.m2 + delta * delta * (count * b.count / n);
+    count = n;
+  }
+};
+
+// (sum dz, sum dz (x - mean)) of the backward.
+template <typename acc_t>
+struct GradSums {
+  acc_t dz, dz_xmu;
+  __device__ void init() { dz = dz_xmu = acc_t(0); }
+  __device__ void merge(const GradSums& b) {
+    dz += b.dz;
+    dz_xmu += b.dz_xmu;
+  }
+};
+
+struct Geometry {
+  bool channels_last;
+  int64_t N, C, HW, splits, per_split;  // per_split: elements (NCHW) or pixel rows (NHWC) of one split
+};
+
+Geometry geometry(const BnLayout& L) {
+  const int64_t m = L.N * L.HW;
+  const int64_t splits = std::min(kMaxSplits, std::max<int64_t>(1, m / kElemsPerSplit));
+  return {L.channels_last, L.N, L.C, L.HW, splits, (m + splits - 1) / splits};
+}
+
+// Offset of element m (0 <= m < N*HW) of channel c.
+__device__ __forceinline__ int64_t offset_of(const Geometry& g, int64_t c, int64_t m) {
+  return g.channels_last ? m * g.C + c : ((m / g.HW) * g.C + c) * g.HW + m % g.HW;
+}
+
+// Partial reduction: visit(acc, offset) for every element of the block's (channel, split), then a fixed-order tree
+// over the block's threads; partial[split * C + c] receives the result.
+template <typename Acc, typename Visit>
+__global__ void __launch_bounds__(kThreads) partial_kernel(Geometry g, Visit visit, Acc* __restrict__ partial) {
+  __shared__ Acc shared[kThreads];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t m0 = split * g.per_split, total = g.N * g.HW;
+  const int64_t m1 = m0 + g.per_split < total ? m0 + g.per_split : total;
+  int64_t c;
+  int lane, lanes;  // this thread's position among the threads sharing channel c
+  if (g.channels_last) {
+    c = int64_t(blockIdx.x) * kTileC + threadIdx.x;
+    lane = threadIdx.y;
+    lanes = kTileRows;
+  } else {
+    c = blockIdx.x;
+    lane = tid;
+    lanes = kThreads;
+  }
+  Acc acc;
+  acc.init();
+  if (c < g.C) {
+    for (int64_t m = m0 + lane; m < m1; m += lanes) visit(acc, offset_of(g, c, m), c);
+  }
+  shared[tid] = acc;
+  __syncthreads();
+  // Tree over the lanes of one channel: NHWC lanes are threadIdx.y (stride kTileC in shared), NCHW lanes all threads.
+  const int stride = g.channels_last ? kTileC : 1;
+  for (int half = lanes / 2; half > 0; half /= 2) {
+    if (lane < half) shared[tid].merge(shared[tid + half * stride]);
+    __syncthreads();
+  }
+  if (lane == 0 && c < g.C) partial[split * g.C + c] = shared[tid];
+}
+
+template <typename scalar_t, typename acc_t>
+struct StatsVisit {
+  const scalar_t* __restrict__ x;
+  __device__ void operator()(Moments<acc_t>& acc, int64_t off, int64_t) const {
+    acc.add(static_cast<acc_t>(x[off]));
+  }
+};
+
+// dz: grad_out unless the gate (saved mask or recomputed activation) is <= 0, as ReLU's backward passes it.
+template <typename scalar_t, typename gate_t, typename acc_t>
+__device__ __forceinline__ acc_t gated(const scalar_t* __restrict__ g, const gate_t* __restrict__ gate, int64_t i) {
+  return static_cast<acc_t>(gate[i]) <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(g[i]);
+}
+
+template <typename scalar_t, typename gate_t, typename acc_t>
+struct ReduceVisit {
+  const scalar_t* __restrict__ grad_out;
+  const gate_t* __restrict__ gate;
+  const scalar_t* __restrict__ x;
+  const acc_t* __restrict__ mean;  // null: 0
+  __device__ void operator()(GradSums<acc_t>& acc, int64_t off, int64_t c) const {
+    const acc_t dz = gated<scalar_t, gate_t, acc_t>(grad_out, gate, off);
+    acc.dz += dz;
+    acc.dz_xmu += dz * (static_cast<acc_t>(x[off]) - (mean ? mean[c] : acc_t(0)));
+  }
+};
+
+template <typename acc_t>
+__global__ void finalize_stats_kernel(const Moments<acc_t>* __restrict__ partial, int64_t splits, int64_t C,
+                                      acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  GRID_STRIDE_LOOP(c, C) {
+    Moments<acc_t> total = partial[c];
+    for (int64_t s = 1; s < splits; ++s) total.merge(partial[s * C + c]);
+    mean[c] = total.mean;
+    var[c] = total.m2 / total.count;
+  }
+}
+
+template <typename acc_t>
+__global__ void finalize_sums_kernel(const GradSums<acc_t>* __restrict__ partial, int64_t splits, int64_t C,
+                                     acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu) {
+  GRID_STRIDE_LOOP(c, C) {
+    GradSums<acc_t> total = partial[c];
+    for (int64_t s = 1; s < splits; ++s) total.merge(partial[s * C + c]);
+    sum_dz[c] = total.dz;
+    sum_dz_xmu[c] = total.dz_xmu;
+  }
+}
+
+template <typename Acc, typename Visit>
+at::Tensor launch_partial(const Geometry& g, const Visit& visit, const at::Tensor& like) {
+  at::Tensor partial = at::empty({g.splits * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
+  const dim3 block = g.channels_last ? dim3(kTileC, kTileRows) : dim3(kThreads);
+  const dim3 grid(g.channels_last ? (g.C + kTileC - 1) / kTileC : g.C, g.splits);
+  partial_kernel<Acc><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g, visit, reinterpret_cast<Acc*>(partial.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partial;
+}
+
+unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
+}
+
+__device__ __forceinline__ int64_t channel_of(int64_t i, bool channels_last, int64_t C, int64_t HW) {
+  return channels_last ? i % C : (i / HW) % C;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
+                             const acc_t* __restrict__ shift, const scalar_t* __restrict__ residual,
+                             scalar_t* __restrict__ out, uint8_t* __restrict__ mask, int64_t n, bool channels_last,
+                             int64_t C, int64_t HW) {
+  GRID_STRIDE_LOOP(i, n) {
+    const int64_t c = channel_of(i, channels_last, C, HW);
+    acc_t v = static_cast<acc_t>(x[i]) * (scale ? scale[c] : acc_t(1)) + shift[c];
+    if (residual) v += static_cast<acc_t>(residual[i]);
+    const scalar_t o = static_cast<scalar_t>(v <= acc_t(0) ? acc_t(0) : v);  // NaN propagates
+    out[i] = o;
+    if (mask) mask[i] = !(static_cast<acc_t>(o) <= acc_t(0));
+  }
+}
+
+template <typename scalar_t, typename gate_t, typename acc_t>
+__global__ void elemt_kernel(const scalar_t* __restrict__ grad_out, const gate_t* __restrict__ gate,
+                             const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                             const acc_t* __restrict__ a, const acc_t* __restrict__ b, const acc_t* __restrict__ d,
+                             scalar_t* __restrict__ grad, scalar_t* __restrict__ dz_out, int64_t n,
+                             bool channels_last, int64_t C, int64_t HW) {
+  GRID_STRIDE_LOOP(i, n) {
+    const int64_t c = channel_of(i, channels_last, C, HW);
+    const acc_t dz = gated<scalar_t, gate_t, acc_t>(grad_out, gate, i);
+    acc_t v = a[c] * dz;
+    if (b) v += b[c] * (static_cast<acc_t>(x[i]) - (mean ? mean[c] : acc_t(0)));
+    if (d) v += d[c];
+    grad[i] = static_cast<scalar_t>(v);
+    if (dz_out) dz_out[i] = static_cast<scalar_t>(dz);
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  const BnLayout L = bn_layout(input, "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(L.format());
+  at::Tensor mean = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
+  at::Tensor var = at::empty_like(mean);
+  const Geometry g = geometry(L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor partial =
+        launch_partial<Moments<acc_t>>(g, StatsVisit<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, x);
+    finalize_stats_kernel<acc_t><<<blocks_for(L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const Moments<acc_t>*>(partial.const_data_ptr()), g.splits, L.C, mean.data_ptr<acc_t>(),
+        var.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cuda(const at::Tensor& input,
+                                                             const c10::optional<at::Tensor>& scale,
+                                                             const at::Tensor& shift,
+                                                             const c10::optional<at::Tensor>& residual,
+                                                             bool save_mask) {
+  const BnLayout L = bn_layout(input, "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(L.format());
+  const auto sc = optional_per_channel(scale, input, "scale");
+  check_per_channel(shift, input, "shift");
+  const at::Tensor sh = shift.contiguous();
+  const auto res = same_as_input(residual, x, L, "residual");
+  at::Tensor out = at::empty_like(x, L.format());
+  at::Tensor mask = save_mask ? at::empty_like(x, x.options().dtype(at::kByte), L.format())
+                              : at::empty({0}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scale_shift_add_relu_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    apply_kernel<scalar_t, acc_t><<<blocks_for(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(sc), sh.const_data_ptr<acc_t>(),
+        ptr_or_null<scalar_t>(res), out.data_ptr<scalar_t>(), save_mask ? mask.data_ptr<uint8_t>() : nullptr,
+        x.numel(), L.channels_last, L.C, L.HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& gate,
+                                                                   const at::Tensor& input,
+                                                                   const c10::optional<at::Tensor>& mean) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
+  const BnLayout& L = in.L;
+  const at::Tensor &x = in.x, &g = in.grad_out, &t = in.gate;
+  const c10::optional<at::Tensor>& mu = in.mean;
+  at::Tensor sum_dz = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
+  at::Tensor sum_dz_xmu = at::empty_like(sum_dz);
+  const Geometry geo = geometry(L);
+  dispatch_with_gate(x, t, [&](auto s, auto gt) {
+    using scalar_t = decltype(s);
+    using gate_t = decltype(gt);
+    using acc_t = at::opmath_type<scalar_t>;
+    const ReduceVisit<scalar_t, gate_t, acc_t> visit{g.const_data_ptr<scalar_t>(), t.const_data_ptr<gate_t>(),
+                                                     x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(mu)};
+    const at::Tensor partial = launch_partial<GradSums<acc_t>>(geo, visit, x);
+    finalize_sums_kernel<acc_t><<<blocks_for(L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), geo.splits, L.C,
+        sum_dz.data_ptr<acc_t>(), sum_dz_xmu.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_dz, sum_dz_xmu};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
+    const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input, const c10::optional<at::Tensor>& mean,
+    const at::Tensor& a, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
+  const BnLayout& L = in.L;
+  const at::Tensor &x = in.x, &g = in.grad_out, &t = in.gate;
+  const c10::optional<at::Tensor>& mu = in.mean;
+  const auto av = optional_per_channel(a, input, "a"), bv = optional_per_channel(b, input, "b"),
+             dv = optional_per_channel(d, input, "d");
+  at::Tensor grad_x = at::empty_like(x, L.format());
+  at::Tensor dz = want_dz ? at::empty_like(x, L.format()) : at::empty({0}, x.options());
+  dispatch_with_gate(x, t, [&](auto s, auto gt) {
+    using scalar_t = decltype(s);
+    using gate_t = decltype(gt);
+    using acc_t = at::opmath_type<scalar_t>;
+    elemt_kernel<scalar_t, gate_t, acc_t><<<blocks_for(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        g.const_data_ptr<scalar_t>(), t.const_data_ptr<gate_t>(), x.const_data_ptr<scalar_t>(),
+        ptr_or_null<acc_t>(mu), av->const_data_ptr<acc_t>(), ptr_or_null<acc_t>(bv), ptr_or_null<acc_t>(dv),
+        grad_x.data_ptr<scalar_t>(), want_dz ? dz.data_ptr<scalar_t>() : nullptr, x.numel(), L.channels_last, L.C,
+        L.HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, dz};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("scale_shift_add_relu", &scale_shift_add_relu_cuda);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
+}
+
+}  // namespace fastcnn

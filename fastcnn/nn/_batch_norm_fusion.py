@@ -1,0 +1,92 @@
+"""BatchNorm2d as a per-channel affine map ``y * scale + shift`` for the fused residual blocks.
+
+* Batch statistics (training, or a BatchNorm without running statistics) come from fastcnn's fused ops; the running
+  statistics are then updated exactly as ``nn.BatchNorm2d`` does (momentum, or the cumulative average when momentum
+  is None; the unbiased variance).
+* Running statistics (eval): the same map, or folded into the convolution before it:
+  ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``, computed in float32
+  and cast to the weight's dtype. Folded weights are cached and recomputed whenever any of the tensors they come
+  from changes (version counter, storage, dtype or device), so they are never stale after ``load_state_dict``, an
+  optimizer step or ``.to()``.
+"""
+import torch
+import torch.nn as nn
+
+
+def uses_batch_statistics(bn):
+    return bn.training or bn.running_mean is None
+
+
+def _momentum_factor(bn):
+    """nn.BatchNorm2d's exponential_average_factor, counting this batch."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            return 1.0 / float(bn.num_batches_tracked)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+def update_running_statistics(bn, mean, var, count):
+    """running = (1 - factor) * running + factor * batch, with the unbiased batch variance (count = N*H*W)."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        factor = _momentum_factor(bn)
+        unbiased = var * (count / (count - 1))
+        for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+            running.copy_(running.float() * (1 - factor) + batch.float() * factor)
+
+
+def running_scale_shift(bn, dtype):
+    """(scale, shift) of an eval-mode bn as a per-channel affine map, in the accumulation dtype of `dtype`."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.to(acc) * scale
+    shift = -bn.running_mean.to(acc) * scale
+    return scale, shift if bn.bias is None else bn.bias.to(acc) + shift
+
+
+def fold(conv, bn):
+    """(weight, bias) of the convolution with bn's running statistics folded in, in the weight's dtype."""
+    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight.to(acc) * invstd
+    bias = -bn.running_mean.to(acc) if conv.bias is None else conv.bias.to(acc) - bn.running_mean.to(acc)
+    shift = bias * scale if bn.bias is None else bn.bias.to(acc) + bias * scale
+    weight = conv.weight.to(acc) * scale.reshape(-1, 1, 1, 1)
+    fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
+        and not conv.weight.is_contiguous() else torch.contiguous_format
+    return weight.to(conv.weight.dtype).contiguous(memory_format=fmt), shift.to(conv.weight.dtype)
+
+
+def _fingerprint(conv, bn):
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+class FoldCache:
+    """Folded (weight, bias) per (conv, bn) pair, recomputed when their fingerprint changes. The blocks fold only
+    when no parameter needs a gradient; under torch.compile the fold is traced into the graph instead."""
+
+    def __init__(self):
+        self._entries = {}
+
+    def get(self, conv, bn):
+        if torch.compiler.is_compiling():
+            return fold(conv, bn)
+        key = _fingerprint(conv, bn)
+        entry = self._entries.get(id(conv))
+        if entry is None or entry[0] != key:
+            entry = (key, fold(conv, bn))
+            self._entries[id(conv)] = entry
+        return entry[1]
+
+
+def foldable_downsample(downsample):
+    """The (conv, bn) of a torchvision-style ``Sequential(Conv2d, BatchNorm2d)`` downsample in eval mode, or None."""
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and type(downsample[0]) is nn.Conv2d \
+            and type(downsample[1]) is nn.BatchNorm2d and downsample[0].padding_mode == "zeros" \
+            and not uses_batch_statistics(downsample[1]):
+        return downsample[0], downsample[1]
+    return None

@@ -1,0 +1,116 @@
+"""fastcnn's fused BatchNorm pieces for the residual blocks: argument checks, then the backend that runs the call.
+
+* ``scale_shift_add_relu(x, scale, shift, residual)`` -> ``relu(x * scale + shift + residual)`` in one pass (the
+  eval-mode epilogue, BatchNorm folded into scale/shift); saves a uint8 ReLU mask for backward.
+* ``batch_norm_add_relu(y, weight, bias, eps, residual)`` -> ``(relu(batch_norm(y) + residual), mean, var)`` with
+  training-mode BatchNorm: one statistics reduction and one normalise + add + ReLU pass.
+* ``batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, ...)`` -> ``(conv2d(relu(batch_norm(y))), mean, var)``:
+  BN-apply + ReLU fused into the next convolution's input, recomputed in backward instead of stored.
+
+``mean`` and ``var`` (biased) are the batch statistics, for the running-statistics update.
+
+Backends: on CPU tensors "cpu" (C++ kernels of fastcnn._C); on CUDA tensors "cuda" (CUDA kernels of fastcnn._C);
+"reference" (plain PyTorch, differentiated by autograd) everywhere.
+"""
+import torch
+
+from .. import _extension
+from ..reference import batch_norm as reference
+from . import _backends
+
+# A fastcnn._C built from older sources lacks these ops: the compiled backends are then unavailable for them.
+_COMPILED = _extension.LOADED and hasattr(torch.ops.fastcnn, "scale_shift_add_relu")
+if _COMPILED:
+    from . import batch_norm_train  # (its import of batch_norm_cpp registers fakes and autograd on the C++ ops)
+
+_PREFERENCE = {"cuda": ("cuda",), "cpu": ("cpu",)} if _COMPILED else {}
+
+
+def _backend_for(x):
+    backend = _backends.choose(x.device.type, _PREFERENCE.get(x.device.type, ()))
+    if backend == "triton":
+        raise RuntimeError("fastcnn: the BatchNorm ops have no triton backend; use cuda, cpu or reference")
+    if backend in ("cpu", "cuda") and not _COMPILED:
+        raise RuntimeError(f"fastcnn: backend {backend!r} was forced but fastcnn._C has no BatchNorm ops (it was "
+                           "built from older sources); rebuild it")
+    return backend
+
+
+def _check_input(x, name="input"):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = f"{x.dim()}-D {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"fastcnn: {name} must be a 4-D (N, C, H, W) floating-point tensor, got {got}")
+    if x.numel() == 0:
+        raise ValueError(f"fastcnn: {name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def _per_channel(t, x, name):
+    """t as a (C,) tensor in x's accumulation dtype (differentiably), or None."""
+    if t is None:
+        return None
+    if t.shape != (x.shape[1],):
+        raise ValueError(f"fastcnn: {name} must have shape ({x.shape[1]},) (one value per channel of the input), "
+                         f"got {tuple(t.shape)}")
+    return t.to(reference.accumulation_dtype(x.dtype))
+
+
+def _affine(weight, bias, y):
+    """BatchNorm's gamma and beta in y's accumulation dtype (ones and zeros when the BatchNorm has none)."""
+    acc = reference.accumulation_dtype(y.dtype)
+    gamma = torch.ones(y.shape[1], dtype=acc, device=y.device) if weight is None else _per_channel(weight, y, "weight")
+    beta = torch.zeros(y.shape[1], dtype=acc, device=y.device) if bias is None else _per_channel(bias, y, "bias")
+    return gamma, beta
+
+
+def _residual_like(residual, x):
+    if residual is None:
+        return None
+    if residual.shape != x.shape:
+        raise ValueError(f"fastcnn: residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    return residual.to(x.dtype).contiguous(memory_format=reference.memory_format_of(x))
+
+
+def scale_shift_add_relu(x, scale, shift, residual=None):
+    """``relu(x * scale[c] + shift[c] + residual)``; ``scale=None`` means 1, ``residual=None`` means 0."""
+    _check_input(x)
+    scale, shift = _per_channel(scale, x, "scale"), _per_channel(shift, x, "shift")
+    if shift is None:
+        raise ValueError("fastcnn: shift is required")
+    residual = _residual_like(residual, x)
+    save_mask = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, scale, shift, residual))
+    if _backend_for(x) == "reference":
+        return reference.scale_shift_add_relu(x, scale, shift, residual, save_mask)[0]
+    return torch.ops.fastcnn.scale_shift_add_relu(x, scale, shift, residual, save_mask)[0]
+
+
+def batch_norm_add_relu(y, weight, bias, eps, residual=None):
+    """Training-mode ``relu(batch_norm(y, weight, bias, eps) + residual)``; returns ``(out, mean, var)``."""
+    _check_input(y, "y")
+    _check_batch(y)
+    residual = _residual_like(residual, y)
+    if _backend_for(y) == "reference":
+        return reference.batch_norm_add_relu(y, weight, bias, eps, residual)
+    out, _mask, mean, var = batch_norm_train.batch_norm_add_relu(y, *_affine(weight, bias, y), residual, eps)
+    return out, mean, var
+
+
+def batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, stride=1, padding=0, dilation=1, groups=1):
+    """``conv2d(relu(batch_norm(y, weight, bias, eps)), conv_weight, None, stride, padding, dilation, groups)`` with
+    training-mode BatchNorm; returns ``(out, mean, var)``."""
+    _check_input(y, "y")
+    _check_batch(y)
+    conv_weight = conv_weight.to(y.dtype)
+    args = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    if _backend_for(y) == "reference":
+        return reference.batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, *args)
+    return tuple(batch_norm_train.batch_norm_relu_conv2d(y, *_affine(weight, bias, y), conv_weight, *args, eps))
+
+
+def _check_batch(y):
+    if y.numel() // y.shape[1] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.size()}")
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
