@@ -6,11 +6,14 @@ Triton/reference backends serve; `python -m fastcnn.info` says what is available
 from . import (
     _extension,  # noqa: F401  (loads fastcnn._C, which defines the op schemas)
     functional,
+    models,
     nn,
     ops,
     optim,
 )
+from .convert import convert
 from .ops import BACKENDS, set_backend, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "functional", "nn", "ops", "optim", "set_backend", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "convert", "functional", "models", "nn", "ops", "optim", "set_backend", "use_backend",
+           "__version__"]

@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Runs a test with one intra-op thread: for tiny tensors extra threads cost more in synchronisation than they
+    compute, badly so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

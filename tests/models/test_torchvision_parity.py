@@ -1,0 +1,100 @@
+"""The zoo against torchvision: same state_dict keys and shapes, parameter counts and seeded init for every model
+torchvision has; strict loads both ways; forward and backward parity in eval and train mode for the small ones."""
+import pytest
+import torch
+import torchvision
+
+from fastcnn import models
+from fastcnn.models.vgg import VGG, make_layers
+
+from _parity import assert_step_parity, param_count, parity_twins, shapes, torchvision_model
+
+TORCHVISION_MODELS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+                      "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+NUM_CLASSES = 5
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_keys_shapes_and_parameter_counts(name):
+    with torch.device("meta"):  # no memory, no init cost: only the structure is compared
+        stock = torchvision_model(name)
+        built = {fused: models.get_model(name, fused=fused) for fused in (True, False)}
+    for fused, model in built.items():
+        assert list(model.state_dict()) == list(stock.state_dict()), f"fused={fused}"
+        assert shapes(model) == shapes(stock), f"fused={fused}"
+        assert param_count(model) == param_count(stock)
+        # The meta device still checks the strict load (missing, unexpected keys and shape mismatches).
+        model.load_state_dict(stock.state_dict(), strict=True)
+        stock.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name, fused", [("vgg11", True), ("resnet18", True), ("resnet18", False),
+                                         ("resnet50", True)])
+def test_seeded_init_equals_torchvision(name, fused):
+    torch.manual_seed(7)
+    stock = torchvision_model(name, num_classes=NUM_CLASSES).state_dict()
+    torch.manual_seed(7)
+    ours = models.get_model(name, num_classes=NUM_CLASSES, fused=fused).state_dict()
+    assert ours.keys() == stock.keys()
+    for key in stock:
+        assert torch.equal(ours[key], stock[key]), key
+
+
+def test_zero_init_residual_follows_torchvision():
+    for name, kwargs in [("resnet50", {"zero_init_residual": True}), ("resnet18", {"zero_init_residual": True})]:
+        torch.manual_seed(3)
+        stock = torchvision_model(name, num_classes=NUM_CLASSES, **kwargs).state_dict()
+        torch.manual_seed(3)
+        ours = models.get_model(name, num_classes=NUM_CLASSES, **kwargs).state_dict()
+        assert all(torch.equal(ours[key], stock[key]) for key in stock), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_init_weights_false_keeps_default_init(fused):
+    """make_layers draws the same default init as torchvision's, and VGG(init_weights=False) leaves it alone."""
+    cfg = [8, "M", 16, 16, "M"]
+    torch.manual_seed(3)
+    stock = torchvision.models.vgg.make_layers(cfg).state_dict()
+    torch.manual_seed(3)
+    features = make_layers(cfg, fused=fused)
+    assert all(torch.equal(features.state_dict()[key], value) for key, value in stock.items())
+    model = VGG(features, num_classes=3, init_weights=False, hidden_features=8)
+    assert all(torch.equal(model.features.state_dict()[key], value) for key, value in stock.items())
+
+
+# (name, input size, fused, train), grouped by name so each seeded torchvision state_dict is built once. With
+# BatchNorm no VGG run is fusable, so vgg11_bn is tested once; the Bottleneck net's unfused eval mode adds nothing
+# that resnet18's does not check.
+PARITY_CASES = [(name, 32, fused, train) for name in ("vgg11", "resnet18", "resnet50")
+                for fused in (True, False) for train in (False, True)
+                if (name, fused, train) != ("resnet50", False, False)] + [("vgg11_bn", 32, True, True)]
+
+
+@pytest.mark.parametrize("name, size, fused, train", PARITY_CASES)
+def test_forward_backward_parity_fp32(name, size, fused, train):
+    ours, stock, oracle = parity_twins(name, NUM_CLASSES, fused)
+    assert_step_parity(ours, stock, oracle, torch.randn(2, 3, size, size), train)
+
+
+@pytest.mark.parametrize("name, train", [("vgg11", True), ("resnet18", False)])
+def test_forward_backward_parity_bf16(name, train):
+    ours, stock, oracle = parity_twins(name, NUM_CLASSES, fused=True, dtype=torch.bfloat16)
+    assert_step_parity(ours, stock, oracle, torch.randn(2, 3, 32, 32), train)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18"])
+def test_fused_state_dict_loads_back_into_torchvision(name):
+    ours, stock, _ = parity_twins(name, NUM_CLASSES, fused=True)
+    stock.load_state_dict({k: torch.zeros_like(v) for k, v in stock.state_dict().items()})
+    stock.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(stock.state_dict()[key], value), key
+
+
+def test_fused_vgg_layout():
+    """Conv->ReLU->MaxPool runs sit in the conv's slot with placeholders after it; Conv->ReLU runs likewise."""
+    features = models.vgg11(fused=True, width=0.125).features
+    names = [type(m).__name__ for m in features]
+    assert names[:6] == ["ConvReLUPool2d", "Identity", "Identity"] * 2
+    assert names[6:11] == ["ConvReLU2d", "Identity", "ConvReLUPool2d", "Identity", "Identity"]
+    assert len(names) == 21
