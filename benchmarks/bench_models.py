@@ -1,0 +1,201 @@
+"""Whole-model steps of the zoo's ResNet-50 and VGG-16: inference forward and a training step, fastcnn's fused
+models against the same models built stock, eager and under torch.compile.
+
+Modes: "inference" = eval-mode forward under torch.inference_mode; "train" = train-mode forward, cross-entropy
+loss, backward and an SGD-momentum step (the same torch.optim.SGD for every provider).
+Providers: "eager" = ``fastcnn.models.<name>(fused=False)``, module for module torchvision's model (tests/models
+checks keys, init and outputs against torchvision); "compile" = torch.compile of it; "fastcnn" = the fused model
+(``fused=True``) holding the same weights; "fastcnn+compile" = torch.compile of the fused model.
+Correctness in the same run: before timing, each provider's logits (and, in train mode, loss and the gradients of
+the first conv and the last Linear weight) are checked against the stock model in float64 with the same weights
+and dropout masks (_harness.check: at most 2x eager's error). Memory: bytes saved for backward by a training
+forward, and the peak allocated during a training step (GPU only).
+
+    python benchmarks/bench_models.py [--device cpu|cuda] [--models resnet50,vgg16] [--modes inference,train]
+        [--batch N] [--resolution R] [--dtype float32|bfloat16] [--channels-last] [--no-compile] [--budget S]
+        [--retries N] [--wait-quiet S] [--out DIR]
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import fastcnn  # noqa: E402
+
+NUM_CLASSES = 1000
+DEFAULTS = {"cpu": {"batch": 2, "resolution": 64}, "cuda": {"batch": 64, "resolution": 224}}
+
+
+class Case:
+    """One model x mode x input: the stock model (never run itself: providers get copies), its float64 oracle, the
+    input and the labels."""
+
+    def __init__(self, name, mode, batch, resolution, dtype, channels_last, device):
+        torch.manual_seed(0)
+        self.name, self.mode, self.dtype, self.device = name, mode, dtype, device
+        self.stock = fastcnn.models.get_model(name, fused=False, num_classes=NUM_CLASSES)
+        self.oracle = copy.deepcopy(self.stock).double().to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.stock = self.stock.to(device=device, dtype=dtype, memory_format=fmt)
+        self.x = torch.randn(batch, 3, resolution, resolution).to(device=device, dtype=dtype, memory_format=fmt)
+        self.labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+        self.meta = {"model": name, "mode": mode, "batch": batch, "resolution": resolution,
+                     "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last" if channels_last else "nchw"}
+
+    def stock_copy(self):
+        """A fresh copy of the stock model (a provider's timed steps update its weights and statistics)."""
+        return copy.deepcopy(self.stock)
+
+    def fused(self):
+        """The fused model holding a copy of the stock model's weights and buffers."""
+        model = fastcnn.models.get_model(self.name, fused=True, num_classes=NUM_CLASSES)
+        model.load_state_dict(self.stock.state_dict(), strict=True)
+        fmt = torch.channels_last if self.meta["layout"] == "channels_last" else torch.contiguous_format
+        return model.to(device=self.device, dtype=self.dtype, memory_format=fmt)
+
+    def checked_tensors(self, model, x):
+        """Logits, and in train mode the loss and two weight gradients, of one step of ``model`` (no update)."""
+        model.train(self.mode == "train")
+        if self.mode == "inference":
+            with torch.inference_mode():
+                return (model(x),)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks for every provider and the oracle
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), self.labels)
+        loss.backward()
+        weights = [p for p in model.parameters() if p.dim() > 1]
+        return logits.detach(), loss.detach(), weights[0].grad, weights[-1].grad
+
+    def step(self, model):
+        """The timed callable: one inference forward, or one full training step."""
+        model.train(self.mode == "train")
+        if self.mode == "inference":
+            def infer():
+                with torch.inference_mode():
+                    return model(self.x)
+            return infer
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def train_step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(self.x).float(), self.labels).backward()
+            optimizer.step()
+        return train_step
+
+
+def providers(compile_too):
+    """[(name, factory(case) -> model)]: stock eager first (its error is the yardstick)."""
+    found = [("eager", lambda case: case.stock_copy()), ("fastcnn", lambda case: case.fused())]
+    if compile_too:
+        found[1:1] = [("compile", lambda case: torch.compile(case.stock_copy()))]
+        found.append(("fastcnn+compile", lambda case: torch.compile(case.fused())))
+    return found
+
+
+def measure(case, factories, timing):
+    """One row: every provider checked against the float64 oracle, timed, and (train) its memory measured."""
+    reference = case.checked_tensors(case.oracle, case.x.double())
+    row = dict(case.meta, providers={}, ratios={})
+    stock_result = None
+    for name, factory in factories:
+        result = {}
+        try:
+            torch._dynamo.reset()
+            model = factory(case)
+            start = time.perf_counter()
+            got = case.checked_tensors(model, case.x)  # compiles, where there is anything to compile
+            result["first_call_s"] = time.perf_counter() - start
+            stock_result = stock_result or got  # eager runs first
+            result.update(H.check(got, stock_result, reference, case.dtype))
+            run = case.step(model)
+            result.update(H.bench(run, case.device, warmup=1, **timing))
+            if case.mode == "train":
+                result["saved_bytes"] = H.saved_tensor_bytes(lambda: model(case.x),
+                                                             held=[case.x, *model.parameters()])
+                result["peak_step_bytes"] = H.peak_step_bytes(run, lambda: model.zero_grad(set_to_none=True),
+                                                              case.device)
+        except Exception as exc:  # a provider that cannot run this case is recorded, not fatal
+            if name == "eager":
+                raise
+            result = {"error": f"{type(exc).__name__}: {exc}"[:500], "ok": False}
+        row["providers"][name] = result
+    _add_ratios(row)
+    return row
+
+
+def _add_ratios(row):
+    """ratio = baseline median / fastcnn median (> 1: fastcnn faster), for each fastcnn provider that passed."""
+    ours = [n for n in row["providers"] if n.startswith("fastcnn")]
+    baselines = [n for n, r in row["providers"].items() if n not in ours and "median_ms" in r]
+    for name in ours:
+        r = row["providers"][name]
+        row["ratios"][name] = {b: row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None
+                               for b in baselines}
+    row["status"] = "ok" if all(row["providers"][n]["ok"] for n in ours) else "failed"
+
+
+def describe(row):
+    head = f"{row['model']} {row['mode']} {row['batch']}x3x{row['resolution']}² {row['dtype']} {row['layout']}:"
+    parts = [f"{n} ERROR" if "median_ms" not in r else f"{n} {r['median_ms']:.1f}ms{'' if r['ok'] else ' WRONG'}"
+             for n, r in row["providers"].items()]
+    ratios = [f"{n} " + ", ".join(f"x{v:.2f} vs {b}" for b, v in vs.items())
+              for n, vs in row["ratios"].items() if None not in vs.values()]
+    return f"{head} {' | '.join(parts)}\n    {'; '.join(ratios)} [{row['status']}]"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="resnet50,vgg16")
+    p.add_argument("--modes", default="inference,train")
+    p.add_argument("--batch", type=int, help="default: 2 on CPU, 64 on GPU")
+    p.add_argument("--resolution", type=int, help="default: 64 on CPU, 224 on GPU")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per provider")
+    p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--wait-quiet", type=float, default=0, help="wait up to S seconds for a quiet machine first")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    defaults = DEFAULTS[device.type]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    waited = H.wait_for_quiet(args.wait_quiet) if args.wait_quiet else 0
+    env = dict(H.environment(device), waited_for_quiet_s=waited)
+    ceilings = H.measure_ceilings(device, [dtype], args.retries)
+    print(H.banner(env, ceilings), flush=True)
+    notes = [] if not args.no_compile else ["torch.compile providers left out (--no-compile)"]
+    if device.type == "cpu":
+        notes.append("peak step memory is measured on GPU only; saved_bytes (autograd's saved tensors) on both")
+    timing = {"budget_s": args.budget, "min_reps": 3, "max_reps": 50, "retries": args.retries}
+    rows = []
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            case = Case(name, mode, args.batch or defaults["batch"], args.resolution or defaults["resolution"],
+                        dtype, args.channels_last, device)
+            rows.append(measure(case, providers(not args.no_compile), timing))
+            print(describe(rows[-1]), flush=True)
+            H.write_results("models", env, ceilings, rows, args.out, notes, complete=False)  # survives a kill
+    note = H.disturbed_note([r for row in rows for r in row["providers"].values() if "median_ms" in r])
+    notes += [note] if note else []
+    print(f"wrote {H.write_results('models', env, ceilings, rows, args.out, notes)}")
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
