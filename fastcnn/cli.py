@@ -1,0 +1,286 @@
+"""The ``fastcnn`` command: ``train``, ``verify``, ``bench``, ``cam`` and ``info``.
+
+Every subcommand runs on the built-in digits data unless ``--data`` names a MedMNIST ``.npz`` file or a folder of
+class folders, on the GPU when one is present (``--device`` overrides). Bad arguments print a message naming the
+argument and exit with status 2; ``verify`` exits with 1 when parity fails.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+DEFAULT_MODEL = "vgg11"
+
+
+def _device(name):
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_data_options(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="digits", help="'digits' (scikit-learn's 1,797 handwritten digits, built in;"
+                       " the default), a MedMNIST .npz file (its train/val splits) or a folder with one sub-folder "
+                       "per class (split 42,000/16,954-style, the lecture's fraction)")
+    group.add_argument("--image-size", type=int, default=32, help="resize images to this height and width (32)")
+    group.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                       help="convert images to 1 (grayscale) or 3 (RGB) channels; the zoo's CNNs take 3 (default)")
+    group.add_argument("--batch-size", type=int, default=32, help="training batch size (32)")
+    group.add_argument("--drop-last", action="store_true", help="drop the last, smaller training batch")
+    group.add_argument("--workers", type=int, default=0, help="data loader worker processes (0: main process)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the shuffling (0)")
+
+
+def _add_model_options(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo model name (default {DEFAULT_MODEL}); "
+                       "`python -c 'import fastcnn; print(fastcnn.models.list_models())'` lists them")
+    group.add_argument("--width", type=float, default=None,
+                       help="channel multiplier of VGG models (e.g. 0.25 for a quick CPU run; default: the paper's)")
+    group.add_argument("--hidden-features", type=int, default=None,
+                       help="width of VGG's two hidden Linear layers (default 4096 x width)")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    group.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                       help="float32, or bfloat16 autocast (CPU and GPU)")
+    group.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+
+
+def _add_optimizer_options(parser, choices, default_lr):
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--epochs", type=int, default=3, help="training epochs (3)")
+    group.add_argument("--optimizer", choices=choices, default="sgd", help="optimizer (sgd)")
+    group.add_argument("--lr", type=float, default=default_lr, help=f"(peak) learning rate ({default_lr})")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD/LARS momentum (0.9)")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (0)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fastcnn", description="fastcnn: fused CNN kernels for PyTorch. "
+                                     "Train, verify fused against stock PyTorch, benchmark, explain with CAM.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    verify = commands.add_parser("verify", help="train the fused and the stock model in lockstep; parity + speed",
+                                 description="Builds --model fused and stock from the same weights, trains both on "
+                                 "the same batches with fastcnn.optim and torch.optim, prints the parity report (per-"
+                                 "step loss difference, parameter difference, pass/fail by fastcnn.train.tolerances),"
+                                 " both validation accuracies and the speed comparison. Exit status 1 on FAIL.")
+    _add_data_options(verify)
+    _add_model_options(verify)
+    _add_optimizer_options(verify, ("sgd", "adam", "adamw", "adagrad"), 0.01)
+    verify.add_argument("--window", type=int, default=None,
+                        help="steps over which parity is judged (default: fastcnn.train.tolerances.PARITY_WINDOW)")
+
+    train = commands.add_parser("train", help="train one model with the Trainer", description="Trains --model "
+                                "(fused unless --stock) with checkpoints, CSV/JSON logs and PNG curves in --out.")
+    _add_data_options(train)
+    _add_model_options(train)
+    _add_optimizer_options(train, ("sgd", "adam", "adamw", "adagrad", "lars"), 0.01)
+    group = train.add_argument_group("training")
+    group.add_argument("--stock", action="store_true", help="train the stock (fused=False) model instead")
+    group.add_argument("--schedule", choices=("constant", "step", "cosine", "cyclic", "poly"), default="cosine",
+                       help="learning-rate schedule, stepped per epoch (cosine; see fastcnn.train.schedules)")
+    group.add_argument("--warmup", type=int, default=0, help="warmup epochs of cosine/poly (0)")
+    group.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    group.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (1)")
+    group.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    group.add_argument("--out", default="fastcnn-run", help="folder for last.pt, log.csv/json and plots")
+    group.add_argument("--resume", default=None, help="checkpoint to continue from (its next epoch)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bench = commands.add_parser("bench", help="speed of fused vs stock training steps", description="Built in: "
+                                "times --steps training steps of --model fused and stock on random batches and "
+                                "prints images/s. With --suite NAME, runs benchmarks/bench_NAME.py of a source "
+                                "checkout instead (the benchmark scripts are not installed with the package).")
+    _add_model_options(bench)
+    bench.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
+    bench.add_argument("--image-size", type=int, default=32, help="input height and width (32)")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps per model (10)")
+    bench.add_argument("--suite", default=None, help="run benchmarks/bench_SUITE.py from the checkout, e.g. "
+                       "conv_block or optim; extra arguments after -- go to it")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    cam = commands.add_parser("cam", help="Grad-CAM heatmap of a validation image as PNG",
+                              description="Grad-CAM of --model (optionally loaded from --checkpoint) at --layer "
+                              "(default: the last convolution) for validation image --index, blended over the image.")
+    _add_data_options(cam)
+    _add_model_options(cam)
+    cam.add_argument("--checkpoint", default=None, help="a checkpoint of `fastcnn train` (its model is loaded)")
+    cam.add_argument("--layer", default=None, help="module name to explain (default: the last Conv2d)")
+    cam.add_argument("--index", type=int, default=0, help="validation image index (0)")
+    cam.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
+    cam.add_argument("--out", default="cam.png", help="output PNG (cam.png)")
+
+    commands.add_parser("info", help="what was built and which backend serves each op here",
+                        description="The same as `python -m fastcnn.info`.")
+    return parser
+
+
+def _check_positive(parser, args, *names):
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def _model_kwargs(args, num_classes):
+    kwargs = {"num_classes": num_classes}
+    if args.width is not None:
+        kwargs["width"] = args.width
+    if args.hidden_features is not None:
+        kwargs["hidden_features"] = args.hidden_features
+    return kwargs
+
+
+def _loaders(args, device):
+    from .data import load_dataset, make_loader
+
+    train, val = load_dataset(args.data, args.image_size, args.channels, args.seed)
+    base = getattr(train, "dataset", train)
+    num_classes = len(base.classes) if getattr(base, "classes", None) else int(max(int(y) for _, y in val)) + 1
+    return (make_loader(train, args.batch_size, shuffle=True, drop_last=args.drop_last, num_workers=args.workers,
+                        device=device),
+            make_loader(val, 256, num_workers=args.workers, device=device), num_classes)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_positive(parser, args, "epochs", "lr", "batch_size", "image_size", "width", "hidden_features", "steps",
+                    "window", "accumulate")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+        parser.exit(2, f"fastcnn {args.command}: error: {error}\n")
+
+
+def run_suite(suite, rest):
+    """Run benchmarks/bench_<suite>.py of the source checkout this package was loaded from."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          f"bench_{suite}.py")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"--suite {suite!r}: {script} not found (benchmark scripts exist only in a source "
+                                "checkout)")
+    return subprocess.call([sys.executable, script, *[a for a in rest if a != "--"]])
+
+
+def verify_command(args):
+    import torch
+
+    from .train.tolerances import PARITY_WINDOW
+    from .train.verify import verify
+
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    train_loader, val_loader, num_classes = _loaders(args, device)
+    hyper = {"lr": args.lr, "weight_decay": args.weight_decay}
+    if args.optimizer == "sgd":
+        hyper["momentum"] = args.momentum
+    print(f"verify: {args.model} fused vs stock on {args.data} ({len(train_loader.dataset)} train / "
+          f"{len(val_loader.dataset)} validation images, {num_classes} classes), {device}, {args.optimizer} "
+          f"lr {args.lr}, {args.epochs} epochs, precision {args.precision}")
+    report = verify(args.model, train_loader, val_loader, epochs=args.epochs, optimizer=args.optimizer,
+                    precision=args.precision, device=device, channels_last=args.channels_last,
+                    window=args.window or PARITY_WINDOW, model_kwargs=_model_kwargs(args, num_classes), **hyper)
+    print(report.format())
+    return 0 if report.passed else 1
+
+
+def _optimizer(args, parameters):
+    from . import optim
+
+    classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW, "adagrad": optim.Adagrad,
+               "lars": optim.LARS}
+    hyper = {"lr": args.lr, "weight_decay": args.weight_decay}
+    if args.optimizer in ("sgd", "lars"):
+        hyper["momentum"] = args.momentum
+    return classes[args.optimizer](parameters, **hyper)
+
+
+def train_command(args):
+    from .models import get_model
+    from .train import Trainer, seed_everything
+    from .train.schedules import build_scheduler
+
+    device = _device(args.device)
+    seed_everything(args.seed, args.deterministic)
+    train_loader, val_loader, num_classes = _loaders(args, device)
+    model = get_model(args.model, fused=not args.stock, **_model_kwargs(args, num_classes))
+    optimizer = _optimizer(args, model.parameters())
+    scheduler = build_scheduler(optimizer, args.schedule, total=args.epochs, warmup=args.warmup,
+                                step_size=max(1, args.epochs // 3))
+    trainer = Trainer(model, optimizer, train_loader, val_loader, scheduler=scheduler, device=device,
+                      precision=args.precision, channels_last=args.channels_last, grad_clip=args.grad_clip,
+                      accumulate=args.accumulate, checkpoint_path=os.path.join(args.out, "last.pt"),
+                      log_dir=args.out, progress=not args.no_progress)
+    history = trainer.fit(args.epochs, resume=args.resume)
+    if history:
+        print(f"done: validation accuracy {history[-1]['val_accuracy']:.4f}; checkpoint, logs and plots in "
+              f"{args.out}")
+    return 0
+
+
+def bench_command(args):
+    if args.suite:
+        return run_suite(args.suite, args.rest)
+    import time
+
+    import torch
+
+    from .train.verify import model_pair, optimizer_pair
+
+    device = _device(args.device)
+    kwargs = _model_kwargs(args, 10)
+    fused, stock = model_pair(args.model, **kwargs)
+    optimizers = optimizer_pair("sgd", fused.parameters(), stock.parameters(), lr=0.01, momentum=0.9)
+    inputs = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    rates = {}
+    for name, model, optimizer in (("fused", fused, optimizers[0]), ("stock", stock, optimizers[1])):
+        model.to(device).train()
+        for step in range(args.steps + 1):  # step 0 warms up (allocations, kernel selection)
+            if step == 1:
+                start = time.perf_counter()
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+        rates[name] = args.steps * args.batch_size / (time.perf_counter() - start)
+        print(f"{name}: {rates[name]:.1f} images/s ({args.model}, batch {args.batch_size}, {args.image_size} px, "
+              f"{device}, precision {args.precision})")
+    print(f"fused is {rates['fused'] / rates['stock']:.2f}x stock")
+    return 0
+
+
+def cam_command(args):
+    from .models import get_model
+    from .train import load_checkpoint
+    from .train.cam import explain_to_png
+
+    device = _device(args.device)
+    _, val_loader, num_classes = _loaders(args, device)
+    model = get_model(args.model, fused=True, **_model_kwargs(args, num_classes))
+    if args.checkpoint:
+        model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
+    dataset = val_loader.dataset
+    if not 0 <= args.index < len(dataset):
+        raise ValueError(f"--index must be in [0, {len(dataset)}), got {args.index}")
+    image, label = dataset[args.index]
+    target = explain_to_png(model.to(device).eval(), image.to(device), args.out, layer=args.layer,
+                            target=args.target)
+    print(f"Grad-CAM of class {target} (label {int(label)}) written to {args.out}")
+    return 0
+
+
+def info_command(args):
+    from .info import report
+
+    print(report())
+    return 0
+
+
+COMMANDS = {"verify": verify_command, "train": train_command, "bench": bench_command, "cam": cam_command,
+            "info": info_command}
