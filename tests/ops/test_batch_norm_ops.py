@@ -125,8 +125,9 @@ def test_opcheck(backend):
     residual, conv_weight = torch.randn(y.shape), torch.randn(2, 3, 3, 3)
     grad_y = [t.requires_grad_() for t in (y.clone(), weight.float(), bias.float(), residual)]
     gate = (torch.rand(y.shape) > 0.5).to(torch.uint8)
-    differentiable = [
-        (torch.ops.fastcnn.scale_shift_add_relu.default, (*grad_y[:3], grad_y[3], True)),
+    torch.library.opcheck(torch.ops.fastcnn.scale_shift_add_relu.default, (*grad_y[:3], grad_y[3], True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    differentiable = [  # with torch.compile's AOT dispatch
         (torch.ops.fastcnn.batch_norm_add_relu.default, (*grad_y, 1e-5)),
         (torch.ops.fastcnn.batch_norm_relu_conv2d.default,
          (*grad_y[:3], conv_weight.requires_grad_(), [1, 1], [1, 1], [1, 1], 1, 1e-5)),
