@@ -1,0 +1,182 @@
+"""Fused ResNet Bottleneck blocks (fastcnn.nn.Bottleneck) against torchvision's, on ResNet-50's layer1/layer2 shapes.
+
+Modes: "infer" = eval-mode forward under torch.no_grad (BatchNorm folded into the convolutions); "train" =
+train-mode forward + backward (batch statistics, running-statistics update, gradients of the input and every
+parameter). Providers: torchvision's Bottleneck eager (cudnn.benchmark on GPU), torch.compile of it (default mode),
+and fastcnn's Bottleneck (same state_dict) on each compiled backend that runs on the device. Every provider is
+checked against a float64 copy of the block in the same run (_harness.check); saved-activation bytes (and, on GPU,
+peak memory) of each training step are recorded.
+
+    python benchmarks/bench_residual.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+from torchvision.models import resnet as tv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import fastcnn  # noqa: E402
+
+OP = "bottleneck(conv1x1+bn+relu, conv3x3+bn+relu, conv1x1+bn, +identity, relu)"
+LAYERS = [("layer1", 256, 64, 56), ("layer2", 512, 128, 28)]  # (name, in/out channels, width, resolution)
+LAYOUT = {"cuda": (torch.bfloat16, torch.channels_last), "cpu": (torch.float32, torch.channels_last)}
+DEFAULT_BATCH = {"cuda": 64, "cpu": 2}
+
+
+class Case:
+    """One layer x mode: torchvision's block, fastcnn's with the same state_dict, the input and the float64 oracle."""
+
+    def __init__(self, name, channels, width, res, batch, mode, device):
+        torch.manual_seed(0)
+        dtype, fmt = LAYOUT[device.type]
+        stock = tv.Bottleneck(channels, width)
+        with torch.no_grad():  # non-trivial BatchNorm state, as in a trained network
+            for bn in (m for m in stock.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+                bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.2)
+                bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 2)
+        fused = fastcnn.nn.Bottleneck(channels, width)
+        fused.load_state_dict(stock.state_dict())
+        self.train = mode == "train"
+        self.oracle = copy.deepcopy(stock).double().train(self.train)
+        self.stock = stock.to(device, dtype, memory_format=fmt).train(self.train)
+        self.fused = fused.to(device, dtype, memory_format=fmt).train(self.train)
+        self.x = torch.randn(batch, channels, res, res, device=device, dtype=dtype).to(memory_format=fmt)
+        self.x.requires_grad_(self.train)
+        self.grad_out = torch.randn_like(self.x)
+        self.device, self.dtype, self.mode = device, dtype, mode
+        self.meta = {"op": OP, "block": name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+                     "layout": "channels_last", "shape": {"N": batch, "C": channels, "width": width, "H": res,
+                                                          "W": res}}
+        self.reference = self.step(self.oracle, self.oracle, self.x.detach().double(), self.grad_out.double())()
+
+    def step(self, run, block, x=None, grad_out=None):
+        """A callable running one step of ``run`` (the block itself, or a wrapper of it) and returning what is
+        checked: the output, and in training the input gradient and some parameter gradients of ``block``."""
+        x = self.x if x is None else x.requires_grad_(self.train)
+        grad_out = self.grad_out if grad_out is None else grad_out
+        if not self.train:
+            def infer():
+                with torch.no_grad():
+                    return (run(x),)
+            return infer
+
+        def train_step():
+            x.grad = None
+            block.zero_grad(set_to_none=True)
+            out = run(x)
+            out.backward(grad_out)
+            return (out.detach(), x.grad, block.conv1.weight.grad, block.conv2.weight.grad,
+                    block.conv3.weight.grad, block.bn1.weight.grad, block.bn3.bias.grad)
+        return train_step
+
+    def work(self):
+        """(FLOPs, bytes) of an ideal implementation: the three convolutions (x3 in training for dgrad and wgrad);
+        bytes = block input, output and weights once (training: also grad_out, grad_input and one re-read)."""
+        s = self.meta["shape"]
+        pixels = s["N"] * s["H"] * s["W"]
+        flops = 2 * pixels * (s["C"] * s["width"] + 9 * s["width"] ** 2 + s["width"] * s["C"])
+        item = self.x.element_size()
+        weights = sum(p.numel() for p in self.stock.parameters()) * item
+        io = 2 * self.x.numel() * item + weights
+        return (3 * flops, 2 * io + 2 * self.x.numel() * item) if self.train else (flops, io)
+
+
+def providers(device):
+    """[(name, factory(case) -> (callable, the block whose parameters it trains))], eager first, and notes."""
+    found = [("eager", lambda case: (case.stock, case.stock)),
+             ("compile", lambda case: (torch.compile(case.stock), case.stock))]
+    notes = []
+    for backend in ("cuda", "cpu"):
+        reason = fastcnn.ops.why_unavailable(backend, device.type)
+        if reason is None:
+            found.append((f"fastcnn[{backend}]", lambda case, b=backend: (_with_backend(case.fused, b), case.fused)))
+        elif backend == device.type:
+            notes.append(f"fastcnn[{backend}] not benchmarked: {reason}")
+    notes.append("the BatchNorm ops have no Triton backend; the reference backend is plain PyTorch (not timed)")
+    return found, notes
+
+
+def _with_backend(module, backend):
+    def run(x):
+        with fastcnn.use_backend(backend):
+            return module(x)
+    return run
+
+
+def measure(case, factories, ceilings, timing):
+    flops, nbytes = case.work()
+    row = dict(case.meta, flops=flops, bytes=nbytes, providers={}, ratios={})
+    stock_out = None
+    for name, factory in factories:
+        torch._dynamo.reset()
+        run, block = factory(case)
+        start = time.perf_counter()
+        got = case.step(run, block)()
+        result = {"first_call_s": time.perf_counter() - start}
+        stock_out = stock_out or got
+        result.update(H.check(got, stock_out, case.reference, case.dtype))
+        result.update(H.bench(case.step(run, block), case.device, warmup=1, **timing))
+        result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
+        if case.train:
+            params = list(case.stock.parameters()) + list(case.fused.parameters())
+            result["saved_bytes"] = H.saved_tensor_bytes(lambda: run(case.x), held=[case.x, *params])
+            result["peak_step_bytes"] = H.peak_step_bytes(case.step(run, block), lambda: None, case.device)
+        row["providers"][name] = result
+    fastcnn_names = [n for n in row["providers"] if n.startswith("fastcnn")]
+    for n in fastcnn_names:
+        r = row["providers"][n]
+        row["ratios"][n] = {b: row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None
+                            for b in ("eager", "compile")}
+    row["status"] = "ok" if all(row["providers"][n]["ok"] for n in fastcnn_names) else "failed"
+    return row
+
+
+def describe(row):
+    parts = []
+    for name, r in row["providers"].items():
+        saved = f", saved {r['saved_bytes']['activations'] / 2**20:.1f} MiB" if "saved_bytes" in r else ""
+        parts.append(f"{name} {r['median_ms']:.2f} ms{'' if r['ok'] else ' WRONG'}{saved}")
+    ratios = "; ".join(f"{n} " + ", ".join(f"x{v:.2f} vs {b}" for b, v in vs.items() if v)
+                       for n, vs in row["ratios"].items())
+    return f"{row['block']} {row['mode']} {row['shape']}: {' | '.join(parts)}\n    {ratios} [{row['status']}]"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, help="batch size (default: 64 on GPU, 2 on CPU)")
+    parser.add_argument("--res-scale", type=float, default=1.0, help="scale each layer's resolution")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repeats per provider")
+    parser.add_argument("--retries", type=int, default=3, help="CPU: repeats of a series disturbed by other work")
+    parser.add_argument("--out", help="results folder (default: benchmarks/results)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    env = H.environment(device)
+    ceilings = H.measure_ceilings(device, [LAYOUT[device.type][0]], args.retries)
+    print(H.banner(env, ceilings), flush=True)
+    factories, notes = providers(device)
+    if args.res_scale != 1.0:
+        notes.append(f"resolutions scaled by {args.res_scale} from ResNet-50's")
+    for note in notes:
+        print("note:", note)
+    rows, batch = [], args.batch or DEFAULT_BATCH[device.type]
+    timing = {"budget_s": args.budget, "retries": args.retries}
+    for name, channels, width, res in LAYERS:
+        for mode in ("infer", "train"):
+            case = Case(name, channels, width, max(2, round(res * args.res_scale)), batch, mode, device)
+            rows.append(measure(case, factories, ceilings, timing))
+            print(describe(rows[-1]), flush=True)
+            H.write_results("residual", env, ceilings, rows, args.out, notes, complete=False)
+    print(f"wrote {H.write_results('residual', env, ceilings, rows, args.out, notes)}")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
