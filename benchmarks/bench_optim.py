@@ -140,6 +140,7 @@ def measure(name, set_name, shapes, dtype, device, ceilings, timing):
         nbytes = C.step_bytes(name, shapes, dtype, state_dtype, role)
         result = {"role": role, "state_dtype": str(state_dtype).replace("torch.", ""), "bytes": nbytes,
                   "bytes_per_param": nbytes / numel}
+        run = None  # the previous provider's params and state go before this one's are made
         try:
             run = start(factory, init, grads)
             result.update(H.bench(run, device, **timing))

@@ -142,9 +142,28 @@ def render_file(path, charts_dir, plt):
     chart = os.path.join(charts_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
     if data["suite"].startswith("optim"):
         body = render_optim(data, chart, plt, device_label(data["environment"]), BUSY_CORES)
-    else:
+    elif data["suite"].startswith("conv_block"):
         body = render_conv_block(data, chart, plt)
+    else:
+        body = render_generic(data["rows"])
     return header(data, path) + body
+
+
+def render_generic(rows):
+    """A suite without a part of its own here: one table line per row, its scalar fields (the case), every
+    provider's median, the ratios and the status."""
+    if not rows:
+        return []
+    keys = [k for k, v in rows[0].items() if not isinstance(v, (dict, list)) and k != "status"]
+    providers = list(rows[0]["providers"])
+    ratios = [(n, b) for n, vs in rows[0].get("ratios", {}).items() for b in vs]
+    head = keys + [f"{p} ms" for p in providers] + [f"{n} × {b}" for n, b in ratios] + ["status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row.get(k, "")) for k in keys] + [fmt_ms(p, row["providers"].get(p, {})) for p in providers]
+        cells += [fmt_ratio(row.get("ratios", {}).get(n, {}).get(b), None) for n, b in ratios]
+        lines.append("| " + " | ".join(cells + [row.get("status", "")]) + " |")
+    return lines + [""]
 
 
 def render_conv_block(data, chart, plt):
