@@ -49,7 +49,7 @@ TORCH_LIBRARY(fastcnn, m) {
   // per-channel sum dz and sum dz * (input - mean) (mean None: 0), deterministic;
   m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor gate, Tensor input, Tensor? mean)"
         " -> (Tensor sum_dz, Tensor sum_dz_xmu)");
-  // and grad_input = a * dz + b * (input - mean) + d per channel (None: 0), plus dz itself if want_dz (else empty).
+  // and grad_input = a * (dz - b * (input - mean) - d) per channel (None: 0), plus dz if want_dz (else empty).
   m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor gate, Tensor input, Tensor? mean, Tensor a, Tensor? b,"
         " Tensor? d, bool want_dz) -> (Tensor grad_input, Tensor dz)");
   // --- end of BatchNorm ---

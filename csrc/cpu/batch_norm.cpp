@@ -2,13 +2,14 @@
 //   batch_norm_stats            per-channel mean and biased variance, deterministic (fixed chunks, Chan merges)
 //   scale_shift_add_relu        out = relu(x scale + shift + residual) and a uint8 ReLU mask, one pass
 //   batch_norm_backward_reduce  with dz = grad_out unless gate <= 0: per-channel sum dz and sum dz (x - mean)
-//   batch_norm_backward_elemt   grad_input = a dz + b (x - mean) + d, and dz itself when asked
+//   batch_norm_backward_elemt   grad_input = a (dz - b (x - mean) - d), and dz itself when asked
 //
 // Both layouts are walked as "segments" of contiguous elements: NCHW: the H*W pixels of one (n, c) plane, all of
 // channel c; NHWC: the C channels of one pixel, unit-stride in c (the compiler vectorises these loops). Sums
 // accumulate in at::opmath_type (fp32 for bf16/fp16) over fixed chunks whose partial results are merged in a fixed
 // order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,6 +22,11 @@ namespace fastcnn {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 256;  // NHWC pixels per partial-statistics chunk
+
+// Reductions accumulate as stock PyTorch's CPU BatchNorm does (at::acc_type: double for float and double inputs,
+// float for bfloat16/float16); the results are stored in the op's dtype (float32, or float64 for float64).
+template <typename scalar_t>
+using sum_type = at::acc_type<scalar_t, /*is_cuda=*/false>;
 
 // Per-channel statistics of a chunk: count, mean and M2 = sum (x - mean)^2, merged with Chan et al.'s formula.
 template <typename acc_t>
@@ -51,17 +57,18 @@ Moments<acc_t> moments_of(const scalar_t* x, int64_t len, int64_t stride) {
 
 template <typename scalar_t>
 void stats_kernel(const at::Tensor& x, const BnLayout& L, at::Tensor& mean, at::Tensor& var) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using out_t = at::opmath_type<scalar_t>;
+  using acc_t = sum_type<scalar_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  acc_t* mp = mean.data_ptr<acc_t>();
-  acc_t* vp = var.data_ptr<acc_t>();
+  out_t* mp = mean.data_ptr<out_t>();
+  out_t* vp = var.data_ptr<out_t>();
   if (!L.channels_last) {
     at::parallel_for(0, L.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         Moments<acc_t> total;
         for (int64_t n = 0; n < L.N; ++n) total.merge(moments_of<scalar_t, acc_t>(xp + (n * L.C + c) * L.HW, L.HW, 1));
-        mp[c] = total.mean;
-        vp[c] = total.m2 / total.count;
+        mp[c] = static_cast<out_t>(total.mean);
+        vp[c] = static_cast<out_t>(total.m2 / total.count);
       }
     });
     return;
@@ -78,8 +85,8 @@ void stats_kernel(const at::Tensor& x, const BnLayout& L, at::Tensor& mean, at::
     for (int64_t c = begin; c < end; ++c) {
       Moments<acc_t> total;
       for (int64_t k = 0; k < chunks; ++k) total.merge(partial[k * L.C + c]);
-      mp[c] = total.mean;
-      vp[c] = total.m2 / total.count;
+      mp[c] = static_cast<out_t>(total.mean);
+      vp[c] = static_cast<out_t>(total.m2 / total.count);
     }
   });
 }
@@ -135,11 +142,13 @@ template <typename scalar_t, typename gate_t>
 void reduce_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& x,
                    const c10::optional<at::Tensor>& mean, const BnLayout& L, at::Tensor& sum_dz,
                    at::Tensor& sum_dz_xmu) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using out_t = at::opmath_type<scalar_t>;
+  using acc_t = sum_type<scalar_t>;
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const gate_t* tp = gate.const_data_ptr<gate_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const std::vector<acc_t> mu = per_channel_or<acc_t>(mean, L.C, 0);
+  std::vector<acc_t> mu(L.C, 0);
+  if (mean.has_value()) std::copy_n(mean->const_data_ptr<out_t>(), L.C, mu.begin());
   // Per-channel sums over fixed chunks (NCHW: one plane; NHWC: kRowsPerChunk pixels), merged in chunk order.
   const int64_t chunks = L.channels_last ? (L.N * L.HW + kRowsPerChunk - 1) / kRowsPerChunk : L.N * L.C;
   std::vector<acc_t> part_dz(L.channels_last ? chunks * L.C : chunks, 0), part_xmu(part_dz.size(), 0);
@@ -151,7 +160,7 @@ void reduce_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at:
         acc_t* __restrict__ sx = &part_xmu[k * L.C];
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t c = 0; c < L.C; ++c) {
-            const acc_t dz = gated(gp, tp, r * L.C + c);
+            const acc_t dz = gated<scalar_t, gate_t, acc_t>(gp, tp, r * L.C + c);
             sd[c] += dz;
             sx[c] += dz * (static_cast<acc_t>(xp[r * L.C + c]) - mu[c]);
           }
@@ -161,7 +170,7 @@ void reduce_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at:
         const acc_t m = mu[k % L.C];
         acc_t sd = 0, sx = 0;
         for (int64_t i = 0; i < L.HW; ++i) {
-          const acc_t dz = gated(gp, tp, off + i);
+          const acc_t dz = gated<scalar_t, gate_t, acc_t>(gp, tp, off + i);
           sd += dz;
           sx += dz * (static_cast<acc_t>(xp[off + i]) - m);
         }
@@ -170,8 +179,8 @@ void reduce_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at:
       }
     }
   });
-  acc_t* out_dz = sum_dz.data_ptr<acc_t>();
-  acc_t* out_xmu = sum_dz_xmu.data_ptr<acc_t>();
+  out_t* out_dz = sum_dz.data_ptr<out_t>();
+  out_t* out_xmu = sum_dz_xmu.data_ptr<out_t>();
   const int64_t rows = L.channels_last ? chunks : L.N;
   for (int64_t c = 0; c < L.C; ++c) {
     acc_t sd = 0, sx = 0;
@@ -179,8 +188,8 @@ void reduce_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at:
       sd += part_dz[k * L.C + c];  // NHWC: chunk k; NCHW: plane (n = k, c)
       sx += part_xmu[k * L.C + c];
     }
-    out_dz[c] = sd;
-    out_xmu[c] = sx;
+    out_dz[c] = static_cast<out_t>(sd);
+    out_xmu[c] = static_cast<out_t>(sx);
   }
 }
 
@@ -201,7 +210,7 @@ void elemt_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at::
     for (int64_t i = 0; i < len; ++i) {
       const int64_t c = ch < 0 ? i : ch;
       const acc_t dz = gated(gp, tp, off + i);
-      gxp[off + i] = static_cast<scalar_t>(av[c] * dz + bv[c] * (static_cast<acc_t>(xp[off + i]) - mu[c]) + dv[c]);
+      gxp[off + i] = static_cast<scalar_t>(av[c] * (dz - bv[c] * (static_cast<acc_t>(xp[off + i]) - mu[c]) - dv[c]));
       if (dzp) dzp[off + i] = static_cast<scalar_t>(dz);
     }
   });

@@ -8,7 +8,7 @@
 //   NCHW: a block owns one channel; its threads stride over the split's elements (consecutive threads read
 //         consecutive pixels of a plane).
 //   NHWC: a block is 32 channels x 8 pixel rows; a warp reads 32 consecutive channels of one pixel.
-// Elementwise kernels (apply; the backward's grad_input = a dz + b (x - mean) + d) use grid-stride loops with int64
+// Elementwise kernels (apply; the backward's grad_input = a (dz - b (x - mean) - d)) use grid-stride loops with int64
 // indices.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -208,10 +208,10 @@ __global__ void elemt_kernel(const scalar_t* __restrict__ grad_out, const gate_t
   GRID_STRIDE_LOOP(i, n) {
     const int64_t c = channel_of(i, channels_last, C, HW);
     const acc_t dz = gated<scalar_t, gate_t, acc_t>(grad_out, gate, i);
-    acc_t v = a[c] * dz;
-    if (b) v += b[c] * (static_cast<acc_t>(x[i]) - (mean ? mean[c] : acc_t(0)));
-    if (d) v += d[c];
-    grad[i] = static_cast<scalar_t>(v);
+    acc_t v = dz;
+    if (b) v -= b[c] * (static_cast<acc_t>(x[i]) - (mean ? mean[c] : acc_t(0)));
+    if (d) v -= d[c];
+    grad[i] = static_cast<scalar_t>(a[c] * v);
     if (dz_out) dz_out[i] = static_cast<scalar_t>(dz);
   }
 }

@@ -66,12 +66,12 @@ def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps):
 def batch_norm_relu_backward(grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                              mean: torch.Tensor, var: torch.Tensor, eps: float,
                              want_dz: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_y, grad_weight, grad_bias, dz): with M = N*H*W, grad_y = a dz + b (y - mean) + d (see the reference)."""
+    """(grad_y, grad_weight, grad_bias, dz): with M = N*H*W, grad_y = a (dz - b (y - mean) - d) (see the reference)."""
     sum_dz, sum_dz_xmu = torch.ops.fastcnn.batch_norm_backward_reduce(grad_out, gate, y, mean)
     invstd, scale, _ = _scale_shift(weight, torch.zeros_like(weight), mean, var, eps)
     count = y.numel() // y.shape[1]
-    b = -scale * invstd * invstd * sum_dz_xmu / count
-    d = -scale * sum_dz / count
+    b = invstd * invstd * sum_dz_xmu / count
+    d = sum_dz / count
     grad_y, dz = torch.ops.fastcnn.batch_norm_backward_elemt(grad_out, gate, y, mean, scale, b, d, want_dz)
     return grad_y, (sum_dz_xmu * invstd).to(weight.dtype), sum_dz.to(weight.dtype), dz
 

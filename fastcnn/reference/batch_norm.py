@@ -13,11 +13,12 @@ Training-mode BatchNorm followed by ReLU (and a residual add) is split into what
 Backward, with ``dz = grad_out`` where the gate (mask or recomputed activation) is not ``<= 0``, else 0:
 
 * ``batch_norm_backward_reduce``: per-channel ``sum dz`` and ``sum dz * (x - mean)``;
-* ``batch_norm_backward_elemt``: ``grad_x = a * dz + b * (x - mean) + d`` per channel. BatchNorm's input gradient
+* ``batch_norm_backward_elemt``: ``grad_x = a * (dz - b * (x - mean) - d)`` per channel. BatchNorm's input gradient
   ``gamma * invstd * (dz - sum dz / M - x_hat * sum(dz * x_hat) / M)`` is ``a = gamma * invstd``,
-  ``b = -gamma * invstd^3 * sum(dz * (x - mean)) / M``, ``d = -gamma * invstd * sum dz / M``; the eval-mode affine
-  map is ``a = scale``, ``b = d = 0``. Computing it in one pass in the accumulation dtype matters for bfloat16: the
-  terms nearly cancel, so rounding them separately would lose the result.
+  ``b = invstd^2 * sum(dz * (x - mean)) / M``, ``d = sum dz / M`` (PyTorch's own grouping, so rounding matches
+  stock's closely where the terms cancel); the eval-mode affine map is ``a = scale``, ``b = d = 0``. Computing it
+  in one pass in the accumulation dtype matters for bfloat16: rounding the nearly cancelling terms separately would
+  lose the result.
 """
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ def batch_norm_backward_reduce(grad_out, gate, x, mean):
 
 def batch_norm_backward_elemt(grad_out, gate, x, mean, a, b, d, want_dz):
     dz = _gated(grad_out, gate, x)
-    grad = _per_channel(a, x) * dz + _per_channel(b, x) * (x.to(dz.dtype) - _per_channel(mean, x)) + _per_channel(d, x)
+    centered = x.to(dz.dtype) - _per_channel(mean, x)
+    grad = _per_channel(a, x) * (dz - _per_channel(b, x) * centered - _per_channel(d, x))
     fmt = memory_format_of(x)
     dz_out = dz.to(x.dtype).contiguous(memory_format=fmt) if want_dz else x.new_empty(0)
     return grad.to(x.dtype).contiguous(memory_format=fmt), dz_out
