@@ -48,7 +48,7 @@ def _add_model_options(parser):
 
 def _add_optimizer_options(parser, choices, default_lr):
     group = parser.add_argument_group("optimization")
-    group.add_argument("--epochs", type=int, default=3, help="training epochs (3)")
+    group.add_argument("--epochs", type=int, default=4, help="training epochs (4)")
     group.add_argument("--optimizer", choices=choices, default="sgd", help="optimizer (sgd)")
     group.add_argument("--lr", type=float, default=default_lr, help=f"(peak) learning rate ({default_lr})")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD/LARS momentum (0.9)")
@@ -68,6 +68,8 @@ def build_parser():
     _add_data_options(verify)
     _add_model_options(verify)
     _add_optimizer_options(verify, ("sgd", "adam", "adamw", "adagrad"), 0.01)
+    verify.add_argument("--schedule", choices=("constant", "step", "cosine", "cyclic"), default="cosine",
+                        help="learning-rate schedule over the run's steps, the same for both models (cosine)")
     verify.add_argument("--window", type=int, default=None,
                         help="steps over which parity is judged (default: fastcnn.train.tolerances.PARITY_WINDOW)")
 
@@ -178,10 +180,11 @@ def verify_command(args):
         hyper["momentum"] = args.momentum
     print(f"verify: {args.model} fused vs stock on {args.data} ({len(train_loader.dataset)} train / "
           f"{len(val_loader.dataset)} validation images, {num_classes} classes), {device}, {args.optimizer} "
-          f"lr {args.lr}, {args.epochs} epochs, precision {args.precision}")
+          f"lr {args.lr} ({args.schedule}), {args.epochs} epochs, precision {args.precision}")
     report = verify(args.model, train_loader, val_loader, epochs=args.epochs, optimizer=args.optimizer,
                     precision=args.precision, device=device, channels_last=args.channels_last,
-                    window=args.window or PARITY_WINDOW, model_kwargs=_model_kwargs(args, num_classes), **hyper)
+                    window=args.window or PARITY_WINDOW, schedule=args.schedule,
+                    model_kwargs=_model_kwargs(args, num_classes), **hyper)
     print(report.format())
     return 0 if report.passed else 1
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .log import ProgressBar
 from .metrics import EpochMetrics
+from .schedules import build_scheduler
 from .tolerances import PARITY_FACTOR, PARITY_FLOOR, PARITY_WINDOW, PRECISION_DTYPES, parity_bound
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
@@ -189,8 +190,8 @@ class _Side:
 
 
 def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", precision="32", device="cpu",
-           channels_last=False, window=PARITY_WINDOW, max_steps=None, loss_fn=None, progress=True, model_kwargs=None,
-           **optimizer_kwargs):
+           channels_last=False, window=PARITY_WINDOW, max_steps=None, schedule=None, loss_fn=None, progress=True,
+           model_kwargs=None, **optimizer_kwargs):
     """Train a fused model and its stock twin in lockstep and report how they compare.
 
     Args:
@@ -206,6 +207,8 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
         channels_last (bool): models and inputs in channels_last.
         window (int): the steps over which parity is judged (see :mod:`fastcnn.train.tolerances`).
         max_steps (int or None): stop after this many steps.
+        schedule (str or None): a :mod:`fastcnn.train.schedules` name (``"cosine"``, ``"step"``, ...), applied alike to
+            the three optimizers per step over the whole run; None: constant lr.
         loss_fn: default ``nn.CrossEntropyLoss()``.
         progress (bool): show a progress bar.
         model_kwargs (dict): arguments of the zoo factory (e.g. ``num_classes=10``).
@@ -238,6 +241,8 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
              "stock": _Side(stock_model, stock_optimizer, device, dtype, channels_last),
              "control": _Side(control_model, control_optimizer, device, dtype, channels_last)}
     total = len(train_loader) * epochs if max_steps is None else min(max_steps, len(train_loader) * epochs)
+    schedulers = [build_scheduler(side.optimizer, schedule, total=total, step_size=max(1, total // 3))
+                  for side in sides.values()] if schedule else []
     bar = ProgressBar(total, "verify fused vs stock", enabled=progress)
     differences, control_differences, images, at_window = [], [], 0, None
     for _ in range(epochs):
@@ -250,6 +255,8 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
                 _restore_rng(snapshot, device)
                 losses[name] = side.step(inputs, targets, loss_fn)
             noise(control_model)
+            for scheduler in schedulers:
+                scheduler.step()
             scale = max(1.0, abs(losses["stock"]))
             differences.append(abs(losses["fused"] - losses["stock"]) / scale)
             control_differences.append(abs(losses["control"] - losses["stock"]) / scale)
