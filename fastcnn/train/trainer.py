@@ -29,9 +29,10 @@ class Trainer:
     Args:
         model (nn.Module): the model, or a DistributedDataParallel wrapping it.
         optimizer (torch.optim.Optimizer): over the model's parameters.
-        train_loader, val_loader: iterables of ``(inputs, targets)``; val_loader may be None.
-        loss_fn: ``loss_fn(outputs, targets)``, default ``nn.CrossEntropyLoss()`` (classification and, with
-            (N, H, W) targets, segmentation).
+        train_loader, val_loader: iterables of ``(inputs, targets)`` or ``(inputs, target, *more_targets)`` (the
+            segmentation sets' ``(image, mask, label)``); val_loader may be None.
+        loss_fn: ``loss_fn(outputs, *targets)``, default ``nn.CrossEntropyLoss()`` (classification and, with
+            (N, H, W) targets, segmentation). Metrics use the first output and the first target.
         scheduler: a ``torch.optim.lr_scheduler`` object (see :mod:`fastcnn.train.schedules`), stepped once per
             ``scheduler_interval`` (``"epoch"`` or ``"step"``, i.e. per optimizer step).
         device: where to train (default: the model's device).
@@ -111,11 +112,20 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def to_device(self, inputs, targets):
+    def to_device(self, batch):
+        """``(inputs, target, *more)`` on the device; segmentation sets give (image, mask, label), whose loss
+        (e.g. a multi-task one) is called as ``loss_fn(outputs, mask, label)``."""
+        inputs, *targets = batch
         memory_format = torch.channels_last if self.channels_last and inputs.dim() == 4 else torch.preserve_format
         non_blocking = self.device.type == "cuda"
         inputs = inputs.to(self.device, non_blocking=non_blocking, memory_format=memory_format)
-        return inputs, targets.to(self.device, non_blocking=non_blocking)
+        return inputs, [target.to(self.device, non_blocking=non_blocking) for target in targets]
+
+    def loss_and_metrics(self, outputs, targets, metrics):
+        """The loss; metrics follow the first output (a multi-task model's dense logits) and the first target."""
+        loss = self.loss_fn(outputs, *targets)
+        metrics.update(loss, outputs[0] if isinstance(outputs, (tuple, list)) else outputs, targets[0])
+        return loss
 
     def train_epoch(self, epoch, epochs=None):
         """One pass over the train loader; returns its metrics (means over the epoch, summed over processes)."""
@@ -126,8 +136,8 @@ class Trainer:
         metrics, batches = EpochMetrics(self.num_classes), len(self.train_loader)
         bar = ProgressBar(batches, f"epoch {epoch + 1}/{epochs or '?'} train", enabled=self.progress)
         self.optimizer.zero_grad(set_to_none=True)
-        for index, (inputs, targets) in enumerate(self.train_loader):
-            inputs, targets = self.to_device(inputs, targets)
+        for index, batch in enumerate(self.train_loader):
+            inputs, targets = self.to_device(batch)
             group_start = index - index % self.accumulate
             group_size = min(self.accumulate, batches - group_start)
             steps_now = index + 1 == group_start + group_size
@@ -135,12 +145,10 @@ class Trainer:
             sync = nullcontext() if steps_now or self.model is self.module else self.model.no_sync()
             with sync:
                 with self.autocast():
-                    outputs = self.model(inputs)
-                    loss = self.loss_fn(outputs, targets)
+                    loss = self.loss_and_metrics(self.model(inputs), targets, metrics)
                 (loss / group_size).backward()
             if steps_now:
                 self.optimizer_step()
-            metrics.update(loss, outputs, targets)
             bar.update(loss=loss.item())
         bar.close()
         return metrics.all_reduce().compute()
@@ -159,12 +167,10 @@ class Trainer:
         self.module.eval()
         metrics = EpochMetrics(self.num_classes)
         bar = ProgressBar(len(self.val_loader), "  validate", enabled=self.progress)
-        for inputs, targets in self.val_loader:
-            inputs, targets = self.to_device(inputs, targets)
+        for batch in self.val_loader:
+            inputs, targets = self.to_device(batch)
             with self.autocast():
-                outputs = self.module(inputs)
-                loss = self.loss_fn(outputs, targets)
-            metrics.update(loss, outputs, targets)
+                self.loss_and_metrics(self.module(inputs), targets, metrics)
             bar.update()
         bar.close()
         return metrics.all_reduce().compute()

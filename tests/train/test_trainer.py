@@ -108,3 +108,21 @@ def test_segmentation_metrics_report_miou():
     metrics.update(torch.tensor(0.5), logits.float(), targets)
     result = metrics.compute()
     assert result["accuracy"] == pytest.approx(5 / 6) and result["miou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+
+
+def test_segmentation_batches_of_image_mask_label_report_miou():
+    from fastcnn.data.segmentation import SyntheticShapes
+
+    data = SyntheticShapes(16, size=12, channels=1)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, data.num_seg_classes, 1))
+    seen = []
+
+    def mask_loss(logits, mask, label):
+        seen.append(label.shape)
+        return nn.functional.cross_entropy(logits, mask)
+
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-2), make_loader(data, 8), make_loader(data, 8),
+                      loss_fn=mask_loss, num_classes=data.num_seg_classes, progress=False)
+    record = trainer.fit(2)[-1]
+    assert 0.0 <= record["val_miou"] <= 1.0 and 0.0 <= record["train_accuracy"] <= 1.0
+    assert seen[0] == (8,)
