@@ -74,7 +74,10 @@ def build_parser():
                         help="steps over which parity is judged (default: fastcnn.train.tolerances.PARITY_WINDOW)")
 
     train = commands.add_parser("train", help="train one model with the Trainer", description="Trains --model "
-                                "(fused unless --stock) with checkpoints, CSV/JSON logs and PNG curves in --out.")
+                                "(fused unless --stock) with checkpoints, CSV/JSON logs and PNG curves in --out. "
+                                "Under torchrun (e.g. `torchrun --nproc-per-node=2 -m fastcnn train`) it trains "
+                                "with DistributedDataParallel (gloo on CPU, NCCL on GPU), --batch-size per process, "
+                                "a DistributedSampler and exact validation over unpadded shards.")
     _add_data_options(train)
     _add_model_options(train)
     _add_optimizer_options(train, ("sgd", "adam", "adamw", "adagrad", "lars"), 0.01)
@@ -86,6 +89,8 @@ def build_parser():
     group.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
     group.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step (1)")
     group.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    group.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all "
+                       "processes (fastcnn.train.sync_batchnorm, also on CPU/gloo)")
     group.add_argument("--out", default="fastcnn-run", help="folder for last.pt, log.csv/json and plots")
     group.add_argument("--resume", default=None, help="checkpoint to continue from (its next epoch)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -134,12 +139,17 @@ def _model_kwargs(args, num_classes):
     return kwargs
 
 
-def _loaders(args, device):
+def _loaders(args, device, distributed=False):
     from .data import load_dataset, make_loader
 
     train, val = load_dataset(args.data, args.image_size, args.channels, args.seed)
     base = getattr(train, "dataset", train)
     num_classes = len(base.classes) if getattr(base, "classes", None) else int(max(int(y) for _, y in val)) + 1
+    if distributed:
+        from .train.distributed import distributed_loaders
+
+        return (*distributed_loaders(train, val, args.batch_size, seed=args.seed, drop_last=args.drop_last,
+                                     num_workers=args.workers, device=device), num_classes)
     return (make_loader(train, args.batch_size, shuffle=True, drop_last=args.drop_last, num_workers=args.workers,
                         device=device),
             make_loader(val, 256, num_workers=args.workers, device=device), num_classes)
@@ -205,10 +215,18 @@ def train_command(args):
     from .train import Trainer, seed_everything
     from .train.schedules import build_scheduler
 
+    distributed = "WORLD_SIZE" in os.environ  # launched by torchrun
     device = _device(args.device)
+    if distributed:
+        from .train.distributed import init_distributed, wrap_ddp
+        from .train.sync_batchnorm import convert_sync_batchnorm
+
+        _, _, device = init_distributed()
     seed_everything(args.seed, args.deterministic)
-    train_loader, val_loader, num_classes = _loaders(args, device)
+    train_loader, val_loader, num_classes = _loaders(args, device, distributed)
     model = get_model(args.model, fused=not args.stock, **_model_kwargs(args, num_classes))
+    if distributed:
+        model = wrap_ddp(convert_sync_batchnorm(model) if args.sync_bn else model, device)
     optimizer = _optimizer(args, model.parameters())
     scheduler = build_scheduler(optimizer, args.schedule, total=args.epochs, warmup=args.warmup,
                                 step_size=max(1, args.epochs // 3))
