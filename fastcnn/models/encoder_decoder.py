@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import nn as fnn
+from ._registry import register_model
 
 # The package re-exports the factories ``vgg`` and ``resnet*``, which shadow the submodule names; look them up here.
 _VGG = importlib.import_module(".vgg", __package__)
@@ -122,6 +123,7 @@ class EncoderDecoder(nn.Module):
         return self.seg_head(x), cls_logits
 
 
+@register_model
 def encoder_decoder(encoder="vgg11", num_classes=None, num_seg_classes=2, upsample="transpose",
                     skip_connections=True, *, fused=True, **kwargs):
     """Builds an :class:`EncoderDecoder`; arguments as there."""
