@@ -34,7 +34,8 @@ def update_running_statistics(bn, mean, var, count):
         factor = _momentum_factor(bn)
         unbiased = var * (count / (count - 1))
         for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-            running.copy_(running.float() * (1 - factor) + batch.float() * factor)
+            acc = torch.promote_types(running.dtype, torch.float32)  # float64 buffers keep float64 precision
+            running.copy_(running.to(acc) * (1 - factor) + batch.to(acc) * factor)
 
 
 def running_scale_shift(bn, dtype):

@@ -18,13 +18,16 @@ def _assert_same_state(converted, stock):
         assert torch.equal(converted.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("name, size, fused_type", [
-    ("vgg11", 32, ConvReLUPool2d), ("resnet18", 32, BasicBlock), ("resnet50", 32, Bottleneck),
+# ResNet-50 in training mode runs in float64: in float32 it is too ill-conditioned to compare (see
+# test_bottleneck_net_training_parity_float64).
+@pytest.mark.parametrize("name, size, fused_type, dtype", [
+    ("vgg11", 32, ConvReLUPool2d, torch.float32), ("resnet18", 32, BasicBlock, torch.float32),
+    ("resnet50", 64, Bottleneck, torch.float64),
 ])
-def test_convert_torchvision_models(name, size, fused_type):
+def test_convert_torchvision_models(name, size, fused_type, dtype):
     state = seeded_torchvision_state(name, num_classes=5)
-    stock, oracle = (with_state(lambda: torchvision_for_parity(name, num_classes=5), state, dtype)
-                     for dtype in (torch.float32, torch.float64))
+    stock, oracle = (with_state(lambda: torchvision_for_parity(name, num_classes=5), state, d)
+                     for d in (dtype, torch.float64))
     converted = fastcnn.convert(stock)
     _assert_same_state(converted, stock)
     replaced = [m for m in converted.modules() if isinstance(m, fused_type)]

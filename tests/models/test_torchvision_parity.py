@@ -64,16 +64,25 @@ def test_init_weights_false_keeps_default_init(fused):
 
 # (name, input size, fused, train), grouped by name so each seeded torchvision state_dict is built once. With
 # BatchNorm no VGG run is fusable, so vgg11_bn is tested once; the Bottleneck net's unfused eval mode adds nothing
-# that resnet18's does not check.
+# that resnet18's does not check. The Bottleneck net in training mode is checked in float64 below instead.
 PARITY_CASES = [(name, 32, fused, train) for name in ("vgg11", "resnet18", "resnet50")
                 for fused in (True, False) for train in (False, True)
-                if (name, fused, train) != ("resnet50", False, False)] + [("vgg11_bn", 32, True, True)]
+                if (name, fused, train) not in {("resnet50", False, False), ("resnet50", True, True)}]
+PARITY_CASES += [("vgg11_bn", 32, True, True)]
 
 
 @pytest.mark.parametrize("name, size, fused, train", PARITY_CASES)
 def test_forward_backward_parity_fp32(name, size, fused, train):
     ours, stock, oracle = parity_twins(name, NUM_CLASSES, fused)
     assert_step_parity(ours, stock, oracle, torch.randn(2, 3, size, size), train)
+
+
+def test_bottleneck_net_training_parity_float64():
+    """ResNet-50 in training mode is too ill-conditioned for a float32 comparison: with batch 2, stock fp32's own
+    input gradient is 1-3% off the float64 oracle (train-mode BatchNorm over a few values per channel in layer3-4),
+    so "2x stock's error" measures noise. In float64 the fused blocks must match the oracle to the float64 floor."""
+    ours, stock, oracle = parity_twins("resnet50", NUM_CLASSES, fused=True, dtype=torch.float64)
+    assert_step_parity(ours, stock, oracle, torch.randn(2, 3, 64, 64), train=True)
 
 
 @pytest.mark.parametrize("name, train", [("vgg11", True), ("resnet18", False)])
