@@ -7,7 +7,20 @@ from . import _extension
 from .ops import BACKENDS, why_unavailable
 from .ops import optim as optim_ops
 
-OPS = ("conv2d_relu_pool", "adam_", "sgd_", "adagrad_", "lars_")
+OPS = ("conv2d_relu_pool", "conv_transpose2d_act", "batch_norm_add_relu", "batch_norm_relu_conv2d",
+       "scale_shift_add_relu", "adam_", "sgd_", "adagrad_", "lars_")
+BATCH_NORM_OPS = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu")
+
+
+def _why_unavailable(op, backend, device):
+    if op in optim_ops.OPS:
+        return optim_ops.why_unavailable(op, backend, device)
+    if op in BATCH_NORM_OPS and backend == "triton":
+        return "the BatchNorm ops have no Triton kernel"
+    if op in BATCH_NORM_OPS + ("conv_transpose2d_act",) and backend in ("cpu", "cuda") and _extension.LOADED \
+            and not hasattr(torch.ops.fastcnn, op):
+        return "fastcnn._C was built from older sources without this op; rebuild it"
+    return why_unavailable(backend, device)
 
 
 def report():
@@ -27,8 +40,7 @@ def report():
         lines.append(f"\n{op} (backends for CPU and CUDA tensors):")
         for device in ("cpu", "cuda"):
             for backend in BACKENDS:
-                reason = (optim_ops.why_unavailable(op, backend, device) if op in optim_ops.OPS
-                          else why_unavailable(backend, device))
+                reason = _why_unavailable(op, backend, device)
                 lines.append(f"  {device:4} {backend:9} {'available' if reason is None else 'unavailable: ' + reason}")
     if not torch.cuda.is_available():
         lines.append("(no CUDA device here: the cuda rows say what CUDA tensors would get on a GPU machine)")
