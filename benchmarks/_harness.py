@@ -261,6 +261,57 @@ def roofline_fraction(flops, nbytes, median_ms, ceilings, dtype):
 
 # ----------------------------------------------------------------------------------------- correctness, memory
 
+class WithBackend(torch.nn.Module):
+    """Runs ``module`` with fastcnn forced onto one backend (the backward follows the forward's backend)."""
+
+    def __init__(self, module, backend):
+        super().__init__()
+        self.module, self.backend = module, backend
+
+    def forward(self, x):
+        import fastcnn  # the harness itself needs no fastcnn: only this provider wrapper does
+
+        with fastcnn.use_backend(self.backend):
+            return self.module(x)
+
+
+def layer_suite_args(description, default_batch, argv=None):
+    """The command line shared by the layer-level suites (residual blocks, transposed convolution)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, help=f"batch size (default: {default_batch})")
+    parser.add_argument("--res-scale", type=float, default=1.0, help="scale each case's resolution")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repeats per provider")
+    parser.add_argument("--retries", type=int, default=3, help="CPU: repeats of a series disturbed by other work")
+    parser.add_argument("--out", help="results folder (default: benchmarks/results)")
+    return parser.parse_args(argv)
+
+
+def begin_run(args, dtype):
+    """(device, environment, ceilings) for a run on ``args.device``: cudnn.benchmark on GPU as eager users set it,
+    the two ceilings measured in ``dtype``, and the banner printed."""
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    env = environment(device)
+    ceilings = measure_ceilings(device, [dtype], args.retries)
+    print(banner(env, ceilings), flush=True)
+    return device, env, ceilings
+
+
+def finish_row(row, baselines=("eager", "compile")):
+    """Adds each fastcnn provider's ratios (baseline time / fastcnn time; None when its result was wrong) and the
+    row's status: "ok" only when every fastcnn provider passed the correctness check."""
+    fastcnn_names = [n for n in row["providers"] if n.startswith("fastcnn")]
+    for n in fastcnn_names:
+        r = row["providers"][n]
+        row["ratios"][n] = {b: row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None
+                            for b in baselines}
+    row["status"] = "ok" if all(row["providers"][n]["ok"] for n in fastcnn_names) else "failed"
+    return row
+
+
 def _rel_rms(x, ref):
     return ((x - ref).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
 

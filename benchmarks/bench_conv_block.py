@@ -121,18 +121,6 @@ class Case:
             p.grad = None
 
 
-class _WithBackend(nn.Module):
-    """Runs `module` with fastcnn forced onto one backend (the backward follows the forward's backend)."""
-
-    def __init__(self, module, backend):
-        super().__init__()
-        self.module, self.backend = module, backend
-
-    def forward(self, x):
-        with fastcnn.use_backend(self.backend):
-            return self.module(x)
-
-
 def providers(device, without_max_autotune):
     """[(name, factory(case, mode) -> module)], stock eager first (its error is the yardstick), and the notes on
     what was skipped and why."""
@@ -149,7 +137,7 @@ def providers(device, without_max_autotune):
         if backend == "triton" and device.type == "cpu":
             reason = "Triton on CPU runs only under its interpreter: correct but far too slow to benchmark"
         if reason is None:
-            found.append((f"fastcnn[{backend}]", lambda case, mode, b=backend: _WithBackend(case.fused, b)))
+            found.append((f"fastcnn[{backend}]", lambda case, mode, b=backend: H.WithBackend(case.fused, b)))
         else:
             notes.append(f"fastcnn[{backend}] not benchmarked on {device.type}: {reason}")
     return found, notes

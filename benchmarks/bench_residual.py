@@ -9,7 +9,6 @@ peak memory) of each training step are recorded.
 
     python benchmarks/bench_residual.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
 """
-import argparse
 import copy
 import os
 import sys
@@ -95,18 +94,11 @@ def providers(device):
     for backend in ("cuda", "cpu"):
         reason = fastcnn.ops.why_unavailable(backend, device.type)
         if reason is None:
-            found.append((f"fastcnn[{backend}]", lambda case, b=backend: (_with_backend(case.fused, b), case.fused)))
+            found.append((f"fastcnn[{backend}]", lambda case, b=backend: (H.WithBackend(case.fused, b), case.fused)))
         elif backend == device.type:
             notes.append(f"fastcnn[{backend}] not benchmarked: {reason}")
     notes.append("the BatchNorm ops have no Triton backend; the reference backend is plain PyTorch (not timed)")
     return found, notes
-
-
-def _with_backend(module, backend):
-    def run(x):
-        with fastcnn.use_backend(backend):
-            return module(x)
-    return run
 
 
 def measure(case, factories, ceilings, timing):
@@ -128,13 +120,7 @@ def measure(case, factories, ceilings, timing):
             result["saved_bytes"] = H.saved_tensor_bytes(lambda: run(case.x), held=[case.x, *params])
             result["peak_step_bytes"] = H.peak_step_bytes(case.step(run, block), lambda: None, case.device)
         row["providers"][name] = result
-    fastcnn_names = [n for n in row["providers"] if n.startswith("fastcnn")]
-    for n in fastcnn_names:
-        r = row["providers"][n]
-        row["ratios"][n] = {b: row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None
-                            for b in ("eager", "compile")}
-    row["status"] = "ok" if all(row["providers"][n]["ok"] for n in fastcnn_names) else "failed"
-    return row
+    return H.finish_row(row)
 
 
 def describe(row):
@@ -148,19 +134,8 @@ def describe(row):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, help="batch size (default: 64 on GPU, 2 on CPU)")
-    parser.add_argument("--res-scale", type=float, default=1.0, help="scale each layer's resolution")
-    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repeats per provider")
-    parser.add_argument("--retries", type=int, default=3, help="CPU: repeats of a series disturbed by other work")
-    parser.add_argument("--out", help="results folder (default: benchmarks/results)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    env = H.environment(device)
-    ceilings = H.measure_ceilings(device, [LAYOUT[device.type][0]], args.retries)
-    print(H.banner(env, ceilings), flush=True)
+    args = H.layer_suite_args(__doc__, "64 on GPU, 2 on CPU", argv)
+    device, env, ceilings = H.begin_run(args, LAYOUT[args.device][0])
     factories, notes = providers(device)
     if args.res_scale != 1.0:
         notes.append(f"resolutions scaled by {args.res_scale} from ResNet-50's")

@@ -1,0 +1,142 @@
+"""Fused ConvTranspose2d + bias + ReLU (fastcnn.nn.ConvTranspose2d) against stock nn.ConvTranspose2d -> ReLU, on the
+decoder shapes of a U-Net: the 2x2 stride-2 upsampling (kernel == stride: one GEMM + a pixel-shuffle store) and the
+4x4 stride-2 padding-1 upsampling (four 2x2 phase convolutions).
+
+Modes: "fwd" (forward under torch.no_grad) and "fwd+bwd" (forward + backward: gradients of the input, the weight and
+the bias). Providers: stock eager (cudnn.benchmark on GPU), torch.compile of it (default mode), and fastcnn on every
+backend that runs on the device. Every provider is checked against a float64 oracle in the same run
+(_harness.check), and the ratio baseline time / fastcnn time is reported (> 1: fastcnn is faster).
+
+    python benchmarks/bench_conv_transpose.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
+"""
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import fastcnn  # noqa: E402
+
+# (name, in channels, out channels, input resolution, kernel, stride, padding): a U-Net decoder's upsampling steps.
+SHAPES = [("k2s2 512->256 @28", 512, 256, 28, 2, 2, 0), ("k2s2 128->64 @112", 128, 64, 112, 2, 2, 0),
+          ("k4s2p1 256->128 @56", 256, 128, 56, 4, 2, 1), ("k4s2p1 64->32 @112", 64, 32, 112, 4, 2, 1)]
+LAYOUT = {"cuda": (torch.bfloat16, torch.channels_last), "cpu": (torch.float32, torch.channels_last)}
+DEFAULT_BATCH = {"cuda": 32, "cpu": 2}
+
+
+class Case:
+    """One shape x mode: the stock layer, fastcnn's with the same weights, the input and the float64 oracle."""
+
+    def __init__(self, shape, batch, res_scale, mode, device):
+        name, c_in, c_out, res, kernel, stride, padding = shape
+        torch.manual_seed(0)
+        dtype, fmt = LAYOUT[device.type]
+        res = max(2, round(res * res_scale))
+        stock = nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding)
+        fused = fastcnn.nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding, activation="relu")
+        fused.load_state_dict(stock.state_dict())
+        self.train = mode == "fwd+bwd"
+        self.oracle = nn.Sequential(nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding), nn.ReLU()).double()
+        self.oracle[0].load_state_dict(stock.state_dict())
+        self.stock = nn.Sequential(stock, nn.ReLU()).to(device, dtype, memory_format=fmt)
+        self.fused = fused.to(device, dtype, memory_format=fmt)
+        self.x = torch.randn(batch, c_in, res, res, device=device, dtype=dtype).to(memory_format=fmt)
+        out_res = (res - 1) * stride - 2 * padding + kernel
+        self.grad_out = torch.randn(batch, c_out, out_res, out_res, device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        self.meta = {"op": "conv_transpose2d+bias+relu", "case": name, "mode": mode,
+                     "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last",
+                     "shape": {"N": batch, "C_in": c_in, "C_out": c_out, "H": res, "W": res, "kernel": kernel,
+                               "stride": stride, "padding": padding}}
+        self.reference = self.step(self.oracle, self.x.detach().double(), self.grad_out.double())()
+
+    def step(self, layer, x=None, grad_out=None):
+        """A callable running one step of ``layer``; returns the output (and in training the three gradients)."""
+        x = self.x if x is None else x
+        grad_out = self.grad_out if grad_out is None else grad_out
+        params = [p for p in layer.parameters()]
+        if not self.train:
+            def forward():
+                with torch.no_grad():
+                    return (layer(x),)
+            return forward
+
+        x = x.detach().requires_grad_()
+
+        def forward_backward():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            out = layer(x)
+            out.backward(grad_out)
+            return (out.detach(), x.grad, *(p.grad for p in params))
+        return forward_backward
+
+    def work(self):
+        """(FLOPs, bytes) of an ideal implementation: 2 * N*H*W * C_in * C_out * k^2 multiply-adds (no multiply by
+        an inserted zero), x3 with dgrad and wgrad; bytes = input, output and weight once (x2 in training)."""
+        s = self.meta["shape"]
+        flops = 2 * s["N"] * s["H"] * s["W"] * s["C_in"] * s["C_out"] * s["kernel"] ** 2
+        item = self.x.element_size()
+        io = (self.x.numel() + self.grad_out.numel() + s["C_in"] * s["C_out"] * s["kernel"] ** 2) * item
+        return (3 * flops, 2 * io) if self.train else (flops, io)
+
+
+def providers(device):
+    """[(name, factory(case) -> the layer to run)] with stock eager first, and notes on what was left out."""
+    found = [("eager", lambda case: case.stock), ("compile", lambda case: torch.compile(case.stock))]
+    notes = []
+    for backend in ("cuda", "triton", "cpu"):
+        reason = fastcnn.ops.why_unavailable(backend, device.type)
+        if reason is None:
+            found.append((f"fastcnn[{backend}]", lambda case, b=backend: H.WithBackend(case.fused, b)))
+        else:
+            notes.append(f"fastcnn[{backend}] not benchmarked: {reason}")
+    return found, notes
+
+
+def measure(case, factories, ceilings, timing):
+    flops, nbytes = case.work()
+    row = dict(case.meta, flops=flops, bytes=nbytes, providers={}, ratios={})
+    stock_out = None
+    for name, factory in factories:
+        torch._dynamo.reset()
+        step = case.step(factory(case))
+        got = step()
+        stock_out = stock_out or got
+        result = H.check(got, stock_out, case.reference, case.dtype)
+        result.update(H.bench(step, case.device, warmup=1, **timing))
+        result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
+        row["providers"][name] = result
+    return H.finish_row(row)
+
+
+def main(argv=None):
+    args = H.layer_suite_args(__doc__, "32 on GPU, 2 on CPU", argv)
+    device, env, ceilings = H.begin_run(args, LAYOUT[args.device][0])
+    factories, notes = providers(device)
+    if args.res_scale != 1.0:
+        notes.append(f"input resolutions scaled by {args.res_scale}")
+    for note in notes:
+        print("note:", note)
+    rows, batch = [], args.batch or DEFAULT_BATCH[device.type]
+    timing = {"budget_s": args.budget, "retries": args.retries}
+    for shape in SHAPES:
+        for mode in ("fwd", "fwd+bwd"):
+            rows.append(measure(Case(shape, batch, args.res_scale, mode, device), factories, ceilings, timing))
+            r = rows[-1]
+            times = " | ".join(f"{n} {p['median_ms']:.2f} ms{'' if p['ok'] else ' WRONG'}"
+                               for n, p in r["providers"].items())
+            ratios = "; ".join(f"{n} " + ", ".join(f"x{v:.2f} vs {b}" for b, v in vs.items() if v)
+                               for n, vs in r["ratios"].items())
+            print(f"{r['case']} {r['mode']}: {times}\n    {ratios} [{r['status']}]", flush=True)
+            H.write_results("conv_transpose", env, ceilings, rows, args.out, notes, complete=False)
+    print(f"wrote {H.write_results('conv_transpose', env, ceilings, rows, args.out, notes)}")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
