@@ -2,8 +2,9 @@
 and torch.optim's, stepped in lockstep; a report of how far apart they drift and how fast each runs.
 
 Per step, both models run forward (under the same autocast), the loss, backward and their optimizer's step on the
-same batch, each from the same RNG state (so dropout masks agree); so does a control (the stock model whose weights
-are perturbed by one unit roundoff after every step) that measures how far rounding alone carries the run. The
+same batch, each from the same RNG state (so dropout masks agree); so does a control (a copy of the stock model run in
+the other memory format - the same math through other kernels, as the fused model is - whose weights are also
+perturbed by one unit roundoff after every step) that measures how far rounding alone carries the run. The
 per-step loss difference, the final parameter difference and each side's throughput are reported, with pass/fail by
 the rule and per-dtype floors of :mod:`fastcnn.train.tolerances`.
 """
@@ -239,7 +240,8 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
     control_optimizer = type(stock_optimizer)(control_model.parameters(), **optimizer_kwargs)
     sides = {"fused": _Side(fused_model, fused_optimizer, device, dtype, channels_last),
              "stock": _Side(stock_model, stock_optimizer, device, dtype, channels_last),
-             "control": _Side(control_model, control_optimizer, device, dtype, channels_last)}
+             # the other memory format: other kernels, other rounding (see fastcnn.train.tolerances)
+             "control": _Side(control_model, control_optimizer, device, dtype, not channels_last)}
     total = len(train_loader) * epochs if max_steps is None else min(max_steps, len(train_loader) * epochs)
     schedulers = [build_scheduler(side.optimizer, schedule, total=total, step_size=max(1, total // 3))
                   for side in sides.values()] if schedule else []
