@@ -312,6 +312,30 @@ def finish_row(row, baselines=("eager", "compile")):
     return row
 
 
+def describe_row(label, row, provider_extra=lambda result: ""):
+    """Two console lines for a layer-suite row: each provider's median (and WRONG when its check failed), then each
+    fastcnn provider's ratios and the row's status."""
+    times = " | ".join(f"{name} {r['median_ms']:.2f} ms{'' if r['ok'] else ' WRONG'}{provider_extra(r)}"
+                       for name, r in row["providers"].items())
+    ratios = "; ".join(f"{n} " + ", ".join(f"x{v:.2f} vs {b}" for b, v in vs.items() if v)
+                       for n, vs in row["ratios"].items())
+    return f"{label}: {times}\n    {ratios} [{row['status']}]"
+
+
+def run_cases(suite, args, env, ceilings, notes, cases, measure_case, describe):
+    """Measures each case of ``cases`` (built lazily, one at a time), printing it and rewriting the results file after
+    every row so a killed run keeps what it measured. Returns the exit status: 1 when any row failed its check."""
+    for note in notes:
+        print("note:", note)
+    rows = []
+    for case in cases:
+        rows.append(measure_case(case))
+        print(describe(rows[-1]), flush=True)
+        write_results(suite, env, ceilings, rows, args.out, notes, complete=False)
+    print(f"wrote {write_results(suite, env, ceilings, rows, args.out, notes)}")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
 def _rel_rms(x, ref):
     return ((x - ref).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
 

@@ -120,23 +120,12 @@ def main(argv=None):
     factories, notes = providers(device)
     if args.res_scale != 1.0:
         notes.append(f"input resolutions scaled by {args.res_scale}")
-    for note in notes:
-        print("note:", note)
-    rows, batch = [], args.batch or DEFAULT_BATCH[device.type]
+    batch = args.batch or DEFAULT_BATCH[device.type]
     timing = {"budget_s": args.budget, "retries": args.retries}
-    for shape in SHAPES:
-        for mode in ("fwd", "fwd+bwd"):
-            rows.append(measure(Case(shape, batch, args.res_scale, mode, device), factories, ceilings, timing))
-            r = rows[-1]
-            times = " | ".join(f"{n} {p['median_ms']:.2f} ms{'' if p['ok'] else ' WRONG'}"
-                               for n, p in r["providers"].items())
-            ratios = "; ".join(f"{n} " + ", ".join(f"x{v:.2f} vs {b}" for b, v in vs.items() if v)
-                               for n, vs in r["ratios"].items())
-            print(f"{r['case']} {r['mode']}: {times}\n    {ratios} [{r['status']}]", flush=True)
-            H.write_results("conv_transpose", env, ceilings, rows, args.out, notes, complete=False)
-    print(f"wrote {H.write_results('conv_transpose', env, ceilings, rows, args.out, notes)}")
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
-
+    cases = (Case(shape, batch, args.res_scale, mode, device) for shape in SHAPES for mode in ("fwd", "fwd+bwd"))
+    return H.run_cases("conv_transpose", args, env, ceilings, notes, cases,
+                       lambda case: measure(case, factories, ceilings, timing),
+                       lambda row: H.describe_row(f"{row['case']} {row['mode']}", row))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -123,14 +123,8 @@ def measure(case, factories, ceilings, timing):
     return H.finish_row(row)
 
 
-def describe(row):
-    parts = []
-    for name, r in row["providers"].items():
-        saved = f", saved {r['saved_bytes']['activations'] / 2**20:.1f} MiB" if "saved_bytes" in r else ""
-        parts.append(f"{name} {r['median_ms']:.2f} ms{'' if r['ok'] else ' WRONG'}{saved}")
-    ratios = "; ".join(f"{n} " + ", ".join(f"x{v:.2f} vs {b}" for b, v in vs.items() if v)
-                       for n, vs in row["ratios"].items())
-    return f"{row['block']} {row['mode']} {row['shape']}: {' | '.join(parts)}\n    {ratios} [{row['status']}]"
+def _saved(result):
+    return f", saved {result['saved_bytes']['activations'] / 2**20:.1f} MiB" if "saved_bytes" in result else ""
 
 
 def main(argv=None):
@@ -139,19 +133,13 @@ def main(argv=None):
     factories, notes = providers(device)
     if args.res_scale != 1.0:
         notes.append(f"resolutions scaled by {args.res_scale} from ResNet-50's")
-    for note in notes:
-        print("note:", note)
-    rows, batch = [], args.batch or DEFAULT_BATCH[device.type]
+    batch = args.batch or DEFAULT_BATCH[device.type]
     timing = {"budget_s": args.budget, "retries": args.retries}
-    for name, channels, width, res in LAYERS:
-        for mode in ("infer", "train"):
-            case = Case(name, channels, width, max(2, round(res * args.res_scale)), batch, mode, device)
-            rows.append(measure(case, factories, ceilings, timing))
-            print(describe(rows[-1]), flush=True)
-            H.write_results("residual", env, ceilings, rows, args.out, notes, complete=False)
-    print(f"wrote {H.write_results('residual', env, ceilings, rows, args.out, notes)}")
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
-
+    cases = (Case(name, channels, width, max(2, round(res * args.res_scale)), batch, mode, device)
+             for name, channels, width, res in LAYERS for mode in ("infer", "train"))
+    return H.run_cases("residual", args, env, ceilings, notes, cases,
+                       lambda case: measure(case, factories, ceilings, timing),
+                       lambda row: H.describe_row(f"{row['block']} {row['mode']} {row['shape']}", row, _saved))
 
 if __name__ == "__main__":
     sys.exit(main())
