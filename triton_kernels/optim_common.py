@@ -63,6 +63,20 @@ def _store(ptrs, x, mask):
 
 
 @triton.jit
+def _heavy_ball(b_ptr, offs, mask, d, mom, omd, FIRST: tl.constexpr, NESTEROV: tl.constexpr):
+    # SGD momentum on a step direction d (opmath): b = d on the first step, else b = mu*b + (1-dampening)*d, stored;
+    # returns the new direction, d + mu*b with Nesterov, else b.
+    if FIRST:
+        b = d
+    else:
+        b = mom * tl.load(b_ptr + offs, mask=mask, other=0.0).to(d.dtype) + omd * d
+    _store(b_ptr + offs, b, mask)
+    if NESTEROV:
+        return d + mom * b
+    return b
+
+
+@triton.jit
 def _hp(b):
     # A host float64 scalar passed as its bit pattern (see bits()).
     return b.to(tl.int64).to(tl.float64, bitcast=True)

@@ -9,7 +9,7 @@ expression in float64, rounded to opmath when it meets a tensor; divisions and s
 import triton
 import triton.language as tl
 
-from .optim_common import _div, _grad, _hp, _lr, _om, _powi, _row_ptr, _sqrt, _store, _work
+from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _powi, _row_ptr, _sqrt, _store, _work
 
 _ADAM_HP = ["lr_bits", "beta1_bits", "beta2_bits", "wd_bits", "eps_bits"]
 
@@ -98,15 +98,7 @@ def _sgd_tile(offs, mask, p_ptr, g_ptr, b_ptr, scale, lr, wd, mom, omd, HAS_SCAL
     if HAS_WD:
         g = g + wd * p
     if HAS_MOM:
-        if FIRST:
-            b = g
-        else:
-            b = mom * tl.load(b_ptr + offs, mask=mask, other=0.0).to(lr.dtype) + omd * g
-        _store(b_ptr + offs, b, mask)
-        if NESTEROV:
-            g = g + mom * b
-        else:
-            g = b
+        g = _heavy_ball(b_ptr, offs, mask, g, mom, omd, FIRST, NESTEROV)
     _store(p_ptr + offs, p - lr * g, mask)
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .optim_common import _div, _grad, _hp, _lr, _om, _row_ptr, _sqrt, _store, _work
+from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _row_ptr, _sqrt, _store, _work
 
 
 @triton.jit
@@ -76,15 +76,7 @@ def _lars_tile(offs, mask, p_ptr, g_ptr, b_ptr, scale, ratio, lr, wd, mom, omd, 
             p = p - b
     else:
         if HAS_MOM:
-            if FIRST:
-                b = d
-            else:
-                b = mom * tl.load(b_ptr + offs, mask=mask, other=0.0).to(lr.dtype) + omd * d
-            _store(b_ptr + offs, b, mask)
-            if NESTEROV:
-                d = d + mom * b
-            else:
-                d = b
+            d = _heavy_ball(b_ptr, offs, mask, d, mom, omd, FIRST, NESTEROV)
         p = p - lr * d
     _store(p_ptr + offs, p, mask)
 
