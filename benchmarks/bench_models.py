@@ -1,19 +1,23 @@
-"""Whole-model steps of the zoo's ResNet-50 and VGG-16: inference forward and a training step, fastcnn's fused
-models against the same models built stock, eager and under torch.compile.
+"""Whole-model steps of the zoo's ResNet-50, VGG-16 and encoder-decoder: inference forward and a training step,
+fastcnn's fused models against the same models built stock, eager and under torch.compile.
 
-Modes: "inference" = eval-mode forward under torch.inference_mode; "train" = train-mode forward, cross-entropy
-loss, backward and an SGD-momentum step (the same torch.optim.SGD for every provider).
+Modes: "inference" = eval-mode forward under torch.inference_mode; "train" = train-mode forward, loss, backward and
+an SGD-momentum step (the same torch.optim.SGD for every provider). The loss is cross-entropy for the classifiers;
+for ``encoder_decoder`` (VGG-11 encoder, fused transposed-convolution decoder, segmentation and classification
+heads; ``--width`` narrows it) it is MultiTaskLoss (pixel and image cross-entropy plus soft Dice) against random
+masks and labels.
 Providers: "eager" = ``fastcnn.models.<name>(fused=False)``, module for module torchvision's model (tests/models
 checks keys, init and outputs against torchvision); "compile" = torch.compile of it; "fastcnn" = the fused model
 (``fused=True``) holding the same weights; "fastcnn+compile" = torch.compile of the fused model.
 Correctness in the same run: before timing, each provider's logits (and, in train mode, loss and the gradients of
 the first conv and the last Linear weight) are checked against the stock model in float64 with the same weights
-and dropout masks (_harness.check: at most 2x eager's error). Memory: bytes saved for backward by a training
+and dropout masks (_harness.check: at most 2x eager's error); the encoder-decoder's check covers both heads'
+logits and the gradients of every transposed convolution too. Memory: bytes saved for backward by a training
 forward, and the peak allocated during a training step (GPU only).
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--models resnet50,vgg16] [--modes inference,train]
-        [--batch N] [--resolution R] [--dtype float32|bfloat16] [--channels-last] [--no-compile] [--budget S]
-        [--retries N] [--wait-quiet S] [--out DIR]
+        [--batch N] [--resolution R] [--width W] [--dtype float32|bfloat16] [--channels-last] [--no-compile]
+        [--budget S] [--retries N] [--wait-quiet S] [--suite NAME] [--out DIR]
 """
 import argparse
 import copy
@@ -28,24 +32,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
 import fastcnn  # noqa: E402
+from fastcnn.nn.multitask_loss import MultiTaskLoss  # noqa: E402
 
 NUM_CLASSES = 1000
-DEFAULTS = {"cpu": {"batch": 2, "resolution": 64}, "cuda": {"batch": 64, "resolution": 224}}
+DEFAULTS = {"cpu": {"batch": 2, "resolution": 64, "width": 0.25}, "cuda": {"batch": 64, "resolution": 224, "width": 1}}
 
 
 class Case:
     """One model x mode x input: the stock model (never run itself: providers get copies), its float64 oracle, the
     input and the labels."""
 
+    num_classes = NUM_CLASSES
+
     def __init__(self, name, mode, batch, resolution, dtype, channels_last, device):
         torch.manual_seed(0)
         self.name, self.mode, self.dtype, self.device = name, mode, dtype, device
-        self.stock = fastcnn.models.get_model(name, fused=False, num_classes=NUM_CLASSES)
+        self.stock = fastcnn.models.get_model(name, fused=False, **self.model_kwargs())
         self.oracle = copy.deepcopy(self.stock).double().to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.stock = self.stock.to(device=device, dtype=dtype, memory_format=fmt)
         self.x = torch.randn(batch, 3, resolution, resolution).to(device=device, dtype=dtype, memory_format=fmt)
-        self.labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+        self.labels = torch.randint(0, self.num_classes, (batch,), device=device)
         self.meta = {"model": name, "mode": mode, "batch": batch, "resolution": resolution,
                      "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last" if channels_last else "nchw"}
 
@@ -55,24 +62,36 @@ class Case:
 
     def fused(self):
         """The fused model holding a copy of the stock model's weights and buffers."""
-        model = fastcnn.models.get_model(self.name, fused=True, num_classes=NUM_CLASSES)
+        model = fastcnn.models.get_model(self.name, fused=True, **self.model_kwargs())
         model.load_state_dict(self.stock.state_dict(), strict=True)
         fmt = torch.channels_last if self.meta["layout"] == "channels_last" else torch.contiguous_format
         return model.to(device=self.device, dtype=self.dtype, memory_format=fmt)
 
+    def model_kwargs(self):
+        return {"num_classes": NUM_CLASSES}
+
+    def loss(self, logits):
+        return F.cross_entropy(logits.float(), self.labels)
+
+    def checked_weights(self, model):
+        """The weights whose gradients the check compares: the first conv's and the last layer's."""
+        weights = [p for p in model.parameters() if p.dim() > 1]
+        return [weights[0], weights[-1]]
+
     def checked_tensors(self, model, x):
-        """Logits, and in train mode the loss and two weight gradients, of one step of ``model`` (no update)."""
+        """Outputs, and in train mode the loss and the checked weight gradients, of one step of ``model`` (no
+        update)."""
         model.train(self.mode == "train")
         if self.mode == "inference":
             with torch.inference_mode():
-                return (model(x),)
+                return _as_tuple(model(x))
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same dropout masks for every provider and the oracle
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), self.labels)
+        outputs = model(x)
+        loss = self.loss(outputs)
         loss.backward()
-        weights = [p for p in model.parameters() if p.dim() > 1]
-        return logits.detach(), loss.detach(), weights[0].grad, weights[-1].grad
+        return (*(t.detach() for t in _as_tuple(outputs)), loss.detach(),
+                *(p.grad for p in self.checked_weights(model)))
 
     def step(self, model):
         """The timed callable: one inference forward, or one full training step."""
@@ -86,9 +105,54 @@ class Case:
 
         def train_step():
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(self.x).float(), self.labels).backward()
+            self.loss(model(self.x)).backward()
             optimizer.step()
         return train_step
+
+
+class EncoderDecoderCase(Case):
+    """The encoder-decoder's segmentation + classification step: a VGG-11 encoder of channel multiplier ``width``,
+    the fused transposed-convolution decoder, MultiTaskLoss against random masks and labels."""
+
+    num_classes, num_seg_classes = 3, 4
+
+    def __init__(self, name, mode, batch, resolution, dtype, channels_last, device, width):
+        self.width = width
+        super().__init__(name, mode, batch, resolution, dtype, channels_last, device)
+        self.masks = torch.randint(0, self.num_seg_classes, (batch, resolution, resolution), device=device)
+        self.multitask_loss = MultiTaskLoss(dice_weight=0.5)
+        self.meta.update(encoder="vgg11", width=width)
+
+    def model_kwargs(self):
+        return {"encoder": "vgg11", "num_classes": self.num_classes, "num_seg_classes": self.num_seg_classes,
+                "width": self.width}
+
+    def loss(self, outputs):
+        seg_logits, cls_logits = (_loss_precision(t) for t in outputs)
+        return self.multitask_loss(seg_logits, self.masks, cls_logits, self.labels)[0]
+
+    def checked_weights(self, model):
+        """The first conv, every transposed convolution (the decoder's upsampling) and both heads."""
+        return [next(model.encoder.parameters()), *(up.weight for up in model.up), model.seg_head.weight,
+                model.cls_head.weight]
+
+
+def _as_tuple(outputs):
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _loss_precision(t):
+    """float16/bfloat16 logits go to float32 for the loss, as autocast does; float32 and the float64 oracle stay."""
+    return t.float() if t.element_size() < 4 else t
+
+
+def make_case(name, mode, args, defaults, dtype, device):
+    """The Case of one model x mode from the command line's sizes (or the device's defaults)."""
+    sizes = (args.batch or defaults["batch"], args.resolution or defaults["resolution"], dtype,
+             args.channels_last, device)
+    if name == "encoder_decoder":
+        return EncoderDecoderCase(name, mode, *sizes, width=args.width or defaults["width"])
+    return Case(name, mode, *sizes)
 
 
 def providers(compile_too):
@@ -158,12 +222,14 @@ def parse_args(argv):
     p.add_argument("--modes", default="inference,train")
     p.add_argument("--batch", type=int, help="default: 2 on CPU, 64 on GPU")
     p.add_argument("--resolution", type=int, help="default: 64 on CPU, 224 on GPU")
+    p.add_argument("--width", type=float, help="encoder_decoder's channel multiplier (default: 0.25 on CPU, 1 on GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per provider")
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--wait-quiet", type=float, default=0, help="wait up to S seconds for a quiet machine first")
+    p.add_argument("--suite", default="models", help="the results file's suite name (default: models)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -186,14 +252,13 @@ def main(argv=None):
     rows = []
     for name in args.models.split(","):
         for mode in args.modes.split(","):
-            case = Case(name, mode, args.batch or defaults["batch"], args.resolution or defaults["resolution"],
-                        dtype, args.channels_last, device)
+            case = make_case(name, mode, args, defaults, dtype, device)
             rows.append(measure(case, providers(not args.no_compile), timing))
             print(describe(rows[-1]), flush=True)
-            H.write_results("models", env, ceilings, rows, args.out, notes, complete=False)  # survives a kill
+            H.write_results(args.suite, env, ceilings, rows, args.out, notes, complete=False)  # survives a kill
     note = H.disturbed_note([r for row in rows for r in row["providers"].values() if "median_ms" in r])
     notes += [note] if note else []
-    print(f"wrote {H.write_results('models', env, ceilings, rows, args.out, notes)}")
+    print(f"wrote {H.write_results(args.suite, env, ceilings, rows, args.out, notes)}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 

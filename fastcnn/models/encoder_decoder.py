@@ -53,6 +53,8 @@ class EncoderDecoder(nn.Module):
         skip_connections: concatenate the encoder's feature map of the same resolution (U-Net).
         fused: fastcnn's fused modules (default) or stock ones; same state_dict either way.
         in_channels: image channels (default 3).
+        width: channel multiplier of a VGG encoder (default 1: torchvision's widths; e.g. 0.25 for quick CPU runs);
+            the decoder's widths follow the encoder's.
 
     Shape:
         input ``(N, in_channels, H, W)`` with H and W divisible by the encoder's total stride (32);
@@ -64,14 +66,16 @@ class EncoderDecoder(nn.Module):
     """
 
     def __init__(self, encoder="vgg11", num_classes=None, num_seg_classes=2, upsample="transpose",
-                 skip_connections=True, fused=True, in_channels=3):
+                 skip_connections=True, fused=True, in_channels=3, width=1.0):
         super().__init__()
         if num_classes is None and num_seg_classes is None:
             raise ValueError("fastcnn: encoder_decoder needs num_classes or num_seg_classes")
         if upsample not in ("transpose", "nearest", "bilinear"):
             raise ValueError(f"fastcnn: upsample must be 'transpose', 'nearest' or 'bilinear', got {upsample!r}")
         if encoder.startswith("vgg"):
-            stages = _vgg_stages(getattr(_VGG, encoder)(fused=fused))
+            stages = _vgg_stages(getattr(_VGG, encoder)(fused=fused, width=width))
+        elif width != 1.0:
+            raise ValueError(f"fastcnn: width applies to a VGG encoder only, got width={width!r} for {encoder!r}")
         elif encoder.startswith("resnet"):
             stages = _resnet_stages(getattr(_RESNET, encoder)(fused=fused))
         else:

@@ -43,6 +43,15 @@ def test_training_steps_reduce_both_losses():
     assert history[-1]["seg"] < history[0]["seg"] and history[-1]["cls"] < history[0]["cls"]
 
 
+def test_width_narrows_a_vgg_encoder_and_its_decoder():
+    model = encoder_decoder("vgg11", num_classes=3, num_seg_classes=4, width=0.25)
+    assert model.encoder[0][0].out_channels == 16 and model.cls_head.in_features == 128
+    seg, cls = model(torch.randn(1, 3, 32, 32))
+    assert seg.shape == (1, 4, 32, 32) and cls.shape == (1, 3)
+    with pytest.raises(ValueError, match="width applies to a VGG encoder only"):
+        encoder_decoder("resnet18", width=0.5)
+
+
 def test_datasets_are_deterministic_with_known_masks():
     image, mask, label = SyntheticShapes(4, seed=1)[2]
     again = SyntheticShapes(4, seed=1)[2]
