@@ -2,14 +2,17 @@
 
 Two patterns are replaced, wherever they occur in the module tree:
 
-* ``Conv2d -> ReLU [-> MaxPool2d/AvgPool2d]`` runs inside an ``nn.Sequential`` (torchvision's VGG ``features``, or
-  any user Sequential) become ``ConvReLU2d``/``ConvReLUPool2d`` at the conv's index, with ``nn.Identity`` in the
-  freed slots, so indices and keys do not move (see ``fastcnn.nn.sequential_fusion``). Only Sequential containers
-  are scanned: there the data flow is known to be layer after layer; a custom ``forward`` could use its modules in
-  any order.
+* ``Conv2d [-> BatchNorm2d] -> ReLU [-> MaxPool2d/AvgPool2d]`` runs inside an ``nn.Sequential`` (torchvision's VGG
+  ``features``, ``_bn`` variants included, or any user Sequential) become ``ConvReLU2d``/``ConvReLUPool2d`` (or
+  ``ConvBNReLU2d``/``ConvBNReLUPool2d`` with a ``FusedBatchNorm2d`` holding the BatchNorm's state in its slot) at the
+  conv's index, with ``nn.Identity`` in the freed slots, so indices and keys do not move (see
+  ``fastcnn.nn.sequential_fusion``). Only Sequential containers are scanned: there the data flow is known to be
+  layer after layer; a custom ``forward`` could use its modules in any order.
 * torchvision-style residual blocks (a class named ``BasicBlock`` or ``Bottleneck`` with torchvision's attributes
   ``conv1, bn1, conv2, bn2[, conv3, bn3], relu, downsample`` and BatchNorm2d norms) become ``fastcnn.nn.BasicBlock``
   / ``Bottleneck`` with ``fused=True``, holding the same tensors.
+* torchvision GoogLeNet ``Inception`` blocks (a class named ``Inception`` whose branches are exactly those
+  ``fastcnn.nn.InceptionBlock`` builds) become ``InceptionBlock`` with ``fused=True``, holding the same tensors.
 
 The input model is not modified (the result is built from a deep copy) and no class of another library is patched.
 Forward/backward hooks registered on replaced modules are not carried over.
@@ -19,13 +22,14 @@ import copy
 import torch
 import torch.nn as nn
 
+from .nn.inception import InceptionBlock
 from .nn.residual import BasicBlock, Bottleneck
 from .nn.sequential_fusion import fuse_sequential
 
 
 def convert(model):
-    """Returns a new model in which stock Conv/ReLU/pool runs and residual blocks are replaced by fastcnn's fused
-    modules; ``state_dict()`` keys, shapes and values and the outputs are those of ``model``.
+    """Returns a new model in which stock Conv/BatchNorm/ReLU/pool runs and residual blocks are replaced by fastcnn's
+    fused modules; ``state_dict()`` keys, shapes and values and the outputs are those of ``model``.
 
     Args:
         model: an ``nn.Module``, e.g. ``torchvision.models.vgg16()`` or ``resnet50()``.
@@ -43,9 +47,10 @@ def convert(model):
 
 def _convert(module):
     """The fused replacement of ``module`` (its children converted first, in place: ``module`` is our copy)."""
-    block = _fastcnn_residual_block(module)
-    if block is not None:
-        return block
+    for replacement in (_fastcnn_residual_block, _fastcnn_inception_block):
+        block = replacement(module)
+        if block is not None:
+            return block
     for name, child in module.named_children():
         setattr(module, name, _convert(child))
     if type(module) is nn.Sequential:  # a subclass may have its own forward
@@ -93,6 +98,11 @@ def _fastcnn_residual_block(module):
     with torch.device("meta"):  # build without allocating or consuming the RNG; the tensors come from `module`
         block = kind(downsample=None, fused=True, **kwargs)
     block.downsample = downsample
+    return _holding_state_of(block, module)
+
+
+def _holding_state_of(block, module):
+    """``block`` (built on the meta device) given ``module``'s tensors, requires_grad flags and training mode."""
     requires_grad = {name: p.requires_grad for name, p in module.named_parameters()}
     block.load_state_dict(module.state_dict(), strict=True, assign=True)
     for name, parameter in block.named_parameters():
@@ -100,3 +110,27 @@ def _fastcnn_residual_block(module):
     if any(t.is_meta for t in (*block.parameters(), *block.buffers())):
         raise RuntimeError(f"fastcnn.convert: {type(module).__name__} has state that its state_dict does not carry")
     return block.train(module.training)
+
+
+_INCEPTION_BRANCHES = ("branch1", "branch2", "branch3", "branch4")
+
+
+def _fastcnn_inception_block(module):
+    """A fused InceptionBlock holding a torchvision-style ``Inception`` block's tensors, or None if ``module`` is not
+    one it reproduces exactly: the block built from ``module``'s channel counts must print the same branches (the
+    reprs list every stage's class, kernel, padding, groups, BatchNorm eps/momentum and pooling)."""
+    if type(module).__name__ != "Inception":
+        return None
+    try:
+        first, second, third, pool = (getattr(module, name) for name in _INCEPTION_BRANCHES)
+        arguments = (first.conv.in_channels, first.conv.out_channels, second[0].conv.out_channels,
+                     second[1].conv.out_channels, third[0].conv.out_channels, third[1].conv.out_channels,
+                     pool[1].conv.out_channels)
+        options = dict(branch3_kernel_size=third[1].conv.kernel_size[0], groups=third[1].conv.groups)
+        with torch.device("meta"):
+            block = InceptionBlock(*arguments, fused=True, **options)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    if any(repr(getattr(block, name)) != repr(getattr(module, name)) for name in _INCEPTION_BRANCHES):
+        return None
+    return _holding_state_of(block, module)

@@ -1,5 +1,5 @@
 """VGG (Simonyan & Zisserman 2014) as torchvision builds it: same modules, indices, state_dict keys, parameter
-counts and init, with Conv -> ReLU -> MaxPool runs fused when ``fused=True``.
+counts and init, with Conv [-> BatchNorm] -> ReLU -> MaxPool runs fused when ``fused=True``.
 
 torchvision's A, B, D, E (``vgg11/13/16/19`` and ``_bn``) are here, plus the paper's C (1×1 convs) and A-LRN. A
 ``width`` multiplier builds narrower nets (e.g. for quick CPU runs); ``width=1`` is torchvision's VGG.
@@ -89,8 +89,9 @@ def make_layers(cfg, batch_norm=False, *, fused=True, width=1.0):
             format of ``fastcnn.models._vgg_configs``.
         batch_norm: put ``BatchNorm2d`` between each conv and its ReLU (torchvision's ``_bn`` models).
         fused: replace each ``Conv2d, ReLU[, MaxPool2d]`` run by ``ConvReLU2d``/``ConvReLUPool2d`` at the conv's
-            index with ``nn.Identity`` in the other slots (same keys). With ``batch_norm`` no run is fusable (the
-            conv is followed by BatchNorm, see ``fastcnn.nn.sequential_fusion``), so the layers stay stock.
+            index with ``nn.Identity`` in the other slots (same keys); with ``batch_norm``, each
+            ``Conv2d, BatchNorm2d, ReLU[, MaxPool2d]`` run by ``ConvBNReLU2d``/``ConvBNReLUPool2d`` with a
+            ``FusedBatchNorm2d`` holding the BatchNorm's state in its slot (see ``fastcnn.nn.sequential_fusion``).
         width: channel multiplier (default 1: the paper's 64 ... 512).
 
     Example:
@@ -125,8 +126,8 @@ def vgg(cfg="D", batch_norm=False, *, fused=True, width=1.0, hidden_features=Non
             ``"B"`` (vgg13), ``"C"`` (D with 1×1 convs as the last conv of blocks 3-5), ``"D"`` (vgg16), ``"E"``
             (vgg19).
         batch_norm: BatchNorm after every conv (torchvision's ``_bn`` variants).
-        fused: use fastcnn's fused Conv+ReLU(+pool) modules (default) or the stock layers; both have the same
-            state_dict.
+        fused: use fastcnn's fused Conv(+BatchNorm)+ReLU(+pool) modules (default) or the stock layers; both have
+            the same state_dict.
         width: multiplies every conv's channels and the hidden Linear width (4096); ``width=0.125`` gives a
             ~2M-parameter net for quick CPU runs. The default 1 is torchvision's model.
         hidden_features: width of the two hidden Linear layers (default ``4096 * width``).

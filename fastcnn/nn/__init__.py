@@ -1,6 +1,8 @@
 """Drop-in fused modules."""
 from .conv import ConvReLU2d, ConvReLUPool2d
+from .conv_bn import ConvBNReLU2d, ConvBNReLUPool2d, FusedBatchNorm2d
 from .conv_transpose import ConvTranspose2d
 from .residual import BasicBlock, Bottleneck
 
-__all__ = ["BasicBlock", "Bottleneck", "ConvReLU2d", "ConvReLUPool2d", "ConvTranspose2d"]
+__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU2d", "ConvBNReLUPool2d", "ConvReLU2d", "ConvReLUPool2d",
+           "ConvTranspose2d", "FusedBatchNorm2d"]

@@ -83,11 +83,7 @@ class ConvReLUPool2d(_FusedConv2d):
                  pool_stride=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        if pool not in ("max", "avg"):
-            raise ValueError(f"fastcnn: pool must be 'max' or 'avg', got {pool!r}")
-        self.pool = pool
-        self.pool_size = pair(pool_size, "pool_size", 1)
-        self.pool_stride = self.pool_size if pool_stride is None else pair(pool_stride, "pool_stride", 1)
+        self.pool, self.pool_size, self.pool_stride = pool_options(pool, pool_size, pool_stride)
 
     def forward(self, input):
         input, padding = self._fused_conv_args(input)
@@ -102,17 +98,31 @@ class ConvReLUPool2d(_FusedConv2d):
         """The fused equivalent of ``nn.Sequential(conv, relu, pool)``, sharing conv's parameters. ``pool`` must be
         an ``nn.MaxPool2d`` or ``nn.AvgPool2d`` without padding, ceil_mode, dilation, indices or divisor override."""
         cls._check_relu(relu)
-        if isinstance(pool, nn.MaxPool2d):
-            kind = "max"
-            unsupported = pair(pool.padding, "pool padding", 0) != (0, 0) or pool.ceil_mode or pool.return_indices \
-                or pair(pool.dilation, "pool dilation", 1) != (1, 1)
-        elif isinstance(pool, nn.AvgPool2d):
-            kind = "avg"
-            unsupported = pair(pool.padding, "pool padding", 0) != (0, 0) or pool.ceil_mode \
-                or pool.divisor_override is not None
-        else:
-            raise TypeError(f"fastcnn: pool must be an nn.MaxPool2d or nn.AvgPool2d, got {type(pool).__name__}")
-        if unsupported:
-            raise ValueError(f"fastcnn: cannot fuse {pool}: only floor-mode pools without padding, dilation, "
-                             "return_indices or divisor_override are supported")
-        return cls._from_conv(conv, pool=kind, pool_size=pool.kernel_size, pool_stride=pool.stride or pool.kernel_size)
+        return cls._from_conv(conv, **pool_module_options(pool))
+
+
+def pool_options(pool, pool_size, pool_stride):
+    """Checked ``(pool, pool_size, pool_stride)`` of a fused conv + pool module (stride None: the window size)."""
+    if pool not in ("max", "avg"):
+        raise ValueError(f"fastcnn: pool must be 'max' or 'avg', got {pool!r}")
+    pool_size = pair(pool_size, "pool_size", 1)
+    return pool, pool_size, pool_size if pool_stride is None else pair(pool_stride, "pool_stride", 1)
+
+
+def pool_module_options(pool):
+    """The ``pool``, ``pool_size``, ``pool_stride`` arguments equivalent to a stock pool module; ``pool`` must be an
+    ``nn.MaxPool2d`` or ``nn.AvgPool2d`` without padding, ceil_mode, dilation, indices or divisor override."""
+    if isinstance(pool, nn.MaxPool2d):
+        kind = "max"
+        unsupported = pair(pool.padding, "pool padding", 0) != (0, 0) or pool.ceil_mode or pool.return_indices \
+            or pair(pool.dilation, "pool dilation", 1) != (1, 1)
+    elif isinstance(pool, nn.AvgPool2d):
+        kind = "avg"
+        unsupported = pair(pool.padding, "pool padding", 0) != (0, 0) or pool.ceil_mode \
+            or pool.divisor_override is not None
+    else:
+        raise TypeError(f"fastcnn: pool must be an nn.MaxPool2d or nn.AvgPool2d, got {type(pool).__name__}")
+    if unsupported:
+        raise ValueError(f"fastcnn: cannot fuse {pool}: only floor-mode pools without padding, dilation, "
+                         "return_indices or divisor_override are supported")
+    return dict(pool=kind, pool_size=pool.kernel_size, pool_stride=pool.stride or pool.kernel_size)

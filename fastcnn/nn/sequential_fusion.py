@@ -1,4 +1,5 @@
-"""Fusing ``Conv2d -> ReLU [-> pool]`` runs of a layer sequence into fastcnn's fused modules, slot for slot.
+"""Fusing ``Conv2d [-> BatchNorm2d] -> ReLU [-> pool]`` runs of a layer sequence into fastcnn's fused modules, slot
+for slot.
 
 Inside an ``nn.Sequential`` a layer's output feeds only the next layer, so a run ``Conv2d, ReLU, MaxPool2d`` computes
 exactly ``ConvReLUPool2d`` and can be replaced by it. The fused module takes the conv's slot and ``nn.Identity``
@@ -6,60 +7,72 @@ placeholders take the ReLU's and the pool's, so the sequence keeps its length an
 state_dict key, e.g. torchvision's ``features.{i}.weight``) stays where it was. The fused module shares the conv's
 Parameters.
 
-A run is fused only where that is exactly correct: the conv must be a plain ``nn.Conv2d`` directly followed by an
-``nn.ReLU``; a following pool joins the run when ``ConvReLUPool2d`` supports it (floor mode, no padding, dilation
-or indices). ``Conv2d -> BatchNorm2d -> ReLU`` is left alone: in training mode BatchNorm normalises with the batch's
-statistics, which no fused conv here computes.
+A ``Conv2d, BatchNorm2d, ReLU[, pool]`` run (torchvision's ``_bn`` VGGs) becomes ``ConvBNReLU2d``/``ConvBNReLUPool2d``
+at the conv's slot and a ``FusedBatchNorm2d`` at the BatchNorm's slot: the latter holds the BatchNorm's parameters
+and buffers (keys ``{i+1}.weight``, ``{i+1}.running_mean``, ...) and passes its input through, since the fused conv
+has applied it, in training mode with batch statistics as in eval mode (see ``fastcnn.nn.conv_bn``).
+
+A run is fused only where that is exactly correct: the conv must be a plain ``nn.Conv2d``, followed directly by an
+``nn.ReLU`` or by a plain ``nn.BatchNorm2d`` (of the conv's output channels) and then an ``nn.ReLU``; a following pool
+joins the run when the fused modules support it (``nn.MaxPool2d``/``nn.AvgPool2d`` in floor mode, without padding,
+dilation, indices or divisor override).
 """
 from collections import OrderedDict
 
 import torch.nn as nn
 
-from .conv import ConvReLU2d, ConvReLUPool2d
+from .conv import ConvReLU2d, ConvReLUPool2d, pool_module_options
+from .conv_bn import ConvBNReLU2d, ConvBNReLUPool2d
 
 
-def _is_fusable_conv(module):
-    return type(module) is nn.Conv2d
-
-
-def _try_fuse_pool(conv, relu, pool):
-    """The ConvReLUPool2d for (conv, relu, pool), or None when that pool has options the fused op does not have."""
-    if not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
-        return None
+def _fusable_pool(module):
+    """True when ``module`` is a pool the fused modules reproduce exactly."""
+    if not isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        return False
     try:
-        return ConvReLUPool2d.from_modules(conv, relu, pool)
+        pool_module_options(module)
     except ValueError:  # padding, ceil_mode, dilation, indices or divisor_override: keep the stock pool
+        return False
+    return True
+
+
+def _fused_run(layers, i):
+    """The fused replacement of the run starting at ``layers[i]`` (a list of modules as long as the run), or None."""
+    conv, rest = layers[i], layers[i + 1:i + 4]
+    if type(conv) is not nn.Conv2d or not rest:
         return None
+    has_norm = type(rest[0]) is nn.BatchNorm2d and rest[0].num_features == conv.out_channels
+    norm, rest = (rest[0], rest[1:]) if has_norm else (None, rest)
+    if not rest or not isinstance(rest[0], nn.ReLU):
+        return None
+    relu, pool = rest[0], rest[1] if len(rest) > 1 and _fusable_pool(rest[1]) else None
+    if norm is None:
+        block = ConvReLUPool2d.from_modules(conv, relu, pool) if pool is not None \
+            else ConvReLU2d.from_modules(conv, relu)
+        fused = [block.train(conv.training)]
+    elif pool is not None:
+        fused = list(ConvBNReLUPool2d.from_modules(conv, norm, relu, pool))  # [fused conv, held BatchNorm]
+    else:
+        fused = list(ConvBNReLU2d.from_modules(conv, norm, relu))
+    return fused + [nn.Identity() for _ in range(2 if pool is not None else 1)]  # the ReLU's and pool's slots
 
 
 def fuse_layers(layers):
-    """Returns a list of the same length as ``layers`` with every ``Conv2d, ReLU[, pool]`` run fused.
+    """Returns a list of the same length as ``layers`` with every ``Conv2d, [BatchNorm2d,] ReLU[, pool]`` run fused.
 
     Args:
         layers: a sequence of modules applied one after another (e.g. the children of an ``nn.Sequential``).
 
     Example:
-        >>> stock = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        >>> stock = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         >>> [type(m).__name__ for m in fuse_layers(stock)]
-        ['ConvReLUPool2d', 'Identity', 'Identity']
+        ['ConvBNReLUPool2d', 'FusedBatchNorm2d', 'Identity', 'Identity']
     """
     layers = list(layers)
     fused = []
-    i = 0
-    while i < len(layers):
-        conv = layers[i]
-        relu = layers[i + 1] if i + 1 < len(layers) else None
-        if not (_is_fusable_conv(conv) and isinstance(relu, nn.ReLU)):
-            fused.append(conv)
-            i += 1
-            continue
-        block = _try_fuse_pool(conv, relu, layers[i + 2]) if i + 2 < len(layers) else None
-        run_length = 3 if block is not None else 2
-        if block is None:
-            block = ConvReLU2d.from_modules(conv, relu)
-        block.train(conv.training)
-        fused += [block] + [nn.Identity() for _ in range(run_length - 1)]
-        i += run_length
+    while len(fused) < len(layers):
+        run = _fused_run(layers, len(fused))
+        fused += run if run is not None else [layers[len(fused)]]
     return fused
 
 

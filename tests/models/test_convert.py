@@ -40,13 +40,13 @@ def test_user_sequential_runs_and_unfusable_pools():
     stock = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # fused into one ConvReLUPool2d
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, padding=1),  # padded pool: ConvReLU2d only
-        nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),  # BatchNorm in between: left alone
+        nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),  # BatchNorm in between: ConvBNReLU2d + the BN's state
         nn.Conv2d(8, 4, 1), nn.ReLU(), nn.AvgPool2d(2),
     )
     converted = fastcnn.convert(stock)
     assert [type(m).__name__ for m in converted] == [
         "ConvReLUPool2d", "Identity", "Identity", "ConvReLU2d", "Identity", "MaxPool2d",
-        "Conv2d", "BatchNorm2d", "ReLU", "ConvReLUPool2d", "Identity", "Identity"]
+        "ConvBNReLU2d", "FusedBatchNorm2d", "Identity", "ConvReLUPool2d", "Identity", "Identity"]
     assert converted[9].pool == "avg"
     _assert_same_state(converted, stock)
     assert_step_parity(converted, stock, copy.deepcopy(stock).double(), torch.randn(2, 3, 13, 17), train=True)

@@ -1,0 +1,201 @@
+"""``Conv2d -> BatchNorm2d -> ReLU [-> MaxPool2d/AvgPool2d]`` fused, keeping the BatchNorm's state in its own slot.
+
+A fused layer sequence must keep torchvision's state_dict keys: the conv's ``features.{i}.weight/bias`` and the
+BatchNorm's ``features.{i+1}.weight/bias/running_mean/running_var/num_batches_tracked``. So the work is split:
+
+* ``ConvBNReLU2d`` / ``ConvBNReLUPool2d`` (at the conv's slot; each IS an ``nn.Conv2d``) compute the whole run. They
+  refer to the BatchNorm without registering it (no duplicate keys, no second copy under ``.to()``/``deepcopy``).
+* ``FusedBatchNorm2d`` (at the BatchNorm's slot; an ``nn.BatchNorm2d``) owns the BatchNorm's parameters and buffers
+  and passes its input through unchanged: the fused conv before it has already applied it.
+
+Forward, with the BatchNorm's ``gamma, beta, eps``:
+
+* batch statistics (training, or ``track_running_stats=False``): ``y = conv(x)`` without the conv bias, then
+  ``pool(relu(batch_norm(y)))`` in one op that saves ``y``, the pooled output and one byte per pooled element
+  (see ``fastcnn.ops.batch_norm_relu_pool``). The conv bias ``b`` cancels in the normalisation
+  (``y + b - mean(y + b) = y - mean(y)``), so it is added only to the batch mean that updates ``running_mean``, and
+  its gradient is exactly zero. Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative
+  average, unbiased variance, ``num_batches_tracked``).
+* running statistics, nothing needing a gradient (inference): BatchNorm folded into the conv,
+  ``w' = w * gamma / sqrt(running_var + eps)``, ``b' = beta + (b - running_mean) * gamma / sqrt(running_var + eps)``
+  (cached; refolded when any source tensor changes), then fastcnn's fused conv + bias + ReLU [+ pool].
+* running statistics with trainable parameters (e.g. fine-tuning with frozen statistics): the stock ops, whose
+  gradients through the unfolded weights keep full precision.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional
+from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
+from ._batch_norm_fusion import FoldCache, update_running_statistics, uses_batch_statistics
+from .conv import _FusedConv2d, pool_module_options, pool_options
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """The state of a BatchNorm2d applied by the ``ConvBNReLU2d``/``ConvBNReLUPool2d`` just before it.
+
+    Constructor, parameters, buffers, init and state_dict keys are ``nn.BatchNorm2d``'s; ``forward`` returns its
+    input unchanged.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
+
+    Shape:
+        input ``(N, C, H, W)``; output: the input itself.
+
+    Example:
+        >>> norm = fastcnn.nn.FusedBatchNorm2d(16)
+        >>> block = nn.Sequential(fastcnn.nn.ConvBNReLU2d(3, 16, 3, padding=1, batch_norm=norm), norm)
+        >>> block(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 16, 8, 8])
+    """
+
+    def forward(self, input):
+        return input
+
+    @classmethod
+    def from_batch_norm(cls, batch_norm):
+        """A FusedBatchNorm2d holding ``batch_norm``'s hyperparameters, training mode and very tensors (so its
+        state_dict, and an optimizer's references to its parameters, carry over)."""
+        if type(batch_norm) is not nn.BatchNorm2d:
+            raise TypeError(f"fastcnn: batch_norm must be an nn.BatchNorm2d, got {type(batch_norm).__name__}")
+        held = cls(batch_norm.num_features, batch_norm.eps, batch_norm.momentum, batch_norm.affine,
+                   batch_norm.track_running_stats, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if getattr(batch_norm, name) is not None:
+                setattr(held, name, getattr(batch_norm, name))
+        return held.train(batch_norm.training)
+
+
+class _ConvBatchNormReLU(_FusedConv2d):
+    """Shared forward of the two fused classes; subclasses say which pool follows (``_pool_arguments``)."""
+
+    def _bind(self, batch_norm):
+        if not isinstance(batch_norm, FusedBatchNorm2d):
+            raise TypeError("fastcnn: batch_norm must be a fastcnn.nn.FusedBatchNorm2d (placed right after this "
+                            f"module), got {type(batch_norm).__name__}")
+        if batch_norm.num_features != self.out_channels:
+            raise ValueError(f"fastcnn: batch_norm has {batch_norm.num_features} features but the convolution has "
+                             f"{self.out_channels} output channels")
+        self.__dict__["batch_norm"] = batch_norm  # referred to, not registered: its state lives in its own slot
+
+    def _pool_arguments(self):
+        raise NotImplementedError
+
+    def forward(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")  # nn.BatchNorm2d's message
+        norm = self.batch_norm
+        input, padding = self._fused_conv_args(input)
+        conv_args = (self.stride, padding, self.dilation, self.groups)
+        if uses_batch_statistics(norm):
+            y = F.conv2d(input, self.weight, None, *conv_args)
+            out, mean, var = batch_norm_relu_pool(y, self.bias, norm.weight, norm.bias, norm.eps,
+                                                  *self._pool_arguments())
+            update_running_statistics(norm, mean, var, y.numel() // y.shape[1])
+            return out
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (*self.parameters(), *norm.parameters())):
+            return self._stock_forward(input, conv_args)
+        if "_fold_cache" not in self.__dict__:
+            self._fold_cache = FoldCache()
+        weight, bias = self._fold_cache.get(self, norm)
+        return functional.conv2d_relu_pool(input, weight, bias, *conv_args, *self._pool_arguments())
+
+    def _stock_forward(self, input, conv_args):
+        norm = self.batch_norm
+        y = F.conv2d(input, self.weight, self.bias, *conv_args)
+        out = F.relu(F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0,
+                                  norm.eps))
+        pool, size, stride = self._pool_arguments()
+        if pool == "max":
+            return F.max_pool2d(out, size, stride)
+        return F.avg_pool2d(out, size, stride) if pool == "avg" else out
+
+
+class ConvBNReLU2d(_ConvBatchNormReLU):
+    """``Conv2d -> BatchNorm2d -> ReLU`` in fused ops, with the BatchNorm held by the ``FusedBatchNorm2d`` that must
+    follow it in the sequence. Arguments, init and state_dict (``weight``, ``bias``) exactly as ``nn.Conv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
+        dtype: as ``nn.Conv2d``.
+        batch_norm: the ``FusedBatchNorm2d`` of ``out_channels`` features whose normalisation this module applies
+            (keyword only).
+
+    Shape:
+        input ``(N, C_in, H, W)``; output as ``nn.Conv2d``'s.
+
+    Example:
+        >>> norm = fastcnn.nn.FusedBatchNorm2d(16)
+        >>> layers = nn.Sequential(fastcnn.nn.ConvBNReLU2d(3, 16, 3, padding=1, batch_norm=norm), norm)
+        >>> layers(torch.randn(4, 3, 32, 32)).shape
+        torch.Size([4, 16, 32, 32])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, batch_norm):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._bind(batch_norm)
+
+    def _pool_arguments(self):
+        return "none", (1, 1), (1, 1)
+
+    @classmethod
+    def from_modules(cls, conv, batch_norm, relu):
+        """``(fused, held_batch_norm)`` computing ``nn.Sequential(conv, batch_norm, relu)`` when placed in the conv's
+        and the BatchNorm's slots; both share the given modules' tensors."""
+        cls._check_relu(relu)
+        held = FusedBatchNorm2d.from_batch_norm(batch_norm)
+        return cls._from_conv(conv, batch_norm=held).train(conv.training), held
+
+
+class ConvBNReLUPool2d(_ConvBatchNormReLU):
+    """``Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d/AvgPool2d`` in fused ops, saving for backward the conv output,
+    the pooled output and one byte per pooled element. The BatchNorm is held by the ``FusedBatchNorm2d`` that must
+    follow it in the sequence. Arguments, init and state_dict (``weight``, ``bias``) exactly as ``nn.Conv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
+        dtype: as ``nn.Conv2d``.
+        pool: ``"max"`` (default) or ``"avg"``.
+        pool_size: pooling window (default 2).
+        pool_stride: pooling stride (default: ``pool_size``). Floor mode, no pool padding.
+        batch_norm: the ``FusedBatchNorm2d`` of ``out_channels`` features whose normalisation this module applies
+            (keyword only).
+
+    Shape:
+        input ``(N, C_in, H, W)``; output ``(N, C_out, H_p, W_p)`` with
+        ``H_p = (H_conv - pool_size) // pool_stride + 1``.
+
+    Example:
+        >>> norm = fastcnn.nn.FusedBatchNorm2d(64)
+        >>> block = nn.Sequential(fastcnn.nn.ConvBNReLUPool2d(3, 64, 3, padding=1, batch_norm=norm), norm)
+        >>> block(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 64, 16, 16])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, pool="max", pool_size=2,
+                 pool_stride=None, *, batch_norm):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.pool, self.pool_size, self.pool_stride = pool_options(pool, pool_size, pool_stride)
+        self._bind(batch_norm)
+
+    def _pool_arguments(self):
+        return self.pool, self.pool_size, self.pool_stride
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, pool={self.pool!r}, pool_size={self.pool_size}, pool_stride={self.pool_stride}"
+
+    @classmethod
+    def from_modules(cls, conv, batch_norm, relu, pool):
+        """``(fused, held_batch_norm)`` computing ``nn.Sequential(conv, batch_norm, relu, pool)`` when placed in the
+        conv's and the BatchNorm's slots; both share the given modules' tensors. ``pool`` as for
+        ``ConvReLUPool2d.from_modules``."""
+        cls._check_relu(relu)
+        options = pool_module_options(pool)
+        held = FusedBatchNorm2d.from_batch_norm(batch_norm)
+        return cls._from_conv(conv, batch_norm=held, **options).train(conv.training), held
