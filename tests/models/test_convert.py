@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import fastcnn
-from fastcnn.nn import BasicBlock, Bottleneck, ConvReLU2d, ConvReLUPool2d
+from fastcnn.nn import BasicBlock, Bottleneck, ConvBNReLUPool2d, ConvReLU2d, ConvReLUPool2d
 
 from _parity import assert_step_parity, seeded_torchvision_state, torchvision_for_parity, torchvision_model, with_state
 
@@ -21,7 +21,8 @@ def _assert_same_state(converted, stock):
 # ResNet-50 in training mode runs in float64: in float32 it is too ill-conditioned to compare (see
 # test_bottleneck_net_training_parity_float64).
 @pytest.mark.parametrize("name, size, fused_type, dtype", [
-    ("vgg11", 32, ConvReLUPool2d, torch.float32), ("resnet18", 32, BasicBlock, torch.float32),
+    ("vgg11", 32, ConvReLUPool2d, torch.float32), ("vgg11_bn", 32, ConvBNReLUPool2d, torch.float32),
+    ("resnet18", 32, BasicBlock, torch.float32),
     ("resnet50", 64, Bottleneck, torch.float64),
 ])
 def test_convert_torchvision_models(name, size, fused_type, dtype):
