@@ -15,8 +15,6 @@ BATCH_NORM_OPS = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_
 def _why_unavailable(op, backend, device):
     if op in optim_ops.OPS:
         return optim_ops.why_unavailable(op, backend, device)
-    if op in BATCH_NORM_OPS and backend == "triton":
-        return "the BatchNorm ops have no Triton kernel"
     if op in BATCH_NORM_OPS + ("conv_transpose2d_act",) and backend in ("cpu", "cuda") and _extension.LOADED \
             and not hasattr(torch.ops.fastcnn, op):
         return "fastcnn._C was built from older sources without this op; rebuild it"

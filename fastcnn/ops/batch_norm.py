@@ -9,8 +9,10 @@
 
 ``mean`` and ``var`` (biased) are the batch statistics, for the running-statistics update.
 
-Backends: on CPU tensors "cpu" (C++ kernels of fastcnn._C); on CUDA tensors "cuda" (CUDA kernels of fastcnn._C);
-"reference" (plain PyTorch, differentiated by autograd) everywhere.
+Backends: on CPU tensors "cpu" (C++ kernels of fastcnn._C); on CUDA tensors "cuda" (CUDA kernels of fastcnn._C),
+then "triton" (fastcnn.triton_kernels; on CPU tensors only when forced under TRITON_INTERPRET=1); "reference" (plain
+PyTorch, differentiated by autograd) everywhere. The compiled backends share one autograd (batch_norm_autograd.py); in
+batch_norm_relu_conv2d the convolution is ATen's for every backend.
 """
 import torch
 
@@ -20,20 +22,25 @@ from . import _backends
 
 # A fastcnn._C built from older sources lacks these ops: the compiled backends are then unavailable for them.
 _COMPILED = _extension.LOADED and hasattr(torch.ops.fastcnn, "scale_shift_add_relu")
+_IMPLEMENTATIONS = {}  # backend -> module with KERNELS (the primitive ops) and TRAINING (the training ops)
 if _COMPILED:
-    from . import batch_norm_train  # (its import of batch_norm_cpp registers fakes and autograd on the C++ ops)
+    from . import batch_norm_train
+    _IMPLEMENTATIONS.update(cpu=batch_norm_train, cuda=batch_norm_train)
+if _backends.why_unavailable("triton", "cuda") is None:
+    from . import batch_norm_triton
+    _IMPLEMENTATIONS["triton"] = batch_norm_triton
 
-_PREFERENCE = {"cuda": ("cuda",), "cpu": ("cpu",)} if _COMPILED else {}
+_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def _backend_for(x):
-    backend = _backends.choose(x.device.type, _PREFERENCE.get(x.device.type, ()))
-    if backend == "triton":
-        raise RuntimeError("fastcnn: the BatchNorm ops have no triton backend; use cuda, cpu or reference")
+    """(backend name, its module or None for "reference") for a call on x."""
+    preference = [b for b in _PREFERENCE.get(x.device.type, ()) if b in _IMPLEMENTATIONS]
+    backend = _backends.choose(x.device.type, preference)
     if backend in ("cpu", "cuda") and not _COMPILED:
         raise RuntimeError(f"fastcnn: backend {backend!r} was forced but fastcnn._C has no BatchNorm ops (it was "
                            "built from older sources); rebuild it")
-    return backend
+    return backend, _IMPLEMENTATIONS.get(backend)
 
 
 def _check_input(x, name="input"):
@@ -79,9 +86,10 @@ def scale_shift_add_relu(x, scale, shift, residual=None):
     residual = _residual_like(residual, x)
     save_mask = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, scale, shift, residual))
-    if _backend_for(x) == "reference":
+    backend, implementation = _backend_for(x)
+    if backend == "reference":
         return reference.scale_shift_add_relu(x, scale, shift, residual, save_mask)[0]
-    return torch.ops.fastcnn.scale_shift_add_relu(x, scale, shift, residual, save_mask)[0]
+    return implementation.KERNELS.apply(x, scale, shift, residual, save_mask)[0]
 
 
 def batch_norm_add_relu(y, weight, bias, eps, residual=None):
@@ -89,9 +97,10 @@ def batch_norm_add_relu(y, weight, bias, eps, residual=None):
     _check_input(y, "y")
     _check_batch(y)
     residual = _residual_like(residual, y)
-    if _backend_for(y) == "reference":
+    backend, implementation = _backend_for(y)
+    if backend == "reference":
         return reference.batch_norm_add_relu(y, weight, bias, eps, residual)
-    out, _mask, mean, var = batch_norm_train.batch_norm_add_relu(y, *_affine(weight, bias, y), residual, eps)
+    out, _mask, mean, var = implementation.TRAINING.batch_norm_add_relu(y, *_affine(weight, bias, y), residual, eps)
     return out, mean, var
 
 
@@ -102,9 +111,11 @@ def batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, stride=1, padding=
     _check_batch(y)
     conv_weight = conv_weight.to(y.dtype)
     args = (_pair(stride), _pair(padding), _pair(dilation), groups)
-    if _backend_for(y) == "reference":
+    backend, implementation = _backend_for(y)
+    if backend == "reference":
         return reference.batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, *args)
-    return tuple(batch_norm_train.batch_norm_relu_conv2d(y, *_affine(weight, bias, y), conv_weight, *args, eps))
+    return tuple(implementation.TRAINING.batch_norm_relu_conv2d(y, *_affine(weight, bias, y), conv_weight, *args,
+                                                                eps))
 
 
 def _check_batch(y):

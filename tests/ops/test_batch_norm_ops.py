@@ -1,9 +1,11 @@
 """The fused BatchNorm ops against stock PyTorch: values and gradients (float64 oracle, 2x stock's error), both
-memory formats, odd sizes, gradcheck, opcheck, determinism and argument errors."""
+memory formats, odd sizes, gradcheck (the triton backend's too; its other tests are in test_batch_norm_triton.py),
+opcheck, determinism and argument errors."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _batch_norm_cases import bn_inputs, compare_with_stock
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import fastcnn
@@ -11,7 +13,6 @@ from fastcnn.nn._batch_norm_fusion import fold
 from fastcnn.ops import batch_norm as ops
 
 from _blocks import backends_here
-from _tolerances import assert_close_to_oracle
 
 BACKENDS = [b for b in backends_here("cpu") if b != "triton"]
 COMPILED = [b for b in BACKENDS if b != "reference"]
@@ -26,36 +27,11 @@ def _stock_relu_conv(y, weight, bias, conv_weight):
     return F.conv2d(torch.relu(F.batch_norm(y, None, None, weight, bias, True, 0.0, 1e-5)), conv_weight, None, 2, 1)
 
 
-def _inputs(dtype, channels_last, shape=(3, 7, 5, 13)):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
-    params = torch.randn(2, shape[1], dtype=torch.float64)
-    return y, params[0] + 1.5, params[1]
-
-
-def _grads(fn, tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [t.grad for t in leaves]
-
-
-def _compare(fused, stock, tensors, dtype, out_shape):
-    """fused and stock on `tensors` in dtype (BatchNorm parameters in float32, as nn.BatchNorm2d keeps them under
-    autocast), against stock in float64."""
-    low = [t.to(dtype) if t.dim() == 4 else t.float() for t in tensors]
-    grad_out = torch.randn(out_shape, dtype=torch.float64)
-    result, expected, exact = (_grads(fused, low, grad_out), _grads(stock, low, grad_out),
-                               _grads(stock, [t.double() for t in tensors], grad_out))
-    for name, r, e, o in zip(["out", "grad_y", "grad_weight", "grad_bias", "grad_4"], result, expected, exact):
-        assert_close_to_oracle(r.to(e.dtype), e, o, name)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_batch_norm_add_relu_matches_stock(backend, dtype, channels_last):
-    y, weight, bias = _inputs(dtype, channels_last)
+    y, weight, bias = bn_inputs(dtype, channels_last)
     residual = torch.randn(y.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last
                                                                     if channels_last else torch.contiguous_format)
 
@@ -68,14 +44,14 @@ def test_batch_norm_add_relu_matches_stock(backend, dtype, channels_last):
         torch.testing.assert_close(var.double(), expected_var, rtol=1e-5, atol=1e-5)
         return out
 
-    _compare(fused, _stock_add_relu, [y, weight, bias, residual], dtype, y.shape)
+    compare_with_stock(fused, _stock_add_relu, [y, weight, bias, residual], dtype, y.shape)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_batch_norm_relu_conv2d_matches_stock(backend, dtype, channels_last):
-    y, weight, bias = _inputs(dtype, channels_last)
+    y, weight, bias = bn_inputs(dtype, channels_last)
     conv_weight = torch.randn(4, y.shape[1], 3, 3, dtype=torch.float64)
 
     def fused(y, weight, bias, conv_weight):
@@ -83,14 +59,14 @@ def test_batch_norm_relu_conv2d_matches_stock(backend, dtype, channels_last):
             return ops.batch_norm_relu_conv2d(y, weight, bias, 1e-5, conv_weight, 2, 1)[0]
 
     out_shape = _stock_relu_conv(y.double(), weight, bias, conv_weight).shape
-    _compare(fused, _stock_relu_conv, [y, weight, bias, conv_weight], dtype, out_shape)
+    compare_with_stock(fused, _stock_relu_conv, [y, weight, bias, conv_weight], dtype, out_shape)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_scale_shift_add_relu_matches_stock(backend, dtype, channels_last):
-    y, scale, shift = _inputs(dtype, channels_last, (2, 5, 7, 3))
+    y, scale, shift = bn_inputs(dtype, channels_last, (2, 5, 7, 3))
     residual = torch.randn(y.shape, dtype=torch.float64)
 
     def stock(y, scale, shift, residual):
@@ -101,12 +77,12 @@ def test_scale_shift_add_relu_matches_stock(backend, dtype, channels_last):
         with fastcnn.use_backend(backend):
             return ops.scale_shift_add_relu(*args)
 
-    _compare(fused, stock, [y, scale, shift, residual], dtype, y.shape)
+    compare_with_stock(fused, stock, [y, scale, shift, residual], dtype, y.shape)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", COMPILED + [b for b in backends_here("cpu") if b == "triton"])
 def test_gradcheck_float64(backend):
-    y, weight, bias = _inputs(torch.float64, False, (2, 3, 3, 4))
+    y, weight, bias = bn_inputs(torch.float64, False, (2, 3, 3, 4))
     residual = torch.randn(y.shape, dtype=torch.float64)
     conv_weight = torch.randn(2, 3, 3, 3, dtype=torch.float64)
     y, weight, bias, residual, conv_weight = [t.clone().requires_grad_() for t in (y, weight, bias, residual,
@@ -121,7 +97,7 @@ def test_gradcheck_float64(backend):
 
 @pytest.mark.parametrize("backend", COMPILED)
 def test_opcheck(backend):
-    y, weight, bias = _inputs(torch.float32, True, (2, 3, 5, 4))
+    y, weight, bias = bn_inputs(torch.float32, True, (2, 3, 5, 4))
     residual, conv_weight = torch.randn(y.shape), torch.randn(2, 3, 3, 3)
     grad_y = [t.requires_grad_() for t in (y.clone(), weight.float(), bias.float(), residual)]
     gate = (torch.rand(y.shape) > 0.5).to(torch.uint8)
@@ -148,7 +124,7 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_statistics_are_deterministic_across_thread_counts(backend, channels_last):
-    y, _, _ = _inputs(torch.float32, channels_last, (4, 16, 37, 41))
+    y, _, _ = bn_inputs(torch.float32, channels_last, (4, 16, 37, 41))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

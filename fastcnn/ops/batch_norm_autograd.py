@@ -1,0 +1,172 @@
+"""Autograd and fakes of the fused BatchNorm ops, defined once for every compiled backend (math in
+fastcnn/reference/batch_norm.py). A backend supplies its four primitive ops (`Kernels`, with the schemas of
+csrc/fastcnn.cpp): the C++/CUDA ops of fastcnn._C (batch_norm_cpp.py, batch_norm_train.py) or the Triton ones
+(batch_norm_triton.py).
+
+`define_training_ops(suffix, kernels)` builds, as ``fastcnn::<name><suffix>``:
+
+* ``batch_norm_add_relu(y, weight, bias, residual, eps)``: ``relu(batch_norm(y) + residual)`` - statistics in one
+  reduction, then normalise + add + ReLU in one pass; saves ``y`` and a uint8 ReLU mask.
+* ``batch_norm_relu_conv2d(y, weight, bias, conv_weight, ..., eps)``: ``conv2d(relu(batch_norm(y)))`` - the
+  BN-apply + ReLU feeds ATen's convolution and is recomputed from ``y`` in backward, so the activation between two
+  convolutions is never stored.
+
+Both return the batch mean and biased variance too (for the running statistics) and share one backward
+(``batch_norm_relu_backward``, also an op): a reduction (``sum dz``, ``sum dz (y - mean)``) and one elementwise pass
+giving BatchNorm's full input gradient. `register_apply_autograd` differentiates the backend's
+``scale_shift_add_relu``.
+"""
+from types import SimpleNamespace
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..reference.batch_norm import accumulation_dtype, memory_format_of
+
+
+class Kernels(NamedTuple):
+    """One backend's primitive ops: stats(x) -> (mean, var); apply(x, scale, shift, residual, save_mask) ->
+    (out, mask); backward_reduce(grad_out, gate, x, mean) -> (sum_dz, sum_dz_xmu); backward_elemt(grad_out, gate,
+    x, mean, a, b, d, want_dz) -> (grad_x, dz)."""
+    stats: Callable
+    apply: Callable
+    backward_reduce: Callable
+    backward_elemt: Callable
+
+
+def like_input(x, dtype=None):
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+def _scale_shift(weight, bias, mean, var, eps):
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.to(invstd.dtype) * invstd
+    return invstd, scale, bias.to(invstd.dtype) - mean * scale
+
+
+def register_apply_autograd(op_name, kernels):
+    """Autograd of the backend's ``scale_shift_add_relu`` (the eval-mode epilogue, called directly by the blocks):
+    grad_x = scale * dz, grad_residual = dz (one pass); grad_scale = sum dz x, grad_shift = sum dz."""
+
+    def setup_context(ctx, inputs, output):
+        x, scale, _shift, residual, _save_mask = inputs
+        out, mask = output
+        ctx.save_for_backward(x, scale, mask if mask.numel() else out)
+        ctx.has_scale, ctx.has_residual = scale is not None, residual is not None
+
+    def backward(ctx, grad_out, _grad_mask):
+        x, scale, gate = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want_residual = ctx.has_residual and need[3]
+        grad_x = grad_scale = grad_shift = grad_residual = None
+        if need[0] or want_residual:
+            a = scale if scale is not None else torch.ones(x.shape[1], dtype=accumulation_dtype(x.dtype),
+                                                           device=x.device)
+            grad_x, dz = kernels.backward_elemt(grad_out, gate, x, None, a, None, None, want_residual)
+            grad_x, grad_residual = (grad_x if need[0] else None), (dz if want_residual else None)
+        if (ctx.has_scale and need[1]) or need[2]:
+            sum_dz, sum_dz_x = kernels.backward_reduce(grad_out, gate, x, None)
+            grad_scale, grad_shift = (sum_dz_x if ctx.has_scale and need[1] else None), (sum_dz if need[2] else None)
+        return grad_x, grad_scale, grad_shift, grad_residual, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def _channels_pair(y):
+    acc = accumulation_dtype(y.dtype)
+    return y.new_empty(y.shape[1], dtype=acc), y.new_empty(y.shape[1], dtype=acc)
+
+
+def define_training_ops(suffix, kernels):
+    """The training ops on `kernels`, registered as ``fastcnn::batch_norm_add_relu<suffix>``,
+    ``fastcnn::batch_norm_relu_conv2d<suffix>`` and ``fastcnn::batch_norm_relu_backward<suffix>``; returns them as a
+    namespace."""
+
+    def normalize_relu(y, weight, bias, residual, eps, save_mask):
+        mean, var = kernels.stats(y)
+        _, scale, shift = _scale_shift(weight, bias, mean, var, eps)
+        out, mask = kernels.apply(y, scale, shift, residual, save_mask)
+        return out, mask, mean, var
+
+    @torch.library.custom_op(f"fastcnn::batch_norm_add_relu{suffix}", mutates_args=())
+    def batch_norm_add_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            residual: Optional[torch.Tensor], eps: float
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, mask, mean, var)"""
+        return normalize_relu(y, weight, bias, residual, eps, True)
+
+    @batch_norm_add_relu.register_fake
+    def _(y, weight, bias, residual, eps):
+        return (like_input(y), like_input(y, torch.uint8), *_channels_pair(y))
+
+    @torch.library.custom_op(f"fastcnn::batch_norm_relu_conv2d{suffix}", mutates_args=())
+    def batch_norm_relu_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv_weight: torch.Tensor,
+                               stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, mean, var)"""
+        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False)
+        return F.conv2d(activation, conv_weight, None, stride, padding, dilation, groups), mean, var
+
+    @batch_norm_relu_conv2d.register_fake
+    def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps):
+        return (F.conv2d(y, conv_weight, None, stride, padding, dilation, groups), *_channels_pair(y))
+
+    @torch.library.custom_op(f"fastcnn::batch_norm_relu_backward{suffix}", mutates_args=())
+    def batch_norm_relu_backward(grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                                 mean: torch.Tensor, var: torch.Tensor, eps: float,
+                                 want_dz: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad_y, grad_weight, grad_bias, dz): with M = N*H*W, grad_y = a (dz - b (y - mean) - d) (see the
+        reference)."""
+        sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, gate, y, mean)
+        invstd, scale, _ = _scale_shift(weight, torch.zeros_like(weight), mean, var, eps)
+        count = y.numel() // y.shape[1]
+        b = invstd * invstd * sum_dz_xmu / count
+        d = sum_dz / count
+        grad_y, dz = kernels.backward_elemt(grad_out, gate, y, mean, scale, b, d, want_dz)
+        return grad_y, (sum_dz_xmu * invstd).to(weight.dtype), sum_dz.to(weight.dtype), dz
+
+    @batch_norm_relu_backward.register_fake
+    def _(grad_out, gate, y, weight, mean, var, eps, want_dz):
+        return (like_input(y), torch.empty_like(weight), torch.empty_like(weight),
+                like_input(y) if want_dz else y.new_empty(0))
+
+    def add_relu_setup(ctx, inputs, output):
+        y, weight, _bias, residual, eps = inputs
+        _out, mask, mean, var = output
+        ctx.save_for_backward(y, weight, mask, mean, var)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+
+    def add_relu_backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
+        y, weight, mask, mean, var = ctx.saved_tensors
+        want_dz = ctx.has_residual and ctx.needs_input_grad[3]
+        grad_y, grad_weight, grad_bias, dz = batch_norm_relu_backward(grad_out, mask, y, weight, mean, var, ctx.eps,
+                                                                      want_dz)
+        return grad_y, grad_weight, grad_bias, dz if want_dz else None, None
+
+    batch_norm_add_relu.register_autograd(add_relu_backward, setup_context=add_relu_setup)
+
+    def conv_setup(ctx, inputs, output):
+        y, weight, bias, conv_weight, stride, padding, dilation, groups, eps = inputs
+        _out, mean, var = output
+        ctx.save_for_backward(y, weight, bias, conv_weight, mean, var)
+        ctx.conv_args, ctx.eps = (stride, padding, dilation, groups), eps
+
+    def conv_backward(ctx, grad_out, _grad_mean, _grad_var):
+        y, weight, bias, conv_weight, mean, var = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        _, scale, shift = _scale_shift(weight, bias, mean, var, ctx.eps)
+        activation = kernels.apply(y, scale, shift, None, False)[0]  # recomputed
+        need_bn = any(ctx.needs_input_grad[:3])
+        grad_activation, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, activation, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_bn, ctx.needs_input_grad[3], False])
+        grad_y = grad_weight = grad_bias = None
+        if need_bn:
+            grad_y, grad_weight, grad_bias, _ = batch_norm_relu_backward(grad_activation, activation, y, weight,
+                                                                         mean, var, ctx.eps, False)
+        return grad_y, grad_weight, grad_bias, grad_conv_weight, None, None, None, None, None
+
+    batch_norm_relu_conv2d.register_autograd(conv_backward, setup_context=conv_setup)
+    return SimpleNamespace(batch_norm_add_relu=batch_norm_add_relu, batch_norm_relu_conv2d=batch_norm_relu_conv2d,
+                           batch_norm_relu_backward=batch_norm_relu_backward)

@@ -1,0 +1,97 @@
+"""The Triton backend of the fused BatchNorm ops: the four primitive ops of csrc/fastcnn.cpp (same schemas and
+outputs, name suffixed ``_triton``) as torch.library.triton_op's, so torch.compile sees into the kernels, and the
+training ops built on them (`TRAINING`, see batch_norm_autograd.py). Imported only when Triton is installed; the
+kernels live in fastcnn.triton_kernels (batch_norm_reduce, batch_norm_elemt)."""
+from typing import Optional, Tuple
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from ..reference.batch_norm import accumulation_dtype, memory_format_of
+from ..triton_kernels import batch_norm_elemt as elemt
+from ..triton_kernels import batch_norm_reduce as reduce
+from .batch_norm_autograd import Kernels, define_training_ops, like_input, register_apply_autograd
+
+
+def _dense(x, name):
+    """x laid out densely in its own memory format (the layout of every output), after checking it."""
+    if x.dim() != 4 or not x.is_floating_point() or x.numel() == 0:
+        raise ValueError(f"fastcnn: {name} must be a non-empty 4-D floating-point tensor, got {x.dim()}-D {x.dtype} "
+                         f"of shape {tuple(x.shape)}")
+    return x.contiguous(memory_format=memory_format_of(x))
+
+
+def _like(t, x, name, dtypes=None):
+    """t (shaped like x, of x's dtype or one of `dtypes`) in x's layout, or None."""
+    if t is None:
+        return None
+    if t.shape != x.shape or t.dtype not in (dtypes or (x.dtype,)) or t.device != x.device:
+        raise ValueError(f"fastcnn: {name} must match input's shape {tuple(x.shape)}, dtype {x.dtype} and device "
+                         f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    return t.contiguous(memory_format=memory_format_of(x))
+
+
+def _per_channel(t, x, name):
+    if t is None:
+        return None
+    acc = accumulation_dtype(x.dtype)
+    if t.shape != (x.shape[1],) or t.dtype != acc or t.device != x.device:
+        raise ValueError(f"fastcnn: {name} must be a ({x.shape[1]},) {acc} tensor on {x.device}, got "
+                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    return t.contiguous()
+
+
+def _channels(x):
+    return x.new_empty(x.shape[1], dtype=accumulation_dtype(x.dtype))
+
+
+@triton_op("fastcnn::batch_norm_stats_triton", mutates_args={})
+def batch_norm_stats_triton(input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = _dense(input, "input")
+    mean, var = _channels(x), _channels(x)
+    reduce.batch_norm_stats(x, mean, var, wrap=wrap_triton)
+    return mean, var
+
+
+@triton_op("fastcnn::scale_shift_add_relu_triton", mutates_args={})
+def scale_shift_add_relu_triton(input: torch.Tensor, scale: Optional[torch.Tensor], shift: torch.Tensor,
+                                residual: Optional[torch.Tensor], save_mask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = _dense(input, "input")
+    out = like_input(x)
+    mask = like_input(x, torch.uint8) if save_mask else x.new_empty(0, dtype=torch.uint8)
+    elemt.scale_shift_add_relu(x, _per_channel(scale, x, "scale"), _per_channel(shift, x, "shift"),
+                               _like(residual, x, "residual"), out, mask, wrap=wrap_triton)
+    return out, mask
+
+
+def _backward_inputs(grad_out, gate, input, mean):
+    x = _dense(input, "input")
+    return (_like(grad_out, x, "grad_out"), _like(gate, x, "gate", (torch.uint8, x.dtype)), x,
+            _per_channel(mean, x, "mean"))
+
+
+@triton_op("fastcnn::batch_norm_backward_reduce_triton", mutates_args={})
+def batch_norm_backward_reduce_triton(grad_out: torch.Tensor, gate: torch.Tensor, input: torch.Tensor,
+                                      mean: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_out, gate, x, mean = _backward_inputs(grad_out, gate, input, mean)
+    sum_dz, sum_dz_xmu = _channels(x), _channels(x)
+    reduce.batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap=wrap_triton)
+    return sum_dz, sum_dz_xmu
+
+
+@triton_op("fastcnn::batch_norm_backward_elemt_triton", mutates_args={})
+def batch_norm_backward_elemt_triton(grad_out: torch.Tensor, gate: torch.Tensor, input: torch.Tensor,
+                                     mean: Optional[torch.Tensor], a: torch.Tensor, b: Optional[torch.Tensor],
+                                     d: Optional[torch.Tensor], want_dz: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_out, gate, x, mean = _backward_inputs(grad_out, gate, input, mean)
+    grad_x = like_input(x)
+    dz = like_input(x) if want_dz else x.new_empty(0)
+    elemt.batch_norm_backward_elemt(grad_out, gate, x, mean, _per_channel(a, x, "a"), _per_channel(b, x, "b"),
+                                    _per_channel(d, x, "d"), grad_x, dz, wrap=wrap_triton)
+    return grad_x, dz
+
+
+KERNELS = Kernels(stats=batch_norm_stats_triton, apply=scale_shift_add_relu_triton,
+                  backward_reduce=batch_norm_backward_reduce_triton, backward_elemt=batch_norm_backward_elemt_triton)
+register_apply_autograd("fastcnn::scale_shift_add_relu_triton", KERNELS)
+TRAINING = define_training_ops("_triton", KERNELS)

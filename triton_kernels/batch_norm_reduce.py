@@ -1,0 +1,203 @@
+"""Per-channel reductions of the fused BatchNorm ops (math in fastcnn/reference/batch_norm.py), deterministic:
+
+* statistics: per-channel ``mean`` and biased ``var`` of ``x`` over its M = N*H*W rows;
+* backward: per-channel ``sum dz`` and ``sum dz (x - mean)``, with ``dz = grad_out`` where ``gate > 0`` else 0.
+
+Both run as a two-stage split reduction with no atomics. The M rows are cut into a fixed tiling that depends on the
+shape only: tiles of BLOCK_R rows, CHUNK_TILES consecutive tiles per chunk. Stage 1, one program per (chunk,
+channel block), writes the chunk's partial results to a ``[chunks, C]`` buffer in the accumulation dtype (fp32, or
+fp64 for fp64 inputs); stage 2, one program per channel block, combines the partials in chunk order. Every sum is
+reduced in a fixed order, so two runs give the same bits.
+
+Statistics use per-tile two-pass moments merged with Chan et al.'s formula, not sum and sum-of-squares:
+``var = E[x^2] - mean^2`` cancels catastrophically when |mean| >> std (a conv output with a large bias), while the
+tile's centred M2 = sum (x - tile_mean)^2 is computed from values already in registers and merging
+``(n_a, mean_a, M2_a)`` with ``(n_b, mean_b, M2_b)`` only adds non-negative terms:
+    n = n_a + n_b,  delta = mean_b - mean_a,  mean = mean_a + delta n_b / n,  M2 = M2_a + M2_b + delta^2 n_a n_b / n.
+The backward sums are already centred (x - mean) and are plain sums.
+
+x, grad_out and gate are addressed through x's four strides (NCHW and channels_last alike; the three share x's
+layout). Row r is pixel (n, h, w) = (r // HW, r % HW // W, r % W).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._conv_common import identity, interpreting
+
+
+@triton.jit
+def _tile(row0, chans, M, C, HW, W, sn, sc, sh, sw, BLOCK_R: tl.constexpr):
+    # Offsets ([BLOCK_R, BLOCK_C], int64) and mask of the tile of rows row0 .. row0 + BLOCK_R - 1.
+    rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    n = rows // HW
+    p = rows - n * HW
+    h = p // W
+    w = p - h * W
+    offs = (n * sn + h * sh + w * sw)[:, None] + chans.to(tl.int64)[None, :] * sc
+    return offs, (rows < M)[:, None] & (chans < C)[None, :]
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    # Chan et al.: the moments of the union of two disjoint sets (n_b may be 0: the first set is returned).
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac = n_b / tl.maximum(n, 1.0)
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def _stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, HW, W, sn, sc, sh, sw, CHUNK_TILES,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    chunk = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_t = mean_part_ptr.dtype.element_ty
+    count = tl.zeros((BLOCK_C,), acc_t)
+    mean = tl.zeros((BLOCK_C,), acc_t)
+    m2 = tl.zeros((BLOCK_C,), acc_t)
+    for t in range(CHUNK_TILES):
+        row0 = (chunk.to(tl.int64) * CHUNK_TILES + t) * BLOCK_R
+        offs, mask = _tile(row0, chans, M, C, HW, W, sn, sc, sh, sw, BLOCK_R)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        n_t = tl.minimum(tl.maximum(M - row0, 0), BLOCK_R).to(acc_t)
+        mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
+        centred = tl.where(mask, x - mean_t[None, :], 0.0)
+        count, mean, m2 = _chan_merge(count, mean, m2, n_t, mean_t, tl.sum(centred * centred, axis=0))
+    out = chunk.to(tl.int64) * C + chans
+    tl.store(mean_part_ptr + out, mean, mask=chans < C)
+    tl.store(m2_part_ptr + out, m2, mask=chans < C)
+
+
+@triton.jit
+def _stats_finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, CHUNKS, CHUNK_ROWS,
+                           BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    # BLOCK_K chunks at a time: their union's moments directly (mean = sum n_k mean_k / sum n_k,
+    # M2 = sum M2_k + sum n_k (mean_k - mean)^2), then one Chan merge into the running moments.
+    chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    acc_t = mean_ptr.dtype.element_ty
+    count = tl.zeros((BLOCK_C,), acc_t)
+    mean = tl.zeros((BLOCK_C,), acc_t)
+    m2 = tl.zeros((BLOCK_C,), acc_t)
+    for k0 in range(0, CHUNKS, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = (ks < CHUNKS)[:, None] & c_mask[None, :]
+        n_k = tl.minimum(tl.maximum(M - ks * CHUNK_ROWS, 0), CHUNK_ROWS).to(acc_t)  # 0 past the last chunk
+        offs = ks[:, None] * C + chans[None, :]
+        mean_k = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
+        m2_k = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
+        n_b = tl.sum(n_k, axis=0)
+        mean_b = tl.sum(n_k[:, None] * mean_k, axis=0) / n_b
+        spread = mean_k - mean_b[None, :]
+        m2_b = tl.sum(m2_k + n_k[:, None] * spread * spread, axis=0)
+        count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+    tl.store(mean_ptr + chans, mean, mask=c_mask)
+    tl.store(var_ptr + chans, m2 / count, mask=c_mask)
+
+
+@triton.jit
+def _backward_partial_kernel(g_ptr, gate_ptr, x_ptr, mean_ptr, dz_part_ptr, xmu_part_ptr, M, C, HW, W,
+                             sn, sc, sh, sw, CHUNK_TILES, HAS_MEAN: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    chunk = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_t = dz_part_ptr.dtype.element_ty
+    mean = tl.zeros((BLOCK_C,), acc_t)
+    if HAS_MEAN:
+        mean = tl.load(mean_ptr + chans, mask=chans < C, other=0.0)
+    sum_dz = tl.zeros((BLOCK_C,), acc_t)
+    sum_xmu = tl.zeros((BLOCK_C,), acc_t)
+    for t in range(CHUNK_TILES):
+        row0 = (chunk.to(tl.int64) * CHUNK_TILES + t) * BLOCK_R
+        offs, mask = _tile(row0, chans, M, C, HW, W, sn, sc, sh, sw, BLOCK_R)
+        gate = tl.load(gate_ptr + offs, mask=mask, other=0).to(acc_t)
+        dz = tl.where(gate <= 0, 0.0, tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t))  # ReLU's backward
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        sum_dz += tl.sum(dz, axis=0)
+        sum_xmu += tl.sum(dz * (x - mean[None, :]), axis=0)
+    out = chunk.to(tl.int64) * C + chans
+    tl.store(dz_part_ptr + out, sum_dz, mask=chans < C)
+    tl.store(xmu_part_ptr + out, sum_xmu, mask=chans < C)
+
+
+@triton.jit
+def _sum_partials_kernel(a_part_ptr, b_part_ptr, a_ptr, b_ptr, C, CHUNKS, BLOCK_K: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    # a[c] = sum_k a_part[k, c] and the same for b, BLOCK_K chunks at a time in chunk order.
+    chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    a = tl.zeros((BLOCK_C,), a_ptr.dtype.element_ty)
+    b = tl.zeros((BLOCK_C,), b_ptr.dtype.element_ty)
+    for k0 in range(0, CHUNKS, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs = ks[:, None] * C + chans[None, :]
+        mask = (ks < CHUNKS)[:, None] & c_mask[None, :]
+        a += tl.sum(tl.load(a_part_ptr + offs, mask=mask, other=0.0), axis=0)
+        b += tl.sum(tl.load(b_part_ptr + offs, mask=mask, other=0.0), axis=0)
+    tl.store(a_ptr + chans, a, mask=c_mask)
+    tl.store(b_ptr + chans, b, mask=c_mask)
+
+
+def tiling(rows, channels):
+    """The fixed split of a reduction over `rows` x `channels`: a function of the shape only (never of the device
+    or of timing), so results are reproducible. Small under the interpreter, so that test tensors span several
+    tiles per chunk and several chunks, the last ones partial. One place for the GPU tuning pass."""
+    if interpreting():
+        block_r, block_c, max_chunks, block_k = 16, 4, 2, 2
+    else:
+        block_r, block_c, max_chunks, block_k = 64, 32, 512, 64
+    block_c = min(block_c, triton.next_power_of_2(channels))
+    chunk_tiles = triton.cdiv(triton.cdiv(rows, block_r), max_chunks)
+    chunks = triton.cdiv(rows, block_r * chunk_tiles)
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, CHUNK_TILES=chunk_tiles, CHUNKS=chunks, BLOCK_K=block_k)
+
+
+def _geometry(x):
+    n, c, h, w = x.shape
+    return n * h * w, c, h * w, w
+
+
+def batch_norm_stats(x, mean, var, wrap=None):
+    """Write the per-channel mean and biased variance of ``x`` into ``mean`` and ``var``.
+
+    Args:
+        x: ``[N, C, H, W]``, any strides, at least one element per channel.
+        mean, var: preallocated ``[C]`` in the accumulation dtype (float32, or float64 for float64 ``x``).
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    rows, c, hw, w = _geometry(x)
+    t = tiling(rows, c)
+    mean_part = torch.empty(t["CHUNKS"], c, dtype=mean.dtype, device=x.device)
+    m2_part = torch.empty_like(mean_part)
+    c_blocks = triton.cdiv(c, t["BLOCK_C"])
+    wrap(_stats_partial_kernel)[(t["CHUNKS"], c_blocks)](
+        x, mean_part, m2_part, rows, c, hw, w, *x.stride(), t["CHUNK_TILES"],
+        BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
+    wrap(_stats_finalize_kernel)[(c_blocks,)](
+        mean_part, m2_part, mean, var, rows, c, t["CHUNKS"], t["BLOCK_R"] * t["CHUNK_TILES"],
+        BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])
+
+
+def batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap=None):
+    """Write per-channel ``sum dz`` and ``sum dz (x - mean)`` (``dz = grad_out`` where ``gate > 0``, else 0).
+
+    Args:
+        grad_out, gate, x: ``[N, C, H, W]`` with x's strides; gate is a uint8 mask or has x's dtype.
+        mean: ``[C]`` in the accumulation dtype, or None for 0.
+        sum_dz, sum_dz_xmu: preallocated ``[C]`` in the accumulation dtype.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    assert grad_out.stride() == x.stride() and gate.stride() == x.stride(), "grad_out and gate must share x's layout"
+    rows, c, hw, w = _geometry(x)
+    t = tiling(rows, c)
+    dz_part = torch.empty(t["CHUNKS"], c, dtype=sum_dz.dtype, device=x.device)
+    xmu_part = torch.empty_like(dz_part)
+    c_blocks = triton.cdiv(c, t["BLOCK_C"])
+    wrap(_backward_partial_kernel)[(t["CHUNKS"], c_blocks)](
+        grad_out, gate, x, sum_dz if mean is None else mean, dz_part, xmu_part, rows, c, hw, w, *x.stride(),
+        t["CHUNK_TILES"], HAS_MEAN=mean is not None, BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
+    wrap(_sum_partials_kernel)[(c_blocks,)](
+        dz_part, xmu_part, sum_dz, sum_dz_xmu, c, t["CHUNKS"], BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])
