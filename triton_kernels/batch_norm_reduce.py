@@ -3,9 +3,10 @@
 * statistics: per-channel ``mean`` and biased ``var`` of ``x`` over its M = N*H*W rows;
 * backward: per-channel ``sum dz`` and ``sum dz (x - mean)``, with ``dz = grad_out`` where ``gate > 0`` else 0.
 
-Both run as a two-stage split reduction with no atomics. The M rows are cut into a fixed tiling that depends on the
-shape only: tiles of BLOCK_R rows, CHUNK_TILES consecutive tiles per chunk. Stage 1, one program per (chunk,
-channel block), writes the chunk's partial results to a ``[chunks, C]`` buffer in the accumulation dtype (fp32, or
+Both run as a two-stage split reduction with no atomics, over a fixed tiling that depends on the shape only. A
+tile is BLOCK_R consecutive pixels of one image (the last tile of an image may be partial) x BLOCK_C channels;
+tiles are numbered image by image and CHUNK_TILES consecutive tiles form a chunk. Stage 1, one program per (chunk,
+channel block), writes the chunk's partial results to ``[chunks, C]`` buffers in the accumulation dtype (fp32, or
 fp64 for fp64 inputs); stage 2, one program per channel block, combines the partials in chunk order. Every sum is
 reduced in a fixed order, so two runs give the same bits.
 
@@ -16,8 +17,9 @@ tile's centred M2 = sum (x - tile_mean)^2 is computed from values already in reg
     n = n_a + n_b,  delta = mean_b - mean_a,  mean = mean_a + delta n_b / n,  M2 = M2_a + M2_b + delta^2 n_a n_b / n.
 The backward sums are already centred (x - mean) and are plain sums.
 
-x, grad_out and gate are addressed through x's four strides (NCHW and channels_last alike; the three share x's
-layout). Row r is pixel (n, h, w) = (r // HW, r % HW // W, r % W).
+x, grad_out and gate are dense and share x's layout (NCHW or channels_last), so pixel p = h*W + w of image n is at
+``n*stride_n + p*stride_p + c*stride_c``. A tile's pixels are consecutive within one image, so its loads are
+coalesced in both layouts: along pixels in NCHW (stride_p = 1), along channels in channels_last (stride_c = 1).
 """
 import torch
 import triton
@@ -27,15 +29,16 @@ from ._conv_common import identity, interpreting
 
 
 @triton.jit
-def _tile(row0, chans, M, C, HW, W, sn, sc, sh, sw, BLOCK_R: tl.constexpr):
-    # Offsets ([BLOCK_R, BLOCK_C], int64) and mask of the tile of rows row0 .. row0 + BLOCK_R - 1.
-    rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
-    n = rows // HW
-    p = rows - n * HW
-    h = p // W
-    w = p - h * W
-    offs = (n * sn + h * sh + w * sw)[:, None] + chans.to(tl.int64)[None, :] * sc
-    return offs, (rows < M)[:, None] & (chans < C)[None, :]
+def _tile(chunk, t, chans, N, C, HW, TILES_PER_IMAGE, CHUNK_TILES, s_n, s_c, s_p, BLOCK_R: tl.constexpr):
+    # Tile t of the chunk: image n, pixels p0 .. p0 + BLOCK_R - 1. Returns its offsets ([BLOCK_R, BLOCK_C], int64),
+    # mask and number of valid pixels (0 for a tile past the last image).
+    tile = chunk.to(tl.int64) * CHUNK_TILES + t
+    n = tile // TILES_PER_IMAGE
+    p0 = (tile - n * TILES_PER_IMAGE) * BLOCK_R
+    p = p0 + tl.arange(0, BLOCK_R)
+    offs = (n * s_n + p * s_p)[:, None] + chans.to(tl.int64)[None, :] * s_c
+    count = tl.where(n < N, tl.minimum(HW - p0, BLOCK_R), 0)
+    return offs, ((p < HW) & (n < N))[:, None] & (chans < C)[None, :], count
 
 
 @triton.jit
@@ -48,8 +51,8 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, HW, W, sn, sc, sh, sw, CHUNK_TILES,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_partial_kernel(x_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr, N, C, HW, TILES_PER_IMAGE, CHUNK_TILES,
+                          s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     chunk = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc_t = mean_part_ptr.dtype.element_ty
@@ -57,20 +60,20 @@ def _stats_partial_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, HW, W, sn, sc
     mean = tl.zeros((BLOCK_C,), acc_t)
     m2 = tl.zeros((BLOCK_C,), acc_t)
     for t in range(CHUNK_TILES):
-        row0 = (chunk.to(tl.int64) * CHUNK_TILES + t) * BLOCK_R
-        offs, mask = _tile(row0, chans, M, C, HW, W, sn, sc, sh, sw, BLOCK_R)
+        offs, mask, n_t = _tile(chunk, t, chans, N, C, HW, TILES_PER_IMAGE, CHUNK_TILES, s_n, s_c, s_p, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        n_t = tl.minimum(tl.maximum(M - row0, 0), BLOCK_R).to(acc_t)
+        n_t = n_t.to(acc_t)
         mean_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
         centred = tl.where(mask, x - mean_t[None, :], 0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, n_t, mean_t, tl.sum(centred * centred, axis=0))
     out = chunk.to(tl.int64) * C + chans
+    tl.store(count_part_ptr + out, count, mask=chans < C)
     tl.store(mean_part_ptr + out, mean, mask=chans < C)
     tl.store(m2_part_ptr + out, m2, mask=chans < C)
 
 
 @triton.jit
-def _stats_finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, CHUNKS, CHUNK_ROWS,
+def _stats_finalize_kernel(count_part_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, CHUNKS,
                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     # BLOCK_K chunks at a time: their union's moments directly (mean = sum n_k mean_k / sum n_k,
     # M2 = sum M2_k + sum n_k (mean_k - mean)^2), then one Chan merge into the running moments.
@@ -83,22 +86,22 @@ def _stats_finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, 
     for k0 in range(0, CHUNKS, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask = (ks < CHUNKS)[:, None] & c_mask[None, :]
-        n_k = tl.minimum(tl.maximum(M - ks * CHUNK_ROWS, 0), CHUNK_ROWS).to(acc_t)  # 0 past the last chunk
         offs = ks[:, None] * C + chans[None, :]
+        n_k = tl.load(count_part_ptr + offs, mask=mask, other=0.0)
         mean_k = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
         m2_k = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
         n_b = tl.sum(n_k, axis=0)
-        mean_b = tl.sum(n_k[:, None] * mean_k, axis=0) / n_b
+        mean_b = tl.sum(n_k * mean_k, axis=0) / tl.maximum(n_b, 1.0)
         spread = mean_k - mean_b[None, :]
-        m2_b = tl.sum(m2_k + n_k[:, None] * spread * spread, axis=0)
+        m2_b = tl.sum(m2_k + n_k * spread * spread, axis=0)
         count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
     tl.store(mean_ptr + chans, mean, mask=c_mask)
-    tl.store(var_ptr + chans, m2 / count, mask=c_mask)
+    tl.store(var_ptr + chans, m2 / tl.maximum(count, 1.0), mask=c_mask)  # (count is 0 only past channel C)
 
 
 @triton.jit
-def _backward_partial_kernel(g_ptr, gate_ptr, x_ptr, mean_ptr, dz_part_ptr, xmu_part_ptr, M, C, HW, W,
-                             sn, sc, sh, sw, CHUNK_TILES, HAS_MEAN: tl.constexpr, BLOCK_R: tl.constexpr,
+def _backward_partial_kernel(g_ptr, gate_ptr, x_ptr, mean_ptr, dz_part_ptr, xmu_part_ptr, N, C, HW, TILES_PER_IMAGE,
+                             CHUNK_TILES, s_n, s_c, s_p, HAS_MEAN: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_C: tl.constexpr):
     chunk = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,8 +112,7 @@ def _backward_partial_kernel(g_ptr, gate_ptr, x_ptr, mean_ptr, dz_part_ptr, xmu_
     sum_dz = tl.zeros((BLOCK_C,), acc_t)
     sum_xmu = tl.zeros((BLOCK_C,), acc_t)
     for t in range(CHUNK_TILES):
-        row0 = (chunk.to(tl.int64) * CHUNK_TILES + t) * BLOCK_R
-        offs, mask = _tile(row0, chans, M, C, HW, W, sn, sc, sh, sw, BLOCK_R)
+        offs, mask, _ = _tile(chunk, t, chans, N, C, HW, TILES_PER_IMAGE, CHUNK_TILES, s_n, s_c, s_p, BLOCK_R)
         gate = tl.load(gate_ptr + offs, mask=mask, other=0).to(acc_t)
         dz = tl.where(gate <= 0, 0.0, tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t))  # ReLU's backward
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
@@ -139,65 +141,69 @@ def _sum_partials_kernel(a_part_ptr, b_part_ptr, a_ptr, b_ptr, C, CHUNKS, BLOCK_
     tl.store(b_ptr + chans, b, mask=c_mask)
 
 
-def tiling(rows, channels):
-    """The fixed split of a reduction over `rows` x `channels`: a function of the shape only (never of the device
-    or of timing), so results are reproducible. Small under the interpreter, so that test tensors span several
-    tiles per chunk and several chunks, the last ones partial. One place for the GPU tuning pass."""
+def tiling(x):
+    """The fixed split of a reduction over x ``[N, C, H, W]``: a function of the shape only (never of the device or
+    of timing), so results are reproducible. Small under the interpreter, so that test tensors span several tiles
+    per chunk and several chunks, the last ones partial. One place for the GPU tuning pass."""
+    n, c, h, w = x.shape
     if interpreting():
         block_r, block_c, max_chunks, block_k = 16, 4, 2, 2
     else:
         block_r, block_c, max_chunks, block_k = 64, 32, 512, 64
-    block_c = min(block_c, triton.next_power_of_2(channels))
-    chunk_tiles = triton.cdiv(triton.cdiv(rows, block_r), max_chunks)
-    chunks = triton.cdiv(rows, block_r * chunk_tiles)
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, CHUNK_TILES=chunk_tiles, CHUNKS=chunks, BLOCK_K=block_k)
+    block_r = min(block_r, max(16, triton.next_power_of_2(h * w)))  # small images: fewer idle lanes
+    block_c = min(block_c, triton.next_power_of_2(c))
+    tiles_per_image = triton.cdiv(h * w, block_r)
+    chunk_tiles = triton.cdiv(n * tiles_per_image, max_chunks)
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, TILES_PER_IMAGE=tiles_per_image, CHUNK_TILES=chunk_tiles,
+                CHUNKS=triton.cdiv(n * tiles_per_image, chunk_tiles), BLOCK_K=block_k)
 
 
-def _geometry(x):
+def _layout(x):
+    """(N, C, H*W, stride_n, stride_c, stride_p) of a dense NCHW or channels_last x."""
     n, c, h, w = x.shape
-    return n * h * w, c, h * w, w
+    if h > 1 and x.stride(2) != w * x.stride(3):
+        raise ValueError(f"the BatchNorm reductions need a dense NCHW or channels_last tensor, got strides "
+                         f"{x.stride()}")
+    return n, c, h * w, x.stride(0), x.stride(1), x.stride(3)
 
 
 def batch_norm_stats(x, mean, var, wrap=None):
     """Write the per-channel mean and biased variance of ``x`` into ``mean`` and ``var``.
 
     Args:
-        x: ``[N, C, H, W]``, any strides, at least one element per channel.
+        x: ``[N, C, H, W]``, dense (NCHW or channels_last), at least one element per channel.
         mean, var: preallocated ``[C]`` in the accumulation dtype (float32, or float64 for float64 ``x``).
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
     """
     wrap = wrap or identity
-    rows, c, hw, w = _geometry(x)
-    t = tiling(rows, c)
-    mean_part = torch.empty(t["CHUNKS"], c, dtype=mean.dtype, device=x.device)
-    m2_part = torch.empty_like(mean_part)
+    n, c, hw, *strides = _layout(x)
+    t = tiling(x)
+    count_part, mean_part, m2_part = torch.empty(3, t["CHUNKS"], c, dtype=mean.dtype, device=x.device).unbind(0)
     c_blocks = triton.cdiv(c, t["BLOCK_C"])
     wrap(_stats_partial_kernel)[(t["CHUNKS"], c_blocks)](
-        x, mean_part, m2_part, rows, c, hw, w, *x.stride(), t["CHUNK_TILES"],
+        x, count_part, mean_part, m2_part, n, c, hw, t["TILES_PER_IMAGE"], t["CHUNK_TILES"], *strides,
         BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
     wrap(_stats_finalize_kernel)[(c_blocks,)](
-        mean_part, m2_part, mean, var, rows, c, t["CHUNKS"], t["BLOCK_R"] * t["CHUNK_TILES"],
-        BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])
+        count_part, mean_part, m2_part, mean, var, c, t["CHUNKS"], BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])
 
 
 def batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap=None):
     """Write per-channel ``sum dz`` and ``sum dz (x - mean)`` (``dz = grad_out`` where ``gate > 0``, else 0).
 
     Args:
-        grad_out, gate, x: ``[N, C, H, W]`` with x's strides; gate is a uint8 mask or has x's dtype.
+        grad_out, gate, x: ``[N, C, H, W]``, dense in one layout (NCHW or channels_last); gate is a uint8 mask or
+            has x's dtype.
         mean: ``[C]`` in the accumulation dtype, or None for 0.
         sum_dz, sum_dz_xmu: preallocated ``[C]`` in the accumulation dtype.
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
     """
     wrap = wrap or identity
-    assert grad_out.stride() == x.stride() and gate.stride() == x.stride(), "grad_out and gate must share x's layout"
-    rows, c, hw, w = _geometry(x)
-    t = tiling(rows, c)
-    dz_part = torch.empty(t["CHUNKS"], c, dtype=sum_dz.dtype, device=x.device)
-    xmu_part = torch.empty_like(dz_part)
+    n, c, hw, *strides = _layout(x)
+    t = tiling(x)
+    dz_part, xmu_part = torch.empty(2, t["CHUNKS"], c, dtype=sum_dz.dtype, device=x.device).unbind(0)
     c_blocks = triton.cdiv(c, t["BLOCK_C"])
     wrap(_backward_partial_kernel)[(t["CHUNKS"], c_blocks)](
-        grad_out, gate, x, sum_dz if mean is None else mean, dz_part, xmu_part, rows, c, hw, w, *x.stride(),
-        t["CHUNK_TILES"], HAS_MEAN=mean is not None, BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
+        grad_out, gate, x, sum_dz if mean is None else mean, dz_part, xmu_part, n, c, hw, t["TILES_PER_IMAGE"],
+        t["CHUNK_TILES"], *strides, HAS_MEAN=mean is not None, BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
     wrap(_sum_partials_kernel)[(c_blocks,)](
         dz_part, xmu_part, sum_dz, sum_dz_xmu, c, t["CHUNKS"], BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])

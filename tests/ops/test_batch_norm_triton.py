@@ -17,7 +17,9 @@ from _tolerances import assert_close_to_oracle
 pytestmark = pytest.mark.skipif(why_unavailable("triton", "cpu") is not None,
                                 reason=f"Triton cannot run on CPU here: {why_unavailable('triton', 'cpu')}")
 
-SHAPES = [(2, 5, 7, 3), (2, 3, 5, 5)]
+# Under the interpreter (see batch_norm_reduce.tiling) the first shape has two tiles per image, the last partial; the
+# second has one partial tile per image and an odd number of tiles, so its last chunk ends past the last image.
+SHAPES = [(2, 5, 7, 3), (3, 3, 5, 3)]
 FORMATS = [pytest.param(False, id="nchw"), pytest.param(True, id="nhwc")]
 
 
@@ -30,7 +32,7 @@ def _per_channel(*values, dtype):
     return [v.to(reference.accumulation_dtype(dtype)) for v in values]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["5x7x3", "3x5x5"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["2x5x7x3", "3x3x5x3"])
 @pytest.mark.parametrize("channels_last", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_primitives_match_reference(dtype, channels_last, shape):
