@@ -56,7 +56,7 @@ class Case:
 
     def step(self, run, block, x=None, grad_out=None):
         """A callable running one step of ``run`` (the block itself, or a wrapper of it) and returning what is
-        checked: the output, and in training the input gradient and some parameter gradients of ``block``."""
+        checked: the output, and in training the input gradient and ``checked_grads(block)``."""
         x = self.x if x is None else x.requires_grad_(self.train)
         grad_out = self.grad_out if grad_out is None else grad_out
         if not self.train:
@@ -70,9 +70,14 @@ class Case:
             block.zero_grad(set_to_none=True)
             out = run(x)
             out.backward(grad_out)
-            return (out.detach(), x.grad, block.conv1.weight.grad, block.conv2.weight.grad,
-                    block.conv3.weight.grad, block.bn1.weight.grad, block.bn3.bias.grad)
+            return (out.detach(), x.grad, *self.checked_grads(block))
         return train_step
+
+    @staticmethod
+    def checked_grads(block):
+        """The parameter gradients the correctness check compares (a sample: one per convolution, two BN)."""
+        return (block.conv1.weight.grad, block.conv2.weight.grad, block.conv3.weight.grad, block.bn1.weight.grad,
+                block.bn3.bias.grad)
 
     def work(self):
         """(FLOPs, bytes) of an ideal implementation: the three convolutions (x3 in training for dgrad and wgrad);
@@ -91,13 +96,14 @@ def providers(device):
     found = [("eager", lambda case: (case.stock, case.stock)),
              ("compile", lambda case: (torch.compile(case.stock), case.stock))]
     notes = []
-    for backend in ("cuda", "cpu"):
+    # The device's compiled backends (Triton is timed on GPUs only: on CPU it runs only under its interpreter).
+    for backend in ("cuda", "triton") if device.type == "cuda" else ("cpu",):
         reason = fastcnn.ops.why_unavailable(backend, device.type)
         if reason is None:
             found.append((f"fastcnn[{backend}]", lambda case, b=backend: (H.WithBackend(case.fused, b), case.fused)))
-        elif backend == device.type:
+        else:
             notes.append(f"fastcnn[{backend}] not benchmarked: {reason}")
-    notes.append("the BatchNorm ops have no Triton backend; the reference backend is plain PyTorch (not timed)")
+    notes.append("the reference backend is plain PyTorch (not timed)")
     return found, notes
 
 
