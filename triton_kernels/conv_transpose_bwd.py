@@ -1,0 +1,184 @@
+"""Backward of ConvTranspose2d + bias + activation, with the ReLU mask applied on the operand loads (no masked copy of
+the gradient in memory). The forward's math is derived in ``fastcnn.reference.conv_transpose``.
+
+With y = act(conv_transpose2d(x, w) + b) and dy_m = dy where not (y <= 0) for the ReLU (dy itself without one), and
+output row oy = iy*s - p + ky*d for input row iy and tap ky (likewise in x):
+
+  * the input gradient is an ordinary strided convolution of dy_m (every multiply a real one, no zero insertion):
+        dx[n, g*Cig + ci, iy, ix] = sum_{co < Cog, ky, kx} dy_m[n, g*Cog + co, oy, ox] * w[g*Cig + ci, co, ky, kx]
+  * the weight gradient swaps roles, reducing over the input pixels:
+        dw[g*Cig + ci, co, ky, kx] = sum_{n, iy, ix} x[n, g*Cig + ci, iy, ix] * dy_m[n, g*Cog + co, oy, ox]
+  * db[c] = sum_{n, oy, ox} dy_m[n, c, oy, ox].
+Output rows and columns outside [0, OH) x [0, OW) contribute zero. The weight and bias reductions run in fixed
+splits whose fp32 partials are added in split order (conv_relu_pool_bwd's ``_split_sum``): deterministic, no atomics.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._conv_common import POOL_IDS, _mma, dot_flags, gemm_blocks, identity
+from .conv_relu_pool_bwd import _dbias_kernel, _split_sum, split_count
+
+_ACT_IDS = {"none": 0, "relu": 1}
+
+
+# dy_m at (n, c, oy, ox) (index tensors broadcast to mask's shape; n and c int64), 0 outside ``mask``. The ReLU passes
+# the gradient where the output is not <= 0, NaN included, as PyTorch's threshold_backward does.
+@triton.jit
+def _masked_dy(g_ptr, o_ptr, n, c, oy, ox, mask, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
+               ACT: tl.constexpr):
+    oy = oy.to(tl.int64)
+    ox = ox.to(tl.int64)
+    dy = tl.load(g_ptr + n * sg_n + c * sg_c + oy * sg_h + ox * sg_w, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        o = tl.load(o_ptr + n * so_n + c * so_c + oy * so_h + ox * so_w, mask=mask, other=0.0)
+        dy = tl.where(o <= 0, 0.0, dy)
+    return dy
+
+
+# dx: a GEMM [BLOCK_M input pixels, BLOCK_K out-ch] x [BLOCK_K, BLOCK_N in-ch] per tap and out-channel tile, the dy_m
+# tile gathered at the strided output positions. Grid: (pixel tiles, in-channel tiles, groups).
+@triton.jit
+def _dgrad_kernel(
+    g_ptr, o_ptr, w_ptr, dx_ptr,
+    M, H, W, OH, OW, CIG, COG,
+    sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
+    sw_i, sw_o, sw_h, sw_w, sd_n, sd_c, sd_h, sd_w,
+    ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    ix = offs_m % W
+    iy = (offs_m // W) % H
+    n = (offs_m // (W * H)).to(tl.int64)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = ci < CIG
+    offs_k = tl.arange(0, BLOCK_K)
+    w_row = w_ptr + (g * CIG + ci).to(tl.int64) * sw_i  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_tiles = tl.cdiv(COG, BLOCK_K)
+    for kk in range(KH * KW * k_tiles):
+        tap = kk // k_tiles
+        co = (kk - tap * k_tiles) * BLOCK_K + offs_k
+        k_mask = co < COG
+        ky = tap // KW
+        kx = tap % KW
+        oy = iy * ST_H - PAD_H + ky * DIL_H
+        ox = ix * ST_W - PAD_W + kx * DIL_W
+        ok = m_mask & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+        dy = _masked_dy(g_ptr, o_ptr, n[:, None], (g * COG + co).to(tl.int64)[None, :], oy[:, None], ox[:, None],
+                        ok[:, None] & k_mask[None, :], sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, ACT)
+        wb = tl.load(w_row[None, :] + co[:, None] * sw_o + ky * sw_h + kx * sw_w,
+                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(dy.to(w_ptr.dtype.element_ty), wb, acc, UPCAST, IEEE)
+
+    d_row = n * sd_n + iy.to(tl.int64) * sd_h + ix.to(tl.int64) * sd_w
+    d_off = d_row[:, None] + (g * CIG + ci).to(tl.int64)[None, :] * sd_c
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# part[split, g*Cig + ci, co, ky, kx] = this split's share of dw: a GEMM [BLOCK_M in-ch, BLOCK_K input pixels] x
+# [BLOCK_K, BLOCK_N out-ch] per program. Grid: (channel tiles, taps x groups, splits of the pixel range).
+@triton.jit
+def _wgrad_kernel(
+    x_ptr, g_ptr, o_ptr, part_ptr,
+    P, H, W, OH, OW, CIG, COG, C_IN, K_ITERS, ITERS_PER_SPLIT,
+    sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
+    ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    n_tiles = tl.cdiv(COG, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles
+    pid_n = tl.program_id(0) % n_tiles
+    g = tl.program_id(1) // (KH * KW)
+    tap = tl.program_id(1) % (KH * KW)
+    split = tl.program_id(2)
+    ky = tap // KW
+    kx = tap % KW
+    ci = g * CIG + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = ci < (g + 1) * CIG
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = co < COG
+    x_ch = ci.to(tl.int64) * sx_c
+    g_ch = (g * COG + co).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kk in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, K_ITERS)):
+        p = kk * BLOCK_K + offs_k
+        p_mask = p < P
+        ix = p % W
+        iy = (p // W) % H
+        n = (p // (W * H)).to(tl.int64)
+        x_off = n * sx_n + iy.to(tl.int64) * sx_h + ix.to(tl.int64) * sx_w
+        xa = tl.load(x_ptr + x_ch[:, None] + x_off[None, :], mask=m_mask[:, None] & p_mask[None, :], other=0.0)
+        oy = iy * ST_H - PAD_H + ky * DIL_H
+        ox = ix * ST_W - PAD_W + kx * DIL_W
+        ok = p_mask & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
+        dy = _masked_dy(g_ptr, o_ptr, n[:, None], g_ch[None, :], oy[:, None], ox[:, None],
+                        ok[:, None] & n_mask[None, :], sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, ACT)
+        acc = _mma(xa, dy.to(x_ptr.dtype.element_ty), acc, UPCAST, IEEE)
+
+    part_row = (split * C_IN + ci).to(tl.int64) * COG
+    p_off = (part_row[:, None] + co[None, :]) * (KH * KW) + tap
+    tl.store(part_ptr + p_off, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def conv_transpose2d_backward(grad_out, out, x, weight, stride, padding, dilation, groups, activation, grad_x,
+                              grad_weight, grad_bias, wrap=None):
+    """Fill ``grad_x`` / ``grad_weight`` / ``grad_bias`` (each preallocated, or None to skip it).
+
+    Args:
+        grad_out: ``[N, C_out, OH, OW]``, any strides. out: the forward's output (read only for the ReLU mask).
+        x, weight, stride, padding, dilation, groups, activation: as in the forward (output_padding is implied by
+            grad_out's size).
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    n, c_in, h, w = x.shape
+    cog, kh, kw = weight.shape[1:]
+    cig = c_in // groups
+    oh, ow = grad_out.shape[2:]
+    act = _ACT_IDS[activation]
+    dy = (grad_out, out, *grad_out.stride(), *out.stride())
+    geom = dict(ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1], DIL_H=dilation[0],
+                DIL_W=dilation[1], KH=kh, KW=kw, ACT=act, **dot_flags(x.dtype))
+    if grad_x is not None and grad_x.numel():
+        m = n * h * w
+        cfg = gemm_blocks(m, cig, cog)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cig, cfg["BLOCK_N"]), groups)
+        wrap(_dgrad_kernel)[grid](*dy[:2], weight, grad_x, m, h, w, oh, ow, cig, cog, *dy[2:], *weight.stride(),
+                                  *grad_x.stride(), **geom, **cfg)
+    if grad_weight is not None and grad_weight.numel():
+        p = n * h * w
+        cfg = gemm_blocks(cig, cog, p, max_k=64)  # K runs over pixels: long
+        tiles = triton.cdiv(cig, cfg["BLOCK_M"]) * triton.cdiv(cog, cfg["BLOCK_N"])
+        k_iters = triton.cdiv(p, cfg["BLOCK_K"])
+        splits, per = split_count(tiles * kh * kw * groups, k_iters)
+        part = x.new_empty((splits, c_in, cog, kh, kw), dtype=torch.float32)
+        wrap(_wgrad_kernel)[(tiles, kh * kw * groups, splits)](
+            x, *dy[:2], part, p, h, w, oh, ow, cig, cog, c_in, k_iters, per, *x.stride(), *dy[2:], **geom, **cfg)
+        _split_sum(part, splits, grad_weight, wrap, sizes=(cog, kh, kw))
+    if grad_bias is not None and grad_bias.numel():
+        if act == 0:
+            grad_bias.copy_(grad_out.sum((0, 2, 3)))
+            return
+        # the fused block's bias reduction without a pool: sum of dy where not (out <= 0), in fixed splits
+        m, block_m, block_c = n * oh * ow, 64, 32
+        c_out = grad_out.shape[1]
+        m_iters = triton.cdiv(m, block_m)
+        splits, per = split_count(triton.cdiv(c_out, block_c), m_iters)
+        part = x.new_empty((splits, c_out), dtype=torch.float32)
+        wrap(_dbias_kernel)[(triton.cdiv(c_out, block_c), splits)](
+            grad_out, out, out, part, m, oh, ow, c_out, m_iters, per, *grad_out.stride(), *out.stride(),
+            *out.stride(), POOL=POOL_IDS["none"], NWIN=1, BLOCK_M=block_m, BLOCK_C=block_c)
+        _split_sum(part, splits, grad_bias, wrap)
