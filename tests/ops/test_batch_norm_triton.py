@@ -142,6 +142,15 @@ def test_bad_arguments_are_named(call, message):
         call(_kernels(), torch.randn(1, 3, 2, 3))
 
 
+def test_opcheck_add_relu():
+    """The training op's registered fake and autograd (its fake-tensor and AOT tests never run the kernels, so they
+    pass under the interpreter too; the Triton ops themselves are opchecked on the GPU below)."""
+    from fastcnn.ops import batch_norm_triton as triton_ops
+    y, weight, bias = bn_inputs(torch.float32, True, (2, 3, 5, 4))
+    leaves = [t.float().requires_grad_() for t in (y, weight, bias, torch.randn(y.shape))]
+    torch.library.opcheck(triton_ops.TRAINING.batch_norm_add_relu, (*leaves, 1e-5))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels_last", FORMATS)
 def test_opcheck_and_compile_cuda(channels_last):
