@@ -174,3 +174,29 @@ def test_opcheck_and_compile_cuda(channels_last):
     with fastcnn.use_backend("triton"):
         torch.testing.assert_close(torch.compile(step, fullgraph=True)(y, weight, bias, residual),
                                    step(y, weight, bias, residual))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", FORMATS)
+def test_training_step_is_not_pathologically_slow_cuda(channels_last):
+    """A guard against regressions such as uncoalesced loads (several times slower), not the performance target
+    (benchmarks/bench_residual.py measures that): BatchNorm + add + ReLU forward + backward on a ResNet layer2-sized
+    bf16 tensor within 1.5x of stock PyTorch's."""
+    from triton.testing import do_bench
+    y, weight, bias = bn_inputs(torch.bfloat16, channels_last, (32, 256, 28, 28))
+    y, residual = y.cuda(), torch.randn_like(y, device="cuda")
+    weight, bias = weight.float().cuda().requires_grad_(), bias.float().cuda().requires_grad_()
+    y.requires_grad_()
+    grad_out = torch.randn_like(y)
+
+    def fused():
+        with fastcnn.use_backend("triton"):
+            out = ops.batch_norm_add_relu(y, weight, bias, 1e-5, residual)[0]
+        out.backward(grad_out)
+
+    def stock():
+        out = torch.relu(F.batch_norm(y, None, None, weight, bias, True, 0.0, 1e-5) + residual)
+        out.backward(grad_out)
+
+    fused_ms, stock_ms = do_bench(fused), do_bench(stock)
+    assert fused_ms <= 1.5 * stock_ms, f"triton {fused_ms:.3f} ms vs stock {stock_ms:.3f} ms"
