@@ -2,13 +2,13 @@
 // fastcnn/reference/optim.py, per-element math in optim_math.h).
 //
 // Work split: every tensor is cut into spans of kSpan elements and one parallel loop (torch's intra-op threads, see
-// parallel_items) runs over all spans of all tensors, so many small tensors (biases, norms) cost no more than one large one. Each span calls the loop picked for
-// its tensor's dtypes (param, state: float32 state beside bf16/fp16 params is allowed) and on the presence of the
-// state lists it reads (amsgrad, momentum: template parameters; the other flags are loop-invariant branches): AVX2
-// lanes (8 floats / 4 doubles, no FMA) where the machine has AVX2 and F16C, else a baseline copy of the same loops.
-// Math runs in opmath (float32 for bf16/fp16, float64 for float64), rounding on store, one rounding per operation in
-// the oracle's order: results equal the oracle's bit for bit, except where it rounds differently itself (its CPU
-// tensor.sqrt() can be an ulp off; LARS's norms sum in another order).
+// parallel_items) runs over all spans of all tensors, so many small tensors (biases, norms) cost no more than one
+// large one. Each span calls the loop picked for its tensor's dtypes (param, state: float32 state beside bf16/fp16
+// params is allowed) and on the presence of the state lists it reads (amsgrad, momentum: template parameters; the
+// other flags are loop-invariant branches): AVX2 lanes (8 floats / 4 doubles, no FMA) where the machine has AVX2 and
+// F16C, else a baseline copy of the same loops. Math runs in opmath (float32 for bf16/fp16, float64 for float64),
+// rounding on store, one rounding per operation in the oracle's order: results equal the oracle's bit for bit, except
+// where it rounds differently itself (its CPU tensor.sqrt() can be an ulp off; LARS's norms sum in another order).
 //
 // Scalars: found_inf, lr_tensor and grad_scale are read once on the host (a CPU scalar); steps are read, incremented
 // and written on the host before the parallel pass, and the bias corrections / Adagrad's clr formed from them in
@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <iterator>
 #include <type_traits>
 #include <vector>
 
@@ -179,6 +181,31 @@ double increment_step(const at::Tensor& step) {
   return static_cast<double>(*s);
 }
 
+// A tensor list the loops read, and whether this call uses it (max_exp_avg_sqs only with amsgrad, momentum buffers
+// only with momentum); an unused list gives null pointers.
+struct ListUse {
+  at::TensorList list;
+  bool used;
+};
+
+// One Job per parameter: the loop `pick(P*, S*)` returns for its param and state dtypes (null pointers that carry the
+// types), the data pointers of its tensors in `lists` (in the loop's order) and its element count.
+template <typename Pick>
+std::vector<Job> make_jobs(at::TensorList params, const std::vector<optim::StateList>& states,
+                           std::initializer_list<ListUse> lists, const Pick& pick) {
+  TORCH_INTERNAL_ASSERT(lists.size() <= std::size(Job{}.ptr), "fastcnn: a Job holds at most 5 tensor lists");
+  std::vector<Job> jobs(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    Job& job = jobs[i];
+    job.fn = optim::with_dtypes(params[i].scalar_type(), optim::state_dtype(params[i], states, i),
+                                [&](auto* pt, auto* st) -> SpanFn { return pick(pt, st); });
+    int k = 0;
+    for (const ListUse& use : lists) job.ptr[k++] = use.used ? use.list[i].data_ptr() : nullptr;
+    job.numel = params[i].numel();
+  }
+  return jobs;
+}
+
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
               const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
@@ -191,24 +218,17 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   const int wd_mode = weight_decay == 0 ? 0 : (decoupled_weight_decay ? 2 : 1);
   const AdamArgs args{scale_of(grad_scale), lr_of(lr, lr_tensor), beta1, beta2, weight_decay, eps, wd_mode,
                       maximize, optim::has(grad_scale)};
-  std::vector<Job> jobs(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    Job& job = jobs[i];
-    const at::ScalarType state = optim::state_dtype(params[i], states, i);
-    job.fn = optim::with_dtypes(params[i].scalar_type(), state, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      return with_bool(amsgrad, [&](auto ams) -> SpanFn {
-        return FASTCNN_PICK(adam_span, P, S, decltype(ams)::value);
+  std::vector<Job> jobs = make_jobs(
+      params, states,
+      {{params, true}, {grads, true}, {exp_avgs, true}, {exp_avg_sqs, true}, {max_exp_avg_sqs, amsgrad}},
+      [&](auto* pt, auto* st) {
+        using P = std::remove_pointer_t<decltype(pt)>;
+        using S = std::remove_pointer_t<decltype(st)>;
+        return with_bool(amsgrad,
+                         [&](auto ams) -> SpanFn { return FASTCNN_PICK(adam_span, P, S, decltype(ams)::value); });
       });
-    });
-    job.ptr[0] = params[i].data_ptr();
-    job.ptr[1] = grads[i].data_ptr();
-    job.ptr[2] = exp_avgs[i].data_ptr();
-    job.ptr[3] = exp_avg_sqs[i].data_ptr();
-    job.ptr[4] = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-    job.numel = params[i].numel();
-    base::adam_bias_corrections(args.lr, beta1, beta2, increment_step(steps[i]), job.s0, job.s1);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    base::adam_bias_corrections(args.lr, beta1, beta2, increment_step(steps[i]), jobs[i].s0, jobs[i].s1);
   }
   run_jobs(jobs, &args);
 }
@@ -223,22 +243,13 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   if (params.empty() || skipped(found_inf)) return;
   const SgdArgs args{scale_of(grad_scale), lr_of(lr, lr_tensor), momentum, dampening, weight_decay, nesterov,
                      is_first_step, maximize, optim::has(grad_scale)};
-  std::vector<Job> jobs(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    Job& job = jobs[i];
-    const at::ScalarType state = optim::state_dtype(params[i], states, i);
-    job.fn = optim::with_dtypes(params[i].scalar_type(), state, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      return with_bool(has_momentum, [&](auto mom) -> SpanFn {
-        return FASTCNN_PICK(sgd_span, P, S, decltype(mom)::value);
+  const std::vector<Job> jobs = make_jobs(
+      params, states, {{params, true}, {grads, true}, {momentum_buffers, has_momentum}}, [&](auto* pt, auto* st) {
+        using P = std::remove_pointer_t<decltype(pt)>;
+        using S = std::remove_pointer_t<decltype(st)>;
+        return with_bool(has_momentum,
+                         [&](auto mom) -> SpanFn { return FASTCNN_PICK(sgd_span, P, S, decltype(mom)::value); });
       });
-    });
-    job.ptr[0] = params[i].data_ptr();
-    job.ptr[1] = grads[i].data_ptr();
-    job.ptr[2] = has_momentum ? momentum_buffers[i].data_ptr() : nullptr;
-    job.numel = params[i].numel();
-  }
   run_jobs(jobs, &args);
 }
 
@@ -251,21 +262,11 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   if (params.empty() || skipped(found_inf)) return;
   const AdagradArgs args{scale_of(grad_scale), weight_decay, eps, maximize, optim::has(grad_scale)};
   const double lr_value = lr_of(lr, lr_tensor);
-  std::vector<Job> jobs(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    Job& job = jobs[i];
-    const at::ScalarType state = optim::state_dtype(params[i], states, i);
-    job.fn = optim::with_dtypes(params[i].scalar_type(), state, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      return FASTCNN_PICK(adagrad_span, P, S);
-    });
-    job.ptr[0] = params[i].data_ptr();
-    job.ptr[1] = grads[i].data_ptr();
-    job.ptr[2] = state_sums[i].data_ptr();
-    job.numel = params[i].numel();
-    job.s0 = base::adagrad_clr(lr_value, lr_decay, increment_step(steps[i]));
-  }
+  std::vector<Job> jobs =
+      make_jobs(params, states, {{params, true}, {grads, true}, {state_sums, true}}, [&](auto* pt, auto* st) {
+        return FASTCNN_PICK(adagrad_span, std::remove_pointer_t<decltype(pt)>, std::remove_pointer_t<decltype(st)>);
+      });
+  for (size_t i = 0; i < jobs.size(); ++i) jobs[i].s0 = base::adagrad_clr(lr_value, lr_decay, increment_step(steps[i]));
   run_jobs(jobs, &args);
 }
 
@@ -281,24 +282,15 @@ void lars_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
   const bool unscale = optim::has(grad_scale);
   const LarsArgs args{scale_of(grad_scale), lr_of(lr, lr_tensor), momentum, dampening, weight_decay, nesterov,
                       is_first_step, maximize, update_norm, unscale};
-  std::vector<Job> jobs(params.size());
-  std::vector<NormFn> norm_fns(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    Job& job = jobs[i];
-    const at::ScalarType state = optim::state_dtype(params[i], states, i);
-    job.fn = optim::with_dtypes(params[i].scalar_type(), state, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      norm_fns[i] = FASTCNN_PICK(lars_norm_span, P);
-      return with_mode(mode, [&](auto mom) -> SpanFn {
-        return FASTCNN_PICK(lars_span, P, S, decltype(mom)::value);
+  std::vector<NormFn> norm_fns;
+  std::vector<Job> jobs = make_jobs(
+      params, states, {{params, true}, {grads, true}, {momentum_buffers, mode != 0}}, [&](auto* pt, auto* st) {
+        using P = std::remove_pointer_t<decltype(pt)>;
+        using S = std::remove_pointer_t<decltype(st)>;
+        norm_fns.push_back(FASTCNN_PICK(lars_norm_span, P));
+        return with_mode(mode,
+                         [&](auto mom) -> SpanFn { return FASTCNN_PICK(lars_span, P, S, decltype(mom)::value); });
       });
-    });
-    job.ptr[0] = params[i].data_ptr();
-    job.ptr[1] = grads[i].data_ptr();
-    job.ptr[2] = mode != 0 ? momentum_buffers[i].data_ptr() : nullptr;
-    job.numel = params[i].numel();
-  }
   // Pass 1: per-span sums of squares, then per tensor in span order.
   const std::vector<Span> spans = spans_of(jobs);
   std::vector<double> partial(2 * spans.size());
@@ -324,12 +316,7 @@ void lars_cpu(at::TensorList params, at::TensorList grads, at::TensorList moment
     }
   }
   // Pass 2: the update.
-  parallel_items(static_cast<int64_t>(spans.size()), [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      const Job& job = jobs[spans[k].job];
-      job.fn(job.ptr, spans[k].begin, spans[k].end, &args, job.s0, job.s1);
-    }
-  });
+  run_jobs(jobs, &args);
 }
 
 }  // namespace

@@ -347,6 +347,31 @@ void with_bool(bool b, F&& f) {
   }
 }
 
+bool steps_are_double(at::TensorList steps) { return !steps.empty() && steps[0].scalar_type() == at::kDouble; }
+
+// Checks the call's arguments, then, on the tensors' device, calls `launch_group(table, P*, S*)` once per dtype group
+// (param dtype P, state dtype S; null pointers that carry the types) with the group's multi-tensor table: params,
+// grads, then the used state lists, and the steps when the op has them.
+template <typename LaunchGroup>
+void for_each_dtype_group(const char* op_name, OpTag op, at::TensorList params, at::TensorList grads,
+                          const std::vector<optim::StateList>& states, at::TensorList steps,
+                          const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
+                          const c10::optional<at::Tensor>& found_inf, const LaunchGroup& launch_group) {
+  const bool has_steps = op == kAdamOp || op == kAdagradOp;
+  const at::Device device =
+      optim::check_optimizer_args(op_name, params, grads, states, steps, has_steps, lr_tensor, grad_scale, found_inf);
+  if (params.empty()) return;
+  TORCH_CHECK(device.is_cuda(), "fastcnn.", op_name, ": the CUDA kernel got tensors on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  for (const auto& group : group_by_dtypes(params, states)) {
+    const GroupLists g = gather(group.second, params, grads, states, has_steps ? steps : at::TensorList());
+    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      launch_group(*mta::get_table(op, g.lists, g.elem_size, g.steps, mta::ilp_for<P>()), pt, st);
+    });
+  }
+}
+
 void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
                const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
@@ -354,25 +379,17 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
   const std::vector<optim::StateList> states = {
       {"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}};
-  const at::Device device =
-      optim::check_optimizer_args("adam_", params, grads, states, steps, true, lr_tensor, grad_scale, found_inf);
-  if (params.empty()) return;
-  TORCH_CHECK(device.is_cuda(), "fastcnn.adam_: the CUDA kernel got tensors on ", device);
-  const c10::cuda::CUDAGuard guard(device);
   const AdamParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), beta1, beta2, weight_decay, eps,
                      weight_decay == 0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay),
-                     steps[0].scalar_type() == at::kDouble};
-  for (const auto& group : group_by_dtypes(params, states)) {
-    const GroupLists g = gather(group.second, params, grads, states, steps);
-    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      const auto table = mta::get_table(kAdamOp, g.lists, g.elem_size, g.steps, mta::ilp_for<P>());
-      with_bool(amsgrad, [&](auto ams) {
-        launch(adam_kernel<P, S, decltype(ams)::value>, table->num_items, table->view(), a);
-      });
-    });
-  }
+                     steps_are_double(steps)};
+  for_each_dtype_group("adam_", kAdamOp, params, grads, states, steps, lr_tensor, grad_scale, found_inf,
+                       [&](const mta::Table& table, auto* pt, auto* st) {
+                         using P = std::remove_pointer_t<decltype(pt)>;
+                         using S = std::remove_pointer_t<decltype(st)>;
+                         with_bool(amsgrad, [&](auto ams) {
+                           launch(adam_kernel<P, S, decltype(ams)::value>, table.num_items, table.view(), a);
+                         });
+                       });
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -381,24 +398,16 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               const c10::optional<at::Tensor>& found_inf) {
   const bool has_momentum = momentum != 0;
   const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, has_momentum}};
-  const at::Device device =
-      optim::check_optimizer_args("sgd_", params, grads, states, {}, false, lr_tensor, grad_scale, found_inf);
-  if (params.empty()) return;
-  TORCH_CHECK(device.is_cuda(), "fastcnn.sgd_: the CUDA kernel got tensors on ", device);
-  const c10::cuda::CUDAGuard guard(device);
   const SgdParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), momentum, dampening, weight_decay,
                     nesterov, is_first_step};
-  for (const auto& group : group_by_dtypes(params, states)) {
-    const GroupLists g = gather(group.second, params, grads, states, {});
-    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      const auto table = mta::get_table(kSgdOp, g.lists, g.elem_size, {}, mta::ilp_for<P>());
-      with_bool(has_momentum, [&](auto mom) {
-        launch(sgd_kernel<P, S, decltype(mom)::value>, table->num_items, table->view(), a);
-      });
-    });
-  }
+  for_each_dtype_group("sgd_", kSgdOp, params, grads, states, {}, lr_tensor, grad_scale, found_inf,
+                       [&](const mta::Table& table, auto* pt, auto* st) {
+                         using P = std::remove_pointer_t<decltype(pt)>;
+                         using S = std::remove_pointer_t<decltype(st)>;
+                         with_bool(has_momentum, [&](auto mom) {
+                           launch(sgd_kernel<P, S, decltype(mom)::value>, table.num_items, table.view(), a);
+                         });
+                       });
 }
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
@@ -406,22 +415,14 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   double eps, bool maximize, const c10::optional<at::Tensor>& grad_scale,
                   const c10::optional<at::Tensor>& found_inf) {
   const std::vector<optim::StateList> states = {{"state_sums", state_sums, true}};
-  const at::Device device =
-      optim::check_optimizer_args("adagrad_", params, grads, states, steps, true, lr_tensor, grad_scale, found_inf);
-  if (params.empty()) return;
-  TORCH_CHECK(device.is_cuda(), "fastcnn.adagrad_: the CUDA kernel got tensors on ", device);
-  const c10::cuda::CUDAGuard guard(device);
   const AdagradParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), lr_decay, weight_decay, eps,
-                        steps[0].scalar_type() == at::kDouble};
-  for (const auto& group : group_by_dtypes(params, states)) {
-    const GroupLists g = gather(group.second, params, grads, states, steps);
-    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      const auto table = mta::get_table(kAdagradOp, g.lists, g.elem_size, g.steps, mta::ilp_for<P>());
-      launch(adagrad_kernel<P, S>, table->num_items, table->view(), a);
-    });
-  }
+                        steps_are_double(steps)};
+  for_each_dtype_group("adagrad_", kAdagradOp, params, grads, states, steps, lr_tensor, grad_scale, found_inf,
+                       [&](const mta::Table& table, auto* pt, auto* st) {
+                         using P = std::remove_pointer_t<decltype(pt)>;
+                         using S = std::remove_pointer_t<decltype(st)>;
+                         launch(adagrad_kernel<P, S>, table.num_items, table.view(), a);
+                       });
 }
 
 void lars_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -431,30 +432,23 @@ void lars_cuda(at::TensorList params, at::TensorList grads, at::TensorList momen
                const c10::optional<at::Tensor>& found_inf) {
   const int mode = lr_in_momentum ? 2 : (momentum != 0 ? 1 : 0);
   const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, mode != 0}};
-  const at::Device device =
-      optim::check_optimizer_args("lars_", params, grads, states, {}, false, lr_tensor, grad_scale, found_inf);
-  if (params.empty()) return;
-  TORCH_CHECK(device.is_cuda(), "fastcnn.lars_: the CUDA kernel got tensors on ", device);
-  const c10::cuda::CUDAGuard guard(device);
   const LarsParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), momentum, dampening, weight_decay,
                      trust_coefficient, eps, nesterov, trust_clip, update_norm, is_first_step};
-  for (const auto& group : group_by_dtypes(params, states)) {
-    const GroupLists g = gather(group.second, params, grads, states, {});
-    optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
-      using P = std::remove_pointer_t<decltype(pt)>;
-      using S = std::remove_pointer_t<decltype(st)>;
-      const auto table = mta::get_table(kLarsOp, g.lists, g.elem_size, {}, mta::ilp_for<P>());
-      // The norms kernel reads only params and grads: the same table, whose first two lists they are.
-      const at::Tensor partials = at::empty({2 * table->num_items}, params[0].options().dtype(at::kDouble));
-      launch(lars_norms_kernel<P>, table->num_items, table->view(), a, partials.mutable_data_ptr<double>());
-      const double* sums = partials.const_data_ptr<double>();
-      switch (mode) {
-        case 0: launch(lars_kernel<P, S, 0>, table->num_items, table->view(), a, sums); break;
-        case 1: launch(lars_kernel<P, S, 1>, table->num_items, table->view(), a, sums); break;
-        default: launch(lars_kernel<P, S, 2>, table->num_items, table->view(), a, sums); break;
-      }
-    });
-  }
+  for_each_dtype_group(
+      "lars_", kLarsOp, params, grads, states, {}, lr_tensor, grad_scale, found_inf,
+      [&](const mta::Table& table, auto* pt, auto* st) {
+        using P = std::remove_pointer_t<decltype(pt)>;
+        using S = std::remove_pointer_t<decltype(st)>;
+        // The norms kernel reads only params and grads: the same table, whose first two lists they are.
+        const at::Tensor partials = at::empty({2 * table.num_items}, params[0].options().dtype(at::kDouble));
+        launch(lars_norms_kernel<P>, table.num_items, table.view(), a, partials.mutable_data_ptr<double>());
+        const double* sums = partials.const_data_ptr<double>();
+        switch (mode) {
+          case 0: launch(lars_kernel<P, S, 0>, table.num_items, table.view(), a, sums); break;
+          case 1: launch(lars_kernel<P, S, 1>, table.num_items, table.view(), a, sums); break;
+          default: launch(lars_kernel<P, S, 2>, table.num_items, table.view(), a, sums); break;
+        }
+      });
 }
 
 }  // namespace

@@ -22,76 +22,30 @@
 #endif
 
 // --- scalar primitives, correctly rounded one operation at a time -------------------------------------------------
-FASTCNN_OPTIM_HD float mul(float a, float b) {
+// On the device each is the _rn intrinsic of its precision; on the host the plain operator (the CPU targets enable no
+// FMA, so nothing is contracted).
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+#define FASTCNN_ROUNDED_BINARY(name, op, float_rn, double_rn)                            \
+  FASTCNN_OPTIM_HD float name(float a, float b) { return float_rn(a, b); }              \
+  FASTCNN_OPTIM_HD double name(double a, double b) { return double_rn(a, b); }
+#define FASTCNN_ROUNDED_SQRT                                                            \
+  FASTCNN_OPTIM_HD float sqrt_(float a) { return __fsqrt_rn(a); }                       \
+  FASTCNN_OPTIM_HD double sqrt_(double a) { return __dsqrt_rn(a); }
 #else
-  return a * b;
+#define FASTCNN_ROUNDED_BINARY(name, op, float_rn, double_rn)                            \
+  FASTCNN_OPTIM_HD float name(float a, float b) { return a op b; }                      \
+  FASTCNN_OPTIM_HD double name(double a, double b) { return a op b; }
+#define FASTCNN_ROUNDED_SQRT                                                            \
+  FASTCNN_OPTIM_HD float sqrt_(float a) { return std::sqrt(a); }                        \
+  FASTCNN_OPTIM_HD double sqrt_(double a) { return std::sqrt(a); }
 #endif
-}
-FASTCNN_OPTIM_HD float add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FASTCNN_OPTIM_HD float sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-FASTCNN_OPTIM_HD float div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-FASTCNN_OPTIM_HD float sqrt_(float a) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-FASTCNN_OPTIM_HD double mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FASTCNN_OPTIM_HD double add(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FASTCNN_OPTIM_HD double sub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-FASTCNN_OPTIM_HD double div(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-FASTCNN_OPTIM_HD double sqrt_(double a) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
+FASTCNN_ROUNDED_BINARY(mul, *, __fmul_rn, __dmul_rn)
+FASTCNN_ROUNDED_BINARY(add, +, __fadd_rn, __dadd_rn)
+FASTCNN_ROUNDED_BINARY(sub, -, __fsub_rn, __dsub_rn)
+FASTCNN_ROUNDED_BINARY(div, /, __fdiv_rn, __ddiv_rn)
+FASTCNN_ROUNDED_SQRT
+#undef FASTCNN_ROUNDED_BINARY
+#undef FASTCNN_ROUNDED_SQRT
 template <typename T>
 FASTCNN_OPTIM_HD T neg(T a) {
   return -a;
