@@ -256,49 +256,33 @@ std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cpu(const at::Tensor& in
                                                             const at::Tensor& shift,
                                                             const c10::optional<at::Tensor>& residual,
                                                             bool save_mask) {
-  const BnLayout L = bn_layout(input, "input");
-  const at::Tensor x = input.contiguous(L.format());
-  const auto sc = optional_per_channel(scale, input, "scale");
-  const auto sh = optional_per_channel(shift, input, "shift");
-  const auto res = same_as_input(residual, x, L, "residual");
-  at::Tensor out = at::empty_like(x, L.format());
-  at::Tensor mask = save_mask ? at::empty_like(x, x.options().dtype(at::kByte), L.format())
-                              : at::empty({0}, x.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scale_shift_add_relu_cpu",
-                                  [&] { apply_kernel<scalar_t>(x, sc, *sh, res, L, out, mask); });
-  return {out, mask};
+  ApplyCall c = apply_call(input, scale, shift, residual, save_mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.x.scalar_type(), "scale_shift_add_relu_cpu", [&] {
+    apply_kernel<scalar_t>(c.x, c.scale, c.shift, c.residual, c.L, c.out, c.mask);
+  });
+  return {c.out, c.mask};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
                                                                   const at::Tensor& input,
                                                                   const c10::optional<at::Tensor>& mean) {
-  const BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
-  const BnLayout& L = in.L;
-  const at::Tensor &x = in.x, &g = in.grad_out, &t = in.gate;
-  const c10::optional<at::Tensor>& mu = in.mean;
-  at::Tensor sum_dz = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
-  at::Tensor sum_dz_xmu = at::empty_like(sum_dz);
-  dispatch_with_gate(x, t, [&](auto s, auto gt) {
-    reduce_kernel<decltype(s), decltype(gt)>(g, t, x, mu, L, sum_dz, sum_dz_xmu);
+  ReduceCall c = reduce_call(grad_out, gate, input, mean);
+  const BackwardInputs& in = c.in;
+  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
+    reduce_kernel<decltype(s), decltype(gt)>(in.grad_out, in.gate, in.x, in.mean, in.L, c.sum_dz, c.sum_dz_xmu);
   });
-  return {sum_dz, sum_dz_xmu};
+  return {c.sum_dz, c.sum_dz_xmu};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
     const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input, const c10::optional<at::Tensor>& mean,
     const at::Tensor& a, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
-  const BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
-  const BnLayout& L = in.L;
-  const at::Tensor &x = in.x, &g = in.grad_out, &t = in.gate;
-  const c10::optional<at::Tensor>& mu = in.mean;
-  const auto av = optional_per_channel(a, input, "a"), bv = optional_per_channel(b, input, "b"),
-             dv = optional_per_channel(d, input, "d");
-  at::Tensor grad_x = at::empty_like(x, L.format());
-  at::Tensor dz = want_dz ? at::empty_like(x, L.format()) : at::empty({0}, x.options());
-  dispatch_with_gate(x, t, [&](auto s, auto gt) {
-    elemt_kernel<decltype(s), decltype(gt)>(g, t, x, mu, av, bv, dv, L, grad_x, dz);
+  ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz);
+  const BackwardInputs& in = c.in;
+  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
+    elemt_kernel<decltype(s), decltype(gt)>(in.grad_out, in.gate, in.x, in.mean, c.a, c.b, c.d, in.L, c.grad_x, c.dz);
   });
-  return {grad_x, dz};
+  return {c.grad_x, c.dz};
 }
 
 }  // namespace

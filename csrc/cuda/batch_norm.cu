@@ -1,10 +1,10 @@
 // CUDA kernels of the fused BatchNorm pieces; cpu/batch_norm.cpp is the behavioural model (same checks, outputs,
 // memory formats) and fastcnn/reference/batch_norm.py has the math.
 //
-// Per-channel reductions (statistics; the backward's sum dz and sum dz (x - mean)) run in two kernels with no atomics: a partial
-// kernel where block (channel tile, split) reduces a fixed, shape-determined range of the channel's M = N*H*W
-// elements (per-thread Welford / sums, then a fixed-order shared-memory tree), and a finalize kernel that merges
-// the splits of each channel in order. Results are deterministic and independent of the GPU.
+// Per-channel reductions (statistics; the backward's sum dz and sum dz (x - mean)) run in two kernels with no
+// atomics: a partial kernel where block (channel tile, split) reduces a fixed, shape-determined range of the
+// channel's M = N*H*W elements (per-thread Welford / sums, then a fixed-order shared-memory tree), and a finalize
+// kernel that merges the splits of each channel in order. Results are deterministic and independent of the GPU.
 //   NCHW: a block owns one channel; its threads stride over the split's elements (consecutive threads read
 //         consecutive pixels of a plane).
 //   NHWC: a block is 32 channels x 8 pixel rows; a warp reads 32 consecutive channels of one pixel.
@@ -245,77 +245,61 @@ std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cuda(const at::Tensor& i
                                                              const at::Tensor& shift,
                                                              const c10::optional<at::Tensor>& residual,
                                                              bool save_mask) {
-  const BnLayout L = bn_layout(input, "input");
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(L.format());
-  const auto sc = optional_per_channel(scale, input, "scale");
-  check_per_channel(shift, input, "shift");
-  const at::Tensor sh = shift.contiguous();
-  const auto res = same_as_input(residual, x, L, "residual");
-  at::Tensor out = at::empty_like(x, L.format());
-  at::Tensor mask = save_mask ? at::empty_like(x, x.options().dtype(at::kByte), L.format())
-                              : at::empty({0}, x.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scale_shift_add_relu_cuda", [&] {
+  ApplyCall c = apply_call(input, scale, shift, residual, save_mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.x.scalar_type(), "scale_shift_add_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    apply_kernel<scalar_t, acc_t><<<blocks_for(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(sc), sh.const_data_ptr<acc_t>(),
-        ptr_or_null<scalar_t>(res), out.data_ptr<scalar_t>(), save_mask ? mask.data_ptr<uint8_t>() : nullptr,
-        x.numel(), L.channels_last, L.C, L.HW);
+    apply_kernel<scalar_t, acc_t><<<blocks_for(c.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        c.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(c.scale), c.shift.const_data_ptr<acc_t>(),
+        ptr_or_null<scalar_t>(c.residual), c.out.data_ptr<scalar_t>(),
+        save_mask ? c.mask.data_ptr<uint8_t>() : nullptr, c.x.numel(), c.L.channels_last, c.L.C, c.L.HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, mask};
+  return {c.out, c.mask};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& gate,
                                                                    const at::Tensor& input,
                                                                    const c10::optional<at::Tensor>& mean) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
-  const BnLayout& L = in.L;
-  const at::Tensor &x = in.x, &g = in.grad_out, &t = in.gate;
-  const c10::optional<at::Tensor>& mu = in.mean;
-  at::Tensor sum_dz = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
-  at::Tensor sum_dz_xmu = at::empty_like(sum_dz);
-  const Geometry geo = geometry(L);
-  dispatch_with_gate(x, t, [&](auto s, auto gt) {
+  ReduceCall c = reduce_call(grad_out, gate, input, mean);
+  const BackwardInputs& in = c.in;
+  const Geometry geo = geometry(in.L);
+  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
     using scalar_t = decltype(s);
     using gate_t = decltype(gt);
     using acc_t = at::opmath_type<scalar_t>;
-    const ReduceVisit<scalar_t, gate_t, acc_t> visit{g.const_data_ptr<scalar_t>(), t.const_data_ptr<gate_t>(),
-                                                     x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(mu)};
-    const at::Tensor partial = launch_partial<GradSums<acc_t>>(geo, visit, x);
-    finalize_sums_kernel<acc_t><<<blocks_for(L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), geo.splits, L.C,
-        sum_dz.data_ptr<acc_t>(), sum_dz_xmu.data_ptr<acc_t>());
+    const ReduceVisit<scalar_t, gate_t, acc_t> visit{in.grad_out.const_data_ptr<scalar_t>(),
+                                                     in.gate.const_data_ptr<gate_t>(), in.x.const_data_ptr<scalar_t>(),
+                                                     ptr_or_null<acc_t>(in.mean)};
+    const at::Tensor partial = launch_partial<GradSums<acc_t>>(geo, visit, in.x);
+    finalize_sums_kernel<acc_t><<<blocks_for(in.L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), geo.splits, in.L.C,
+        c.sum_dz.data_ptr<acc_t>(), c.sum_dz_xmu.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sum_dz, sum_dz_xmu};
+  return {c.sum_dz, c.sum_dz_xmu};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
     const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input, const c10::optional<at::Tensor>& mean,
     const at::Tensor& a, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
-  const BnLayout& L = in.L;
-  const at::Tensor &x = in.x, &g = in.grad_out, &t = in.gate;
-  const c10::optional<at::Tensor>& mu = in.mean;
-  const auto av = optional_per_channel(a, input, "a"), bv = optional_per_channel(b, input, "b"),
-             dv = optional_per_channel(d, input, "d");
-  at::Tensor grad_x = at::empty_like(x, L.format());
-  at::Tensor dz = want_dz ? at::empty_like(x, L.format()) : at::empty({0}, x.options());
-  dispatch_with_gate(x, t, [&](auto s, auto gt) {
+  ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz);
+  const BackwardInputs& in = c.in;
+  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
     using scalar_t = decltype(s);
     using gate_t = decltype(gt);
     using acc_t = at::opmath_type<scalar_t>;
-    elemt_kernel<scalar_t, gate_t, acc_t><<<blocks_for(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g.const_data_ptr<scalar_t>(), t.const_data_ptr<gate_t>(), x.const_data_ptr<scalar_t>(),
-        ptr_or_null<acc_t>(mu), av->const_data_ptr<acc_t>(), ptr_or_null<acc_t>(bv), ptr_or_null<acc_t>(dv),
-        grad_x.data_ptr<scalar_t>(), want_dz ? dz.data_ptr<scalar_t>() : nullptr, x.numel(), L.channels_last, L.C,
-        L.HW);
+    elemt_kernel<scalar_t, gate_t, acc_t><<<blocks_for(in.x.numel()), kThreads, 0,
+                                            at::cuda::getCurrentCUDAStream()>>>(
+        in.grad_out.const_data_ptr<scalar_t>(), in.gate.const_data_ptr<gate_t>(), in.x.const_data_ptr<scalar_t>(),
+        ptr_or_null<acc_t>(in.mean), c.a->const_data_ptr<acc_t>(), ptr_or_null<acc_t>(c.b), ptr_or_null<acc_t>(c.d),
+        c.grad_x.data_ptr<scalar_t>(), want_dz ? c.dz.data_ptr<scalar_t>() : nullptr, in.x.numel(),
+        in.L.channels_last, in.L.C, in.L.HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, dz};
+  return {c.grad_x, c.dz};
 }
 
 }  // namespace

@@ -82,4 +82,60 @@ void dispatch_with_gate(const at::Tensor& x, const at::Tensor& gate, const F& f)
   });
 }
 
+// Each op's call, prepared the same way on every backend: arguments checked and laid out like input, outputs
+// allocated in input's layout. A backend's op then only dispatches on the dtypes and runs its kernels.
+
+// scale_shift_add_relu: out = relu(x * scale + shift + residual), and the uint8 ReLU mask (empty unless save_mask).
+struct ApplyCall {
+  BnLayout L;
+  at::Tensor x;
+  c10::optional<at::Tensor> scale, residual;
+  at::Tensor shift, out, mask;
+};
+
+inline ApplyCall apply_call(const at::Tensor& input, const c10::optional<at::Tensor>& scale, const at::Tensor& shift,
+                            const c10::optional<at::Tensor>& residual, bool save_mask) {
+  const BnLayout L = bn_layout(input, "input");
+  const at::Tensor x = input.contiguous(L.format());
+  const at::TensorOptions bytes = x.options().dtype(at::kByte);
+  return {L,
+          x,
+          optional_per_channel(scale, input, "scale"),
+          same_as_input(residual, x, L, "residual"),
+          optional_per_channel(shift, input, "shift").value(),
+          at::empty_like(x, L.format()),
+          save_mask ? at::empty_like(x, bytes, L.format()) : at::empty({0}, bytes)};
+}
+
+// batch_norm_backward_reduce: the per-channel sums of dz and dz * (x - mean), in the accumulation dtype.
+struct ReduceCall {
+  BackwardInputs in;
+  at::Tensor sum_dz, sum_dz_xmu;
+};
+
+inline ReduceCall reduce_call(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input,
+                              const c10::optional<at::Tensor>& mean) {
+  BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
+  at::Tensor sum_dz = at::empty({in.L.C}, in.x.options().dtype(bn_acc_dtype(in.x)));
+  at::Tensor sum_dz_xmu = at::empty_like(sum_dz);
+  return {std::move(in), std::move(sum_dz), std::move(sum_dz_xmu)};
+}
+
+// batch_norm_backward_elemt: grad_x = a * (dz - b * (x - mean) - d), and dz itself (empty unless want_dz).
+struct ElemtCall {
+  BackwardInputs in;
+  c10::optional<at::Tensor> a, b, d;
+  at::Tensor grad_x, dz;
+};
+
+inline ElemtCall elemt_call(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input,
+                            const c10::optional<at::Tensor>& mean, const at::Tensor& a,
+                            const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
+  BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
+  at::Tensor grad_x = at::empty_like(in.x, in.L.format());
+  at::Tensor dz = want_dz ? at::empty_like(in.x, in.L.format()) : at::empty({0}, in.x.options());
+  return {std::move(in), optional_per_channel(a, input, "a"), optional_per_channel(b, input, "b"),
+          optional_per_channel(d, input, "d"), std::move(grad_x), std::move(dz)};
+}
+
 }  // namespace fastcnn
