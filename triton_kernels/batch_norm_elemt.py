@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._conv_common import identity, interpreting
-from .optim_common import _store
+from ._rounding import _store
 
 
 @triton.jit

@@ -9,7 +9,8 @@ expression in float64, rounded to opmath when it meets a tensor; divisions and s
 import triton
 import triton.language as tl
 
-from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _powi, _row_ptr, _sqrt, _store, _work
+from ._rounding import _store
+from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _powi, _row_ptr, _sqrt, _work
 
 _ADAM_HP = ["lr_bits", "beta1_bits", "beta2_bits", "wd_bits", "eps_bits"]
 

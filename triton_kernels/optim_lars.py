@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _row_ptr, _sqrt, _store, _work
+from ._rounding import _store
+from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _row_ptr, _sqrt, _work
 
 
 @triton.jit
