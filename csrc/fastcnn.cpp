@@ -54,6 +54,11 @@ TORCH_LIBRARY(fastcnn, m) {
         " Tensor? d, bool want_dz) -> (Tensor grad_input, Tensor dz)");
   // --- end of BatchNorm ---
 
+  // --- Store into a channel slice (csrc/cpu|cuda/channel_slice.*; math in fastcnn/reference/channel_slice.py) ---
+  // out = relu(input * scale + shift) (scale None: 1) written into out, a tensor of input's shape with any strides
+  // (typically a channel slice of a concatenated output: an Inception branch's part of the block output).
+  m.def("scale_shift_relu_out(Tensor input, Tensor? scale, Tensor shift, Tensor(a!) out) -> ()");
+
   // Fused optimizer steps over lists of tensors (the update rules are in fastcnn/reference/optim.py). Each
   // increments its steps (where it has them) and updates every tensor in place, unless found_inf is nonzero, in which
   // case nothing changes. grad_scale, when given, divides the gradients first (and the unscaled gradients are

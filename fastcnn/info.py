@@ -8,15 +8,17 @@ from .ops import BACKENDS, why_unavailable
 from .ops import optim as optim_ops
 
 OPS = ("conv2d_relu_pool", "conv_transpose2d_act", "batch_norm_add_relu", "batch_norm_relu_conv2d",
-       "scale_shift_add_relu", "adam_", "sgd_", "adagrad_", "lars_")
+       "scale_shift_add_relu", "scale_shift_relu_out", "adam_", "sgd_", "adagrad_", "lars_")
 BATCH_NORM_OPS = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu")
 
 
 def _why_unavailable(op, backend, device):
+    if op == "scale_shift_relu_out" and backend == "triton":
+        return "no Triton kernel for this op (a plain strided store; the cpu/cuda kernels and the reference cover it)"
     if op in optim_ops.OPS:
         return optim_ops.why_unavailable(op, backend, device)
-    if op in BATCH_NORM_OPS + ("conv_transpose2d_act",) and backend in ("cpu", "cuda") and _extension.LOADED \
-            and not hasattr(torch.ops.fastcnn, op):
+    if op in BATCH_NORM_OPS + ("conv_transpose2d_act", "scale_shift_relu_out") and backend in ("cpu", "cuda") \
+            and _extension.LOADED and not hasattr(torch.ops.fastcnn, op):
         return "fastcnn._C was built from older sources without this op; rebuild it"
     return why_unavailable(backend, device)
 
