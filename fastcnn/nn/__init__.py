@@ -2,7 +2,9 @@
 from .conv import ConvReLU2d, ConvReLUPool2d
 from .conv_bn import ConvBNReLU2d, ConvBNReLUPool2d, FusedBatchNorm2d
 from .conv_transpose import ConvTranspose2d
+from .inception import BasicConv2d, InceptionBlock
 from .residual import BasicBlock, Bottleneck
 
 __all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU2d", "ConvBNReLUPool2d", "ConvReLU2d", "ConvReLUPool2d",
-           "ConvTranspose2d", "FusedBatchNorm2d"]
+           "ConvTranspose2d", "FusedBatchNorm2d",
+           "BasicConv2d", "InceptionBlock"]

@@ -11,6 +11,9 @@
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import batch_norm as bn_ops
 
 
 def uses_batch_statistics(bn):
@@ -46,6 +49,19 @@ def running_scale_shift(bn, dtype):
         scale = bn.weight.to(acc) * scale
     shift = -bn.running_mean.to(acc) * scale
     return scale, shift if bn.bias is None else bn.bias.to(acc) + shift
+
+
+def norm_relu_conv2d(y, norm, conv):
+    """``conv(relu(norm(y)))`` with fastcnn's fused ops, conv without bias: in training the BN-apply + ReLU runs
+    inside the convolution's input (and norm's running statistics are updated), in eval it is one epilogue pass."""
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if uses_batch_statistics(norm):
+        count = y.numel() // y.shape[1]
+        y, mean, var = bn_ops.batch_norm_relu_conv2d(y, norm.weight, norm.bias, norm.eps, conv.weight, *args)
+        update_running_statistics(norm, mean, var, count)
+        return y
+    activation = bn_ops.scale_shift_add_relu(y, *running_scale_shift(norm, y.dtype))
+    return F.conv2d(activation, conv.weight.to(y.dtype), None, *args)
 
 
 def fold(conv, bn):

@@ -9,6 +9,7 @@ from ..ops import batch_norm as bn_ops
 from ._batch_norm_fusion import (
     FoldCache,
     foldable_downsample,
+    norm_relu_conv2d,
     running_scale_shift,
     update_running_statistics,
     uses_batch_statistics,
@@ -102,14 +103,7 @@ class _ResidualBlock(nn.Module):
         conv, norm = stages[0]
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         for conv, next_norm in stages[1:]:
-            args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-            if uses_batch_statistics(norm):
-                count = y.numel() // y.shape[1]
-                y, mean, var = bn_ops.batch_norm_relu_conv2d(y, norm.weight, norm.bias, norm.eps, conv.weight, *args)
-                update_running_statistics(norm, mean, var, count)
-            else:
-                activation = bn_ops.scale_shift_add_relu(y, *running_scale_shift(norm, y.dtype))
-                y = F.conv2d(activation, conv.weight.to(y.dtype), None, *args)
+            y = norm_relu_conv2d(y, norm, conv)
             norm = next_norm
         identity = self._identity(x)
         if not uses_batch_statistics(norm):

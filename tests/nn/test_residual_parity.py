@@ -1,16 +1,15 @@
 """Fused BasicBlock / Bottleneck against torchvision's blocks with the same state_dict: forward, backward and
 running statistics, in train and eval mode, float32 / bfloat16, both memory formats, each backend here."""
-import copy
 
 import pytest
 import torch
+from _block_parity import assert_block_matches_stock, run  # noqa: F401  (run: used by test_residual_triton)
 from _residual_pairs import make_pair
 from torchvision.models import resnet as tv
 
 import fastcnn
 
 from _blocks import backends_here
-from _tolerances import assert_close_to_oracle
 
 COMPILED = [b for b in backends_here("cpu") if b not in ("triton", "reference")]
 
@@ -33,14 +32,6 @@ def _out_size(x, block):
     return [(n - 1) // block.stride + 1 for n in x.shape[2:]]
 
 
-def run(module, x, grad_out):
-    x = x.detach().clone().requires_grad_()
-    out = module(x)
-    out.backward(grad_out.to(out.dtype))
-    grads = {name: p.grad for name, p in module.named_parameters()}
-    return out.detach(), x.grad, grads
-
-
 # bfloat16 runs in channels_last (its fast layout); the reference backend runs the same module code on plain-PyTorch
 # ops, so one setting suffices for it.
 SETTINGS = [pytest.param(b, dtype, cl, id=f"{b}-{name}") for b in COMPILED
@@ -55,29 +46,7 @@ SETTINGS.append(pytest.param("reference", torch.float32, False, id="reference-fp
 def test_forward_backward_and_running_stats_match_torchvision(case, train, backend, dtype, channels_last):
     _, ours, theirs, kwargs, channels, size = case
     block, stock = make_pair(ours, theirs, kwargs)
-    oracle = copy.deepcopy(stock).double()
-    block, stock = block.to(dtype).train(train), stock.to(dtype).train(train)
-    oracle.train(train)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=fmt)
     grad_out = torch.randn(x.shape[0], _out_channels(block), *_out_size(x, block))
-    with fastcnn.use_backend(backend):
-        out, grad_x, grads = run(block, x, grad_out)
-    expected = run(stock, x, grad_out)
-    exact = run(oracle, x.double(), grad_out.double())
-    assert out.is_contiguous(memory_format=fmt)
-    assert_close_to_oracle(out, expected[0], exact[0], "out")
-    for name, buffer in block.named_buffers():
-        if buffer.is_floating_point():
-            assert_close_to_oracle(buffer, stock.get_buffer(name), oracle.get_buffer(name), name)
-        else:
-            assert torch.equal(buffer, stock.get_buffer(name)), name
-    if train and dtype == torch.bfloat16:
-        # Through the inner ReLUs, an element whose pre-activation lies within bf16 rounding of 0 may take either
-        # side in fastcnn and in stock (each rounds differently), which moves a gradient by a whole |grad_out|: a
-        # max-error comparison of block gradients is then a coin toss. The bf16 gradients of each fused training
-        # op are compared against stock in tests/ops/test_batch_norm_ops.py instead.
-        return
-    assert_close_to_oracle(grad_x, expected[1], exact[1], "grad_x")
-    for name, grad in grads.items():
-        assert_close_to_oracle(grad, expected[2][name], exact[2][name], name)
+    assert_block_matches_stock(block, stock, x, grad_out, backend, train)
