@@ -20,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor> call_bias_relu_pool(const at::Tensor& conv, c
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastcnn::bias_relu_pool", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef)>();
-  return op.call(conv, bias, pool, pool_size, pool_stride);
+                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef,
+                                                                 const c10::optional<at::Tensor>&)>();
+  return op.call(conv, bias, pool, pool_size, pool_stride, /*scale=*/c10::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_bias_relu_pool_backward(const at::Tensor& grad_out, const at::Tensor& out,

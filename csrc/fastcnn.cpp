@@ -11,12 +11,14 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastcnn, m) {
-  // Epilogue on a precomputed convolution output: out = pool(relu(conv + bias)) plus the compact code the
-  // backward needs (one uint8 per pooled element; empty for pool="none").
-  m.def("bias_relu_pool(Tensor conv, Tensor? bias, str pool, int[2] pool_size, int[2] pool_stride)"
-        " -> (Tensor out, Tensor code)");
-  // Gradient w.r.t. the convolution output, rebuilt from the pooled gradient and the code; grad_bias is empty
-  // unless bias_grad.
+  // Epilogue on a precomputed convolution output: out = pool(relu(conv * scale + bias)) plus the compact code the
+  // backward needs (one uint8 per pooled element; empty for pool="none"). scale (None: 1) and bias (None: 0) are
+  // per channel, in conv's dtype or its accumulation dtype (float32 for float16/bfloat16), applied in the latter
+  // with one rounding: scale and bias = BatchNorm's affine map make it a fused BatchNorm-apply + ReLU + pool.
+  m.def("bias_relu_pool(Tensor conv, Tensor? bias, str pool, int[2] pool_size, int[2] pool_stride,"
+        " Tensor? scale=None) -> (Tensor out, Tensor code)");
+  // Gradient w.r.t. conv * scale + bias (the convolution output's when there is no scale), rebuilt from the pooled
+  // gradient and the code; grad_bias is empty unless bias_grad.
   m.def("bias_relu_pool_backward(Tensor grad_out, Tensor out, Tensor code, SymInt[2] conv_size, str pool,"
         " int[2] pool_size, int[2] pool_stride, bool bias_grad) -> (Tensor grad_conv, Tensor grad_bias)");
   // The fused block: pool(relu(conv2d(input, weight, bias))) with the convolution from ATen (cuDNN / oneDNN).

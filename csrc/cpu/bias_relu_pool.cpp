@@ -1,8 +1,11 @@
-// CPU kernels of the fused epilogue: bias + ReLU + pool in one pass over the convolution output (forward), and the
-// gradient of the convolution output rebuilt from the pooled gradient and the compact code (backward).
+// CPU kernels of the fused epilogue: optional per-channel scale, bias, ReLU and pool in one pass over the convolution
+// output (forward), and the gradient at the scaled-and-shifted value rebuilt from the pooled gradient and the compact
+// code (backward).
 //
-// Values are rounded to the tensor dtype after the bias add, as eager's separate `add_` does, so the pool selects
-// the same element as Conv2d -> ReLU -> MaxPool2d in every dtype. Sums accumulate in at::opmath_type (fp32 for
+// Forward value per element: conv * scale[c] + bias[c] (scale 1, bias 0 when absent), computed in at::opmath_type
+// and rounded to the tensor dtype once, as eager's separate `add_` (or BatchNorm's affine map) does, so the pool
+// selects the same element as Conv2d -> ReLU -> MaxPool2d (or Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d) in every
+// dtype. Without a scale, x * 1 + b rounds exactly as x + b. Sums accumulate in at::opmath_type (fp32 for
 // bf16/fp16). Every output element is written by exactly one thread: no atomics, deterministic results.
 //
 // Work is cut into rows of K elements that are contiguous in the pooled tensors, the same for both layouts:
@@ -68,20 +71,20 @@ void for_each_row(const RowLayout& L, const F& f) {
   });
 }
 
-// One row of the forward: relu(conv + bias) rounded to scalar_t, folded over the window in row-major order into a
-// running max (PyTorch's rule, starting below every ReLU output) or a running sum and bit field. NHWC rows
-// (kChannelsLast) are unit-stride with a bias per element, so the compiler vectorises them (the __restrict__s say
-// that the uint8 code, which may alias anything, does not); NCHW rows move by the pool's column stride and share
-// one bias.
+// One row of the forward: relu(conv * scale + bias) rounded to scalar_t, folded over the window in row-major order
+// into a running max (PyTorch's rule, starting below every ReLU output) or a running sum and bit field. NHWC rows
+// (kChannelsLast) are unit-stride with a scale and bias per element, so the compiler vectorises them (the
+// __restrict__s say that the uint8 code, which may alias anything, does not); NCHW rows move by the pool's column
+// stride and share one channel's scale and bias.
 template <bool kChannelsLast, typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* __restrict__ conv, const scalar_t* __restrict__ bias, const RowLayout& L,
-                 PoolMode mode, acc_t* __restrict__ acc, uint8_t* __restrict__ sel, scalar_t* __restrict__ out,
-                 uint8_t* __restrict__ code) {
+void forward_row(const scalar_t* __restrict__ conv, const acc_t* __restrict__ scale, const acc_t* __restrict__ bias,
+                 const RowLayout& L, PoolMode mode, acc_t* __restrict__ acc, uint8_t* __restrict__ sel,
+                 scalar_t* __restrict__ out, uint8_t* __restrict__ code) {
   const int64_t K = L.row_length(), step = kChannelsLast ? 1 : L.win.sw;
   const bool is_avg = mode == PoolMode::Avg;
   const auto activate = [&](int64_t k, const scalar_t* src) {
-    const acc_t b = static_cast<acc_t>(bias[kChannelsLast ? k : 0]);
-    const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(src[k * step]) + b));
+    const int64_t c = kChannelsLast ? k : 0;
+    const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(src[k * step]) * scale[c] + bias[c]));
     return v <= acc_t(0) ? acc_t(0) : v;
   };
   for (int64_t k = 0; k < K; ++k) {
@@ -108,23 +111,34 @@ void forward_row(const scalar_t* __restrict__ conv, const scalar_t* __restrict__
   if (code != nullptr) std::copy(sel, sel + K, code);
 }
 
+// `vector` (C,) in acc_t, or C copies of `fill` when absent.
+template <typename acc_t>
+at::Tensor channel_vector(const c10::optional<at::Tensor>& vector, const at::Tensor& conv, double fill) {
+  const auto options = conv.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  if (!vector.has_value() || !vector->defined()) return at::full({conv.size(1)}, fill, options);
+  return vector->to(options.dtype()).contiguous();
+}
+
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& conv, const c10::optional<at::Tensor>& bias, PoolMode mode, const RowLayout& L,
-                    at::Tensor& out, at::Tensor& code) {
+void forward_kernel(const at::Tensor& conv, const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& bias, PoolMode mode, const RowLayout& L, at::Tensor& out,
+                    at::Tensor& code) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* src = conv.const_data_ptr<scalar_t>();
-  // Without a bias, add exact zeros: x + 0 rounds back to x, so one formula serves both.
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({L.C}, conv.options());
-  const scalar_t* biases = b.const_data_ptr<scalar_t>();
+  // Absent scale and bias are exact ones and zeros: x * 1 + 0 rounds back to x, so one formula serves every case.
+  const at::Tensor s = channel_vector<acc_t>(scale, conv, 1.0), b = channel_vector<acc_t>(bias, conv, 0.0);
+  const acc_t* scales = s.const_data_ptr<acc_t>();
+  const acc_t* biases = b.const_data_ptr<acc_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
   uint8_t* codes = mode == PoolMode::None ? nullptr : code.mutable_data_ptr<uint8_t>();
   for_each_row<acc_t>(L, [&](int64_t r, acc_t* acc, uint8_t* sel) {
     const int64_t p = L.pooled_offset(r);
     uint8_t* row_code = codes == nullptr ? nullptr : codes + p;
     if (L.channels_last) {
-      forward_row<true>(src + L.conv_offset(r), biases, L, mode, acc, sel, dst + p, row_code);
+      forward_row<true>(src + L.conv_offset(r), scales, biases, L, mode, acc, sel, dst + p, row_code);
     } else {
-      forward_row<false>(src + L.conv_offset(r), biases + L.channel(r), L, mode, acc, sel, dst + p, row_code);
+      const int64_t c = L.channel(r);
+      forward_row<false>(src + L.conv_offset(r), scales + c, biases + c, L, mode, acc, sel, dst + p, row_code);
     }
   });
 }
@@ -252,11 +266,13 @@ void bias_grad_kernel(const at::Tensor& grad_out, const at::Tensor& out, const a
 
 std::tuple<at::Tensor, at::Tensor> bias_relu_pool_cpu(const at::Tensor& conv_in, const c10::optional<at::Tensor>& bias,
                                                       c10::string_view pool, at::IntArrayRef pool_size,
-                                                      at::IntArrayRef pool_stride) {
+                                                      at::IntArrayRef pool_stride,
+                                                      const c10::optional<at::Tensor>& scale) {
   const PoolMode mode = parse_pool(pool);
   const PoolWindow win{pool_size[0], pool_size[1], pool_stride[0], pool_stride[1]};
   check_floating_4d(conv_in, "conv");
-  check_bias(bias, conv_in);
+  check_channel_vector(bias, conv_in, "bias");
+  check_channel_vector(scale, conv_in, "scale");
   check_pool_window(mode, win);
   const at::MemoryFormat fmt = memory_format_of(conv_in);
   const at::Tensor conv = conv_in.contiguous(fmt);
@@ -266,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_pool_cpu(const at::Tensor& conv_in,
                                            : at::empty_like(out, out.options().dtype(at::kByte));
   const RowLayout L = make_rows(fmt, conv.sizes(), ph, pw, mode, win);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, conv.scalar_type(), "bias_relu_pool_cpu", [&] {
-    forward_kernel<scalar_t>(conv, bias, mode, L, out, code);
+    forward_kernel<scalar_t>(conv, scale, bias, mode, L, out, code);
   });
   return {out, code};
 }

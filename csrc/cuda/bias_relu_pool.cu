@@ -1,12 +1,14 @@
 // CUDA kernels of the fused epilogue; cpu/bias_relu_pool.cpp is the behavioural model (same checks, outputs, memory
-// formats, numerics). Forward: bias + ReLU + pool in one pass over the convolution output. Backward: the gradient of
-// the convolution output gathered per element from the windows containing it, and grad_bias as a per-channel
-// reduction over the pooled tensors.
+// formats, numerics). Forward: optional per-channel scale, bias, ReLU and pool in one pass over the convolution
+// output. Backward: the gradient at conv * scale + bias gathered per element from the windows containing it, and
+// grad_bias as a per-channel reduction over the pooled tensors.
 //
-// Numerics: values are rounded to scalar_t after the bias add (like eager's separate add_), the max follows PyTorch's
+// Numerics: values are rounded to scalar_t after the (scale and) bias (like eager's separate add_; scale and bias are
+// read in opmath, converted on the host), the max follows PyTorch's
 // rule (max_update), the ReLU mask is relu_passes, sums accumulate in at::opmath_type. Each output element is written
 // by one thread and every reduction has a fixed, shape-determined order: no atomics, deterministic. out, code and
-// grad_conv match the CPU bit for bit; grad_bias adds in another order than the CPU's serial loop (equal to rounding).
+// grad_conv match the CPU bit for bit (with a scale other than 1, up to the compilers' contraction of x * s + b into
+// one fused multiply-add); grad_bias adds in another order than the CPU's serial loop (equal to rounding).
 //
 // Layouts. NHWC (channels_last, the fast path): a thread owns V consecutive channels of a pixel, V * sizeof(scalar_t)
 // <= 16 bytes, the widest V dividing C with every pointer aligned (picked on the host), so a warp reads each window
@@ -45,7 +47,8 @@ constexpr int64_t kMaxSplits = 256;  // most blocks sharing one channel's grad_b
 // enumerates (n, c, ph, pw group) and d0..d2 = PW/V, PH, C. Either way out and code sit at t * V.
 template <typename scalar_t, int V, bool CL, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ conv, const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+    forward_kernel(const scalar_t* __restrict__ conv, const at::opmath_type<scalar_t>* __restrict__ scale,
+                   const at::opmath_type<scalar_t>* __restrict__ bias, scalar_t* __restrict__ out,
                    uint8_t* __restrict__ code, PoolMode mode, PoolWindow win, int64_t items, Split<index_t> split,
                    index_t C, index_t H, index_t W) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -58,16 +61,22 @@ __global__ void __launch_bounds__(kThreads)
     const index_t t = static_cast<index_t>(i);
     const auto q0 = split.d0.divmod(t), q1 = split.d1.divmod(q0.div);
     index_t first;  // conv offset of lane 0's first window element
-    acc_t b[V], res[V];
+    acc_t s[V], b[V], res[V];
     uint8_t sel[V];
     if constexpr (CL) {
       const auto q2 = split.d2.divmod(q1.div);
       first = ((q2.div * H + q2.mod * sh) * W + q1.mod * sw) * C + q0.mod * V;
-      load_bias<V>(bias, q0.mod * V, b);
+      load_channels<V>(scale, q0.mod * V, acc_t(1), s);
+      load_channels<V>(bias, q0.mod * V, acc_t(0), b);
     } else {
       first = (q1.div * H + q1.mod * sh) * W + q0.mod * V * sw;
-      load_bias<1>(bias, split.d2.mod(q1.div), b);
-      for (int k = 1; k < V; ++k) b[k] = b[0];
+      const index_t c = split.d2.mod(q1.div);
+      load_channels<1>(scale, c, acc_t(1), s);
+      load_channels<1>(bias, c, acc_t(0), b);
+      for (int k = 1; k < V; ++k) {
+        s[k] = s[0];
+        b[k] = b[0];
+      }
     }
     for (int k = 0; k < V; ++k) {
       // Max: the running best starts below every ReLU output (>= 0 or NaN), so the first window element is always
@@ -80,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
         const Vec<scalar_t, V> x = load<V>(conv + first + wi * row + wj * col);
         const auto offset = static_cast<uint8_t>(wi * kw + wj);
         for (int k = 0; k < V; ++k) {
-          const acc_t v = bias_relu(x.v[k], b[k]);
+          const acc_t v = affine_relu(x.v[k], s[k], b[k]);
           if (is_avg) {
             res[k] += v;
             sel[k] |= static_cast<uint8_t>(relu_passes(v) << offset);
@@ -292,13 +301,14 @@ void with_vec(int v, const F& f) {
 }
 
 template <typename scalar_t>
-void launch_forward(const at::Tensor& conv, const at::Tensor& bias, PoolMode mode, const PoolWindow& pool_win,
-                    bool cl, at::Tensor& out, at::Tensor& code) {
+void launch_forward(const at::Tensor& conv, const at::Tensor& scale, const at::Tensor& bias, PoolMode mode,
+                    const PoolWindow& pool_win, bool cl, at::Tensor& out, at::Tensor& code) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = conv.size(1), H = conv.size(2), W = conv.size(3), PH = out.size(2), PW = out.size(3);
   const bool none = mode == PoolMode::None;
   const PoolWindow win = none ? PoolWindow{1, 1, 1, 1} : pool_win;
   const at::Tensor* code_t = none ? nullptr : &code;
-  const int v = cl ? vec_width<scalar_t>(C, {&conv, &out, code_t, &bias})
+  const int v = cl ? vec_width<scalar_t>(C, {&conv, &out, code_t, &scale, &bias})
                    : (win.kw == 1 && win.sw == 1 ? vec_width<scalar_t>(W, {&conv, &out, code_t}) : 1);
   with_index_type(conv.numel(), [&](auto index) {
     using index_t = decltype(index);
@@ -308,8 +318,9 @@ void launch_forward(const at::Tensor& conv, const at::Tensor& bias, PoolMode mod
       const auto kernel =
           cl ? forward_kernel<scalar_t, V, true, index_t> : forward_kernel<scalar_t, V, false, index_t>;
       kernel<<<grid_for(items), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          conv.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(), none ? nullptr : code.mutable_data_ptr<uint8_t>(), mode, win, items,
+          conv.const_data_ptr<scalar_t>(), scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr,
+          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+          none ? nullptr : code.mutable_data_ptr<uint8_t>(), mode, win, items,
           cl ? split_of<index_t>(C / V, PW, PH) : split_of<index_t>(PW / V, PH, C), static_cast<index_t>(C),
           static_cast<index_t>(H), static_cast<index_t>(W));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -393,25 +404,33 @@ void launch_bias_grad(const at::Tensor& grad_out, const at::Tensor& out, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A per-channel vector converted to opmath (contiguous), or an undefined tensor when absent.
+at::Tensor opmath_vector(const c10::optional<at::Tensor>& t, const at::Tensor& conv) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->to(at::toOpMathType(conv.scalar_type())).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> bias_relu_pool_cuda(const at::Tensor& conv_in,
                                                        const c10::optional<at::Tensor>& bias_in, c10::string_view pool,
-                                                       at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+                                                       at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+                                                       const c10::optional<at::Tensor>& scale_in) {
   const PoolMode mode = parse_pool(pool);
   const PoolWindow win{pool_size[0], pool_size[1], pool_stride[0], pool_stride[1]};
   check_floating_4d(conv_in, "conv");
-  check_bias(bias_in, conv_in);
+  check_channel_vector(bias_in, conv_in, "bias");
+  check_channel_vector(scale_in, conv_in, "scale");
   check_pool_window(mode, win);
   const c10::cuda::CUDAGuard guard(conv_in.device());
   const at::MemoryFormat fmt = memory_format_of(conv_in);
   const at::Tensor conv = conv_in.contiguous(fmt);
-  const at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor scale = opmath_vector(scale_in, conv), bias = opmath_vector(bias_in, conv);
   const auto [ph, pw] = pooled_size(conv.size(2), conv.size(3), mode, win);
   at::Tensor out = at::empty({conv.size(0), conv.size(1), ph, pw}, conv.options().memory_format(fmt));
   at::Tensor code = mode == PoolMode::None ? at::empty({0}, conv.options().dtype(at::kByte))
                                            : at::empty_like(out, out.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, code};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, conv.scalar_type(), "bias_relu_pool_cuda", [&] {
-    launch_forward<scalar_t>(conv, bias, mode, win, fmt == at::MemoryFormat::ChannelsLast, out, code);
+    launch_forward<scalar_t>(conv, scale, bias, mode, win, fmt == at::MemoryFormat::ChannelsLast, out, code);
   });
   return {out, code};
 }

@@ -12,9 +12,10 @@ bias add, a full pass over the convolution output, is skipped.
 Compiled backends ("cpu", "cuda": kernels of fastcnn._C), with ``M = N*H*W`` values per channel:
 
 * forward: per-channel ``mean, var`` (one deterministic reduction), ``scale = gamma * rsqrt(var + eps)``,
-  ``shift = beta - mean * scale``; ``z = y * scale + shift`` in the accumulation dtype, rounded once; then the
-  fused epilogue ``fastcnn::bias_relu_pool`` writes ``pool(relu(z))`` and one uint8 code per pooled element.
-  Saved for backward: ``y``, the pooled output and the code - not ``z``, not ``relu(z)``, not the pool indices.
+  ``shift = beta - mean * scale``; then ONE pass of the fused epilogue ``fastcnn::bias_relu_pool(y, shift, ...,
+  scale)`` computes ``z = y * scale + shift`` in the accumulation dtype, rounds it once (as stock BatchNorm's output
+  is), and writes ``pool(relu(z))`` and one uint8 code per pooled element. Saved for backward: ``y``, the pooled
+  output and the code - not ``z``, not ``relu(z)``, not the pool indices.
 * backward: the epilogue backward rebuilds ``dz`` (the gradient at ``z``, ReLU and pool routed) at full resolution,
   then BatchNorm's backward with the saved ``y``: ``grad_y = gamma * invstd * (dz - sum dz / M
   - (y - mean) * invstd^2 * sum(dz * (y - mean)) / M)``, ``grad_gamma = invstd * sum(dz * (y - mean))``,

@@ -20,8 +20,7 @@ def batch_norm_relu_pool(y: torch.Tensor, y_bias: Optional[torch.Tensor], weight
     mean, var = torch.ops.fastcnn.batch_norm_stats(y)
     scale = weight * torch.rsqrt(var + eps)
     shift = bias - mean * scale
-    z = torch.addcmul(shift.reshape(-1, 1, 1), y, scale.reshape(-1, 1, 1)).to(y.dtype)
-    out, code = torch.ops.fastcnn.bias_relu_pool(z, None, pool, pool_size, pool_stride)
+    out, code = torch.ops.fastcnn.bias_relu_pool(y, shift, pool, pool_size, pool_stride, scale)
     return out, code, mean, var
 
 

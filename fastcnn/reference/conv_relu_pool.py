@@ -37,10 +37,17 @@ def _windows(y, pool_size, pool_stride):
     return win.reshape(*win.shape[:4], kh * kw)
 
 
-def bias_relu_pool(conv, bias, pool, pool_size, pool_stride):
-    """The fused epilogue on a precomputed convolution output: ``(out, code)`` as described in the module doc."""
-    y = conv if bias is None else conv + bias.view(1, -1, 1, 1)
-    y = F.relu(y)
+def bias_relu_pool(conv, bias, pool, pool_size, pool_stride, scale=None):
+    """The fused epilogue on a precomputed convolution output, ``pool(relu(conv * scale + bias))`` (scale None: 1,
+    bias None: 0) with ``conv * scale + bias`` computed in float32 (float64 for float64) and rounded to conv's dtype
+    once: ``(out, code)`` as described in the module doc."""
+    acc = torch.float64 if conv.dtype == torch.float64 else torch.float32
+    y = conv.to(acc)
+    if scale is not None:
+        y = y * scale.to(acc).view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(acc).view(1, -1, 1, 1)
+    y = F.relu(y.to(conv.dtype))
     if pool == "none":
         return y, y.new_empty(0, dtype=torch.uint8)
     win = _windows(y, pool_size, pool_stride)

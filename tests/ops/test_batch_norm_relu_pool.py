@@ -91,3 +91,53 @@ def test_opcheck():
 def test_bad_arguments_are_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# --- the epilogue's per-channel scale: fastcnn::bias_relu_pool(conv, bias, ..., scale) = pool(relu(conv * s + b)) ---
+
+def _stock_scaled_epilogue(conv, bias, scale, pool, pool_size, pool_stride):
+    """Stock ops: BatchNorm's affine map in the accumulation dtype, one rounding, ReLU, pool."""
+    acc = torch.float64 if conv.dtype == torch.float64 else torch.float32
+    z = torch.relu((conv.to(acc) * scale.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)).to(conv.dtype))
+    if pool == "max":
+        return torch.nn.functional.max_pool2d(z, pool_size, pool_stride)
+    return torch.nn.functional.avg_pool2d(z, pool_size, pool_stride) if pool == "avg" else z
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fastcnn._C is not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("pool", POOLS, ids=lambda p: f"{p[0]}{p[1][0]}s{p[2][0]}")
+def test_scaled_epilogue_matches_stock(dtype, channels_last, pool):
+    conv, _, scale, bias = _inputs(dtype, channels_last)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, bias = scale.to(acc), bias.to(acc)  # BatchNorm's scale and shift, in the accumulation dtype
+    args = [t.detach().requires_grad_() for t in (conv, bias, scale)]
+    out, _code = torch.ops.fastcnn.bias_relu_pool(args[0], args[1], pool[0], list(pool[1]), list(pool[2]),
+                                                  args[2])
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad_out.to(dtype))
+    results = [out.detach()] + [t.grad for t in args]
+
+    def stock_run(tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        expected = _stock_scaled_epilogue(*leaves, *pool)
+        expected.backward(grad_out.to(expected.dtype))
+        return [expected.detach()] + [t.grad for t in leaves]
+
+    stock, oracle = stock_run([conv, bias, scale]), stock_run([conv.double(), bias.double(), scale.double()])
+    for name, ours, theirs, exact in zip(["out", "grad conv", "grad bias", "grad scale"], results, stock, oracle):
+        assert_close_to_oracle(ours, theirs.to(ours.dtype), exact, name)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fastcnn._C is not built here")
+def test_scaled_epilogue_gradcheck_and_opcheck():
+    conv, _, scale, bias = (t.double() for t in _inputs(torch.float64, True, size=(4, 6), channels=3))
+    for pool in POOLS[:2]:
+        args = [t.detach().requires_grad_() for t in (conv, bias, scale)]
+        assert torch.autograd.gradcheck(
+            lambda c, b, s: torch.ops.fastcnn.bias_relu_pool(c, b, pool[0], list(pool[1]), list(pool[2]), s)[0], args)
+        torch.library.opcheck(torch.ops.fastcnn.bias_relu_pool.default,
+                              (*args[:2], pool[0], list(pool[1]), list(pool[2]), args[2]))
+    with pytest.raises(RuntimeError, match="scale must have the convolution's dtype"):
+        torch.ops.fastcnn.bias_relu_pool(conv.float(), None, "max", [2, 2], [2, 2], scale.half())

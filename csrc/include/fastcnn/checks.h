@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "fastcnn/pool_window.h"
 
@@ -45,12 +46,17 @@ inline void check_floating_4d(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& conv) {
-  if (!bias.has_value() || !bias->defined()) return;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == conv.size(1), "fastcnn: bias must have shape (",
-              conv.size(1), "), got ", bias->sizes());
-  TORCH_CHECK(bias->scalar_type() == conv.scalar_type() && bias->device() == conv.device(),
-              "fastcnn: bias must match the convolution's dtype and device");
+// An optional per-channel vector of the epilogue (bias, scale): shape (C,), on conv's device, in conv's dtype or its
+// accumulation dtype (at::opmath_type: float32 for float16/bfloat16).
+inline void check_channel_vector(const c10::optional<at::Tensor>& t, const at::Tensor& conv, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == conv.size(1), "fastcnn: ", name, " must have shape (", conv.size(1),
+              "), got ", t->sizes());
+  TORCH_CHECK(t->device() == conv.device(), "fastcnn: ", name, " must be on the convolution's device ",
+              conv.device(), ", got ", t->device());
+  TORCH_CHECK(t->scalar_type() == conv.scalar_type() || t->scalar_type() == at::toOpMathType(conv.scalar_type()),
+              "fastcnn: ", name, " must have the convolution's dtype ", conv.scalar_type(), " or ",
+              at::toOpMathType(conv.scalar_type()), ", got ", t->scalar_type());
 }
 
 // grad_out, out and code of the backward must describe the same pooled tensor.

@@ -1,5 +1,5 @@
 // Device helpers of the CUDA epilogue kernels (cuda/bias_relu_pool.cu): vector access, index splitting, the
-// bias + ReLU step and the pooling-window search specialised for the common strides.
+// scale + bias + ReLU step and the pooling-window search specialised for the common strides.
 #pragma once
 
 #include <ATen/cuda/detail/IntegerDivider.cuh>
@@ -31,23 +31,24 @@ struct Split {
   IntDivider<index_t> d0, d1, d2;
 };
 
-// relu(x + b) in opmath, rounded to scalar_t after the add. Without a bias b = 0: x + 0 rounds back to x (-0 to +0,
-// which the ReLU maps to 0 anyway), so one formula serves both.
+// relu(x * s + b) in opmath, rounded to scalar_t once. Without a scale s = 1 and without a bias b = 0: x * 1 + 0
+// rounds back to x (-0 to +0, which the ReLU maps to 0 anyway), so one formula serves every case.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t bias_relu(scalar_t x, acc_t b) {
-  const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x) + b));
+__device__ __forceinline__ acc_t affine_relu(scalar_t x, acc_t s, acc_t b) {
+  const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x) * s + b));
   return v <= acc_t(0) ? acc_t(0) : v;
 }
 
-// Bias of channels c..c+V-1 in opmath (zeros without a bias): one vector load, the host having checked alignment.
-template <int V, typename scalar_t, typename acc_t, typename index_t>
-__device__ __forceinline__ void load_bias(const scalar_t* __restrict__ bias, index_t c, acc_t* b) {
-  if (bias == nullptr) {
-    for (int k = 0; k < V; ++k) b[k] = acc_t(0);
+// Per-channel values (opmath) of channels c..c+V-1, or `fill` where there is no vector: one vector load, the host
+// having checked alignment.
+template <int V, typename acc_t, typename index_t>
+__device__ __forceinline__ void load_channels(const acc_t* __restrict__ values, index_t c, acc_t fill, acc_t* out) {
+  if (values == nullptr) {
+    for (int k = 0; k < V; ++k) out[k] = fill;
     return;
   }
-  const Vec<scalar_t, V> x = load<V>(bias + c);
-  for (int k = 0; k < V; ++k) b[k] = static_cast<acc_t>(x.v[k]);
+  const Vec<acc_t, V> x = load<V>(values + c);
+  for (int k = 0; k < V; ++k) out[k] = x.v[k];
 }
 
 // windows_containing, with the strides 2 and 1 of nearly every CNN pool passed as literals so that, inlined, its two
