@@ -4,8 +4,10 @@ decoder shapes of a U-Net: the 2x2 stride-2 upsampling (kernel == stride: one GE
 
 Modes: "fwd" (forward under torch.no_grad) and "fwd+bwd" (forward + backward: gradients of the input, the weight and
 the bias). Providers: stock eager (cudnn.benchmark on GPU), torch.compile of it (default mode), and fastcnn on every
-backend that runs on the device. Every provider is checked against a float64 oracle in the same run
-(_harness.check), and the ratio baseline time / fastcnn time is reported (> 1: fastcnn is faster).
+backend that runs on the device; for the C++/CUDA backends also "+phase-split", the stride-phase split forced where
+the router keeps ATen's transposed convolution (kernel != stride), to time it before routing shapes to it. Every
+provider is checked against a float64 oracle in the same run (_harness.check), and the ratio baseline time / fastcnn
+time is reported (> 1: fastcnn is faster).
 
     python benchmarks/bench_conv_transpose.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
 """
@@ -85,6 +87,29 @@ class Case:
         return (3 * flops, 2 * io) if self.train else (flops, io)
 
 
+PHASE_SPLIT_VAR = "FASTCNN_CONV_TRANSPOSE_PHASE_SPLIT"
+
+
+class WithPhaseSplit(torch.nn.Module):
+    """Runs ``module`` with the C++/CUDA backend's stride-phase split forced for kernel != stride (the router keeps
+    ATen's transposed convolution until the split is measured faster: csrc/conv_transpose.cpp)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        previous = os.environ.get(PHASE_SPLIT_VAR)
+        os.environ[PHASE_SPLIT_VAR] = "1"
+        try:
+            return self.module(x)
+        finally:
+            if previous is None:
+                del os.environ[PHASE_SPLIT_VAR]
+            else:
+                os.environ[PHASE_SPLIT_VAR] = previous
+
+
 def providers(device):
     """[(name, factory(case) -> the layer to run)] with stock eager first, and notes on what was left out."""
     found = [("eager", lambda case: case.stock), ("compile", lambda case: torch.compile(case.stock))]
@@ -95,6 +120,9 @@ def providers(device):
             found.append((f"fastcnn[{backend}]", lambda case, b=backend: H.WithBackend(case.fused, b)))
         else:
             notes.append(f"fastcnn[{backend}] not benchmarked: {reason}")
+        if reason is None and backend != "triton":
+            found.append((f"fastcnn[{backend}+phase-split]",
+                          lambda case, b=backend: WithPhaseSplit(H.WithBackend(case.fused, b))))
     return found, notes
 
 
