@@ -1,8 +1,10 @@
 """fastcnn's fused ConvTranspose2d + bias + activation: argument checks, then the backend that runs the call.
 
-Backends, in the order tried: on CUDA tensors "cuda" (one cuBLAS GEMM + a fused pixel-shuffle/bias/ReLU kernel when
-kernel == stride, else cuDNN + fastcnn's bias/ReLU epilogue), then "triton" (the stride-phase implicit-GEMM kernel);
-on CPU tensors "cpu" (the same two paths with oneDNN and the C++ kernels); "reference" (plain PyTorch) everywhere.
+Backends, in the order tried: on CUDA tensors "cuda" (one cuBLAS GEMM + fastcnn's strided phase store with the bias
+and ReLU when kernel == stride, else cuDNN + fastcnn's bias/ReLU epilogue; the C++ stride-phase split of that case is
+routed nowhere until measured faster, see csrc/conv_transpose.cpp), then "triton" (stride-phase implicit-GEMM forward,
+strided-convolution backward with the ReLU mask applied on load); on CPU tensors "cpu" (the C++ paths with oneDNN);
+"reference" (plain PyTorch) everywhere.
 The CUDA order is provisional until timed on a GPU (see benchmarks/bench_conv_transpose.py).
 """
 import torch
