@@ -1,9 +1,12 @@
 """Bad input gives torch.optim's errors (or clear fastcnn ones); the op schemas, fakes and routing."""
+import re
+
 import pytest
 import torch
 
 import fastcnn
 from fastcnn import _extension
+from fastcnn.ops import _backends
 from fastcnn.ops import optim as optim_ops
 
 CLASSES = ["Adam", "AdamW", "SGD", "Adagrad"]
@@ -92,6 +95,16 @@ def test_python_schemas_match_the_cpp_ones():
             schema = str(getattr(torch.ops.fastcnn, op).default._schema)
             assert schema == f"fastcnn::{op}{optim_ops.SCHEMAS[op]}"
 
+
+
+@pytest.mark.skipif(_backends.why_unavailable("triton", "cuda") is not None, reason="Triton is not installed")
+def test_triton_ops_load_with_the_cpp_schemas():
+    """An installed Triton backend must load: a failure there would otherwise only show as triton cases missing from
+    the parametrized tests (torch 2.11's triton_op, for one, infers the schema from the function's signature)."""
+    assert optim_ops.TRITON_OPS is not None, optim_ops._TRITON_WHY_NOT
+    for op, triton_op in optim_ops.TRITON_OPS.items():
+        alias_free = re.sub(r"\(\w+!\)", "(!)", str(triton_op._opoverload._schema))
+        assert alias_free == re.sub(r"\(\w+!\)", "(!)", f"fastcnn::{op[:-1]}_triton_{optim_ops.SCHEMAS[op]}")
 
 def _adam_args(dtype=torch.float32):
     t = [torch.randn(s, dtype=dtype) for s in ((7,), (3, 5))]
