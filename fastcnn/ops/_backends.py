@@ -53,6 +53,17 @@ def why_unavailable(backend, device_type):
     raise ValueError(f"fastcnn: unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, or ``kernel`` itself when Triton's interpreter runs it: under
+    TRITON_INTERPRET=1 ``triton.jit`` makes an InterpretedFunction, which torch 2.14's wrap_triton hands back as is
+    and torch 2.11's rejects. Pass this as the launchers' ``wrap`` inside a triton_op."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def set_backend(backend):
     """Forces `backend` for every fastcnn op (None restores automatic choice); returns the previous setting."""
     global _forced

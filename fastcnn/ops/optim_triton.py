@@ -5,9 +5,10 @@ import inspect
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..triton_kernels import optim as _kernels
+from ._backends import wrap_triton
 from .optim import OPS, SCHEMAS, mutated_args
 
 # Python annotations of the schema types the optimizer steps use, as torch.library.infer_schema reads them.
