@@ -141,15 +141,17 @@ def _sum_partials_kernel(a_part_ptr, b_part_ptr, a_ptr, b_ptr, C, CHUNKS, BLOCK_
     tl.store(b_ptr + chans, b, mask=c_mask)
 
 
+def _block_sizes():
+    """(BLOCK_R, BLOCK_C, max chunks, BLOCK_K) of the reductions."""
+    return (16, 4, 2, 2) if interpreting() else (64, 32, 512, 64)
+
+
 def tiling(x):
     """The fixed split of a reduction over x ``[N, C, H, W]``: a function of the shape only (never of the device or
     of timing), so results are reproducible. Small under the interpreter, so that test tensors span several tiles
     per chunk and several chunks, the last ones partial. One place for the GPU tuning pass."""
     n, c, h, w = x.shape
-    if interpreting():
-        block_r, block_c, max_chunks, block_k = 16, 4, 2, 2
-    else:
-        block_r, block_c, max_chunks, block_k = 64, 32, 512, 64
+    block_r, block_c, max_chunks, block_k = _block_sizes()
     block_r = min(block_r, max(16, triton.next_power_of_2(h * w)))  # small images: fewer idle lanes
     block_c = min(block_c, triton.next_power_of_2(c))
     tiles_per_image = triton.cdiv(h * w, block_r)
@@ -183,8 +185,19 @@ def batch_norm_stats(x, mean, var, wrap=None):
     wrap(_stats_partial_kernel)[(t["CHUNKS"], c_blocks)](
         x, count_part, mean_part, m2_part, n, c, hw, t["TILES_PER_IMAGE"], t["CHUNK_TILES"], *strides,
         BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
-    wrap(_stats_finalize_kernel)[(c_blocks,)](
-        count_part, mean_part, m2_part, mean, var, c, t["CHUNKS"], BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])
+    merge_partial_stats(count_part, mean_part, m2_part, mean, var, wrap)
+
+
+def merge_partial_stats(count_part, mean_part, m2_part, mean, var, wrap=None):
+    """Stage 2 of the statistics: merge ``[chunks, C]`` partial moments (count, mean, M2) in chunk order into
+    ``mean`` and biased ``var`` (``[C]``, the partials' dtype). Also the last stage of a fused producer's statistics
+    (conv_bn_stats.py)."""
+    wrap = wrap or identity
+    chunks, c = mean_part.shape
+    _, block_c, _, block_k = _block_sizes()
+    block_c = min(block_c, triton.next_power_of_2(c))
+    wrap(_stats_finalize_kernel)[(triton.cdiv(c, block_c),)](
+        count_part, mean_part, m2_part, mean, var, c, chunks, BLOCK_K=block_k, BLOCK_C=block_c)
 
 
 def batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap=None):

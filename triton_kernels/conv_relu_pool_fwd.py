@@ -6,7 +6,7 @@ full-resolution convolution output never does.
 import triton
 import triton.language as tl
 
-from ._conv_common import POOL_IDS, _mma, conv_out_size, dot_flags, gemm_blocks, identity, pooled_size
+from ._conv_common import POOL_IDS, conv_out_size, conv_tile, dot_flags, gemm_blocks, identity, pooled_size
 
 
 # For pooled pixel m = (n, ph, pw) and output channel co of group g (Cig / Cog channels per group):
@@ -17,8 +17,7 @@ from ._conv_common import POOL_IDS, _mma, conv_out_size, dot_flags, gemm_blocks,
 #   max:  best, code <- v, t  where  v > best or isnan(v)    (first of equal maxima wins, last NaN wins)
 #   avg:  out = sum_t v / (PKH*PKW),  bit t of code = not (y <= 0)
 #   none: a 1x1 window of stride 1, no code.
-# Each window element is one [BLOCK_M pixels, BLOCK_K in-ch] x [BLOCK_K, BLOCK_N out-ch] GEMM over KH*KW taps and
-# cdiv(Cig, BLOCK_K) channel tiles, flattened into one loop so the compiler can pipeline it. y is rounded to the
+# Each window element is one implicit-GEMM tile (_conv_common.conv_tile). y is rounded to the
 # output dtype before the ReLU and the comparisons, as the unfused ops see it; accumulation is fp32.
 @triton.jit
 def _conv_relu_pool_fwd_kernel(
@@ -58,25 +57,11 @@ def _conv_relu_pool_fwd_kernel(
     else:
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)  # running max; relu(y) > -inf always
     code = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-    k_tiles = tl.cdiv(CIG, BLOCK_K)
     for t in range(PKH * PKW):
         oh = ph * PSH + t // PKW
         ow = pw * PSW + t % PKW
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for kk in range(KH * KW * k_tiles):
-            rs = kk // k_tiles
-            ci = (kk - rs * k_tiles) * BLOCK_K + offs_k
-            r = rs // KW
-            s = rs % KW
-            ih = oh * ST_H - PAD_H + r * DIL_H
-            iw = ow * ST_W - PAD_W + s * DIL_W
-            a_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            k_mask = ci < CIG
-            a_ptrs = x_row + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-            a = tl.load(a_ptrs[:, None] + ci[None, :] * sx_c, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_col[None, :] + ci[:, None] * sw_i + r * sw_h + s * sw_w,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, UPCAST, IEEE)
+        acc = conv_tile(x_row, w_col, oh, ow, m_mask, n_mask, offs_k, H, W, CIG, sx_c, sx_h, sx_w, sw_i, sw_h, sw_w,
+                        ST_H, ST_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += bias[None, :]
         y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)

@@ -8,8 +8,9 @@ from .. import functional
 from ..ops import batch_norm as bn_ops
 from ._batch_norm_fusion import (
     FoldCache,
+    conv_statistics,
     foldable_downsample,
-    norm_relu_conv2d,
+    norm_relu_conv2d_statistics,
     running_scale_shift,
     update_running_statistics,
     uses_batch_statistics,
@@ -35,7 +36,8 @@ class _ResidualBlock(nn.Module):
       convolution's weight and bias; the inner stages run fastcnn's fused conv + bias + ReLU, the last
       convolution's bias, the residual add and the ReLU run as one epilogue pass (a torchvision
       ``Sequential(Conv2d, BatchNorm2d)`` downsample is folded too).
-    * training: each convolution's output ``y`` gets its batch statistics from one fused reduction; BN-apply + ReLU
+    * training: each convolution's output ``y`` gets its batch statistics from one fused reduction (in the
+      convolution's epilogue on the triton backend, where fastcnn runs its own convolution); BN-apply + ReLU
       run inside the next convolution's input (recomputed in backward instead of stored), and the last BN +
       residual add + ReLU is one pass that saves a uint8 mask. Saved for backward: the block input, each ``y`` and
       the mask - not the post-BN or post-ReLU activations. (An eval-mode BatchNorm with trainable parameters runs
@@ -101,14 +103,14 @@ class _ResidualBlock(nn.Module):
     def _fused_unfolded_forward(self, x):
         stages = self._stages()
         conv, norm = stages[0]
-        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y, stats = conv_statistics(x, conv)
         for conv, next_norm in stages[1:]:
-            y = norm_relu_conv2d(y, norm, conv)
+            y, stats = norm_relu_conv2d_statistics(y, stats, norm, conv)
             norm = next_norm
         identity = self._identity(x)
         if not uses_batch_statistics(norm):
             return bn_ops.scale_shift_add_relu(y, *running_scale_shift(norm, y.dtype), identity)
-        out, mean, var = bn_ops.batch_norm_add_relu(y, norm.weight, norm.bias, norm.eps, identity)
+        out, mean, var = bn_ops.batch_norm_add_relu(y, norm.weight, norm.bias, norm.eps, identity, stats=stats)
         update_running_statistics(norm, mean, var, y.numel() // y.shape[1])
         return out
 

@@ -11,7 +11,15 @@ csrc/fastcnn.cpp): the C++/CUDA ops of fastcnn._C (batch_norm_cpp.py, batch_norm
   BN-apply + ReLU feeds ATen's convolution and is recomputed from ``y`` in backward, so the activation between two
   convolutions is never stored.
 
-Both return the batch mean and biased variance too (for the running statistics) and share one backward
+* ``batch_norm_relu_conv2d_stats(...)``: the same, plus the batch statistics of its output, for the BatchNorm that
+  follows (reduced in the convolution's epilogue where the backend's convolution allows it, see `define_training_ops`).
+
+All three take optional precomputed batch statistics ``mean``, ``var`` of ``y`` (from a producer that reduced them
+in its epilogue, see conv_batch_stats.py) instead of reducing them again; such statistics are constants to autograd,
+which is exact because the shared backward below is BatchNorm's full input gradient: it re-derives the statistics'
+dependence on ``y`` from ``y`` itself (d mean / dy = 1/M, d var / dy = 2 (y - mean) / M).
+
+They return the batch mean and biased variance too (for the running statistics) and share one backward
 (``batch_norm_relu_backward``, also an op): a reduction (``sum dz``, ``sum dz (y - mean)``) and one elementwise pass
 giving BatchNorm's full input gradient. `register_apply_autograd` differentiates the backend's
 ``scale_shift_add_relu``.
@@ -78,39 +86,73 @@ def _channels_pair(y):
     return y.new_empty(y.shape[1], dtype=acc), y.new_empty(y.shape[1], dtype=acc)
 
 
-def define_training_ops(suffix, kernels):
-    """The training ops on `kernels`, registered as ``fastcnn::batch_norm_add_relu<suffix>``,
-    ``fastcnn::batch_norm_relu_conv2d<suffix>`` and ``fastcnn::batch_norm_relu_backward<suffix>``; returns them as a
-    namespace."""
+def composite_conv_stats(kernels):
+    """conv_stats(x, conv_weight, stride, padding, dilation, groups) -> (y, mean, var): ATen's convolution (and its
+    autograd), then the backend's statistics op on the result (not differentiable)."""
 
-    def normalize_relu(y, weight, bias, residual, eps, save_mask):
-        mean, var = kernels.stats(y)
+    def conv_stats(x, conv_weight, stride, padding, dilation, groups):
+        y = F.conv2d(x, conv_weight, None, stride, padding, dilation, groups)
+        return (y, *kernels.stats(y.detach()))
+
+    return conv_stats
+
+
+def define_training_ops(suffix, kernels, conv_stats=None):
+    """The training ops on `kernels`, registered as ``fastcnn::batch_norm_add_relu<suffix>``,
+    ``fastcnn::batch_norm_relu_conv2d<suffix>``, ``fastcnn::batch_norm_relu_conv2d_stats<suffix>`` and
+    ``fastcnn::batch_norm_relu_backward<suffix>``; returns them as a namespace. `conv_stats` (default
+    `composite_conv_stats`) is the convolution + output statistics of ``batch_norm_relu_conv2d_stats``."""
+    conv_stats = conv_stats or composite_conv_stats(kernels)
+
+    def normalize_relu(y, weight, bias, residual, eps, save_mask, mean=None, var=None):
+        if mean is None or var is None:
+            mean, var = kernels.stats(y)
+        else:  # (a custom op's outputs may not alias its inputs)
+            mean, var = mean.clone(), var.clone()
         _, scale, shift = _scale_shift(weight, bias, mean, var, eps)
         out, mask = kernels.apply(y, scale, shift, residual, save_mask)
         return out, mask, mean, var
 
     @torch.library.custom_op(f"fastcnn::batch_norm_add_relu{suffix}", mutates_args=())
     def batch_norm_add_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            residual: Optional[torch.Tensor], eps: float
+                            residual: Optional[torch.Tensor], eps: float, mean: Optional[torch.Tensor] = None,
+                            var: Optional[torch.Tensor] = None
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, mask, mean, var)"""
-        return normalize_relu(y, weight, bias, residual, eps, True)
+        return normalize_relu(y, weight, bias, residual, eps, True, mean, var)
 
     @batch_norm_add_relu.register_fake
-    def _(y, weight, bias, residual, eps):
+    def _(y, weight, bias, residual, eps, mean=None, var=None):
         return (like_input(y), like_input(y, torch.uint8), *_channels_pair(y))
 
     @torch.library.custom_op(f"fastcnn::batch_norm_relu_conv2d{suffix}", mutates_args=())
     def batch_norm_relu_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv_weight: torch.Tensor,
                                stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                               eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               eps: float, mean: Optional[torch.Tensor] = None, var: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, mean, var)"""
-        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False)
+        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False, mean, var)
         return F.conv2d(activation, conv_weight, None, stride, padding, dilation, groups), mean, var
 
     @batch_norm_relu_conv2d.register_fake
-    def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps):
+    def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean=None, var=None):
         return (F.conv2d(y, conv_weight, None, stride, padding, dilation, groups), *_channels_pair(y))
+
+    @torch.library.custom_op(f"fastcnn::batch_norm_relu_conv2d_stats{suffix}", mutates_args=())
+    def batch_norm_relu_conv2d_stats(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                     conv_weight: torch.Tensor, stride: List[int], padding: List[int],
+                                     dilation: List[int], groups: int, eps: float, mean: Optional[torch.Tensor] = None,
+                                     var: Optional[torch.Tensor] = None
+                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, mean, var, out_mean, out_var): out_mean and out_var are out's batch statistics."""
+        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False, mean, var)
+        out, out_mean, out_var = conv_stats(activation, conv_weight, stride, padding, dilation, groups)
+        return out, mean, var, out_mean, out_var
+
+    @batch_norm_relu_conv2d_stats.register_fake
+    def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean=None, var=None):
+        out = F.conv2d(y, conv_weight, None, stride, padding, dilation, groups)
+        return (out, *_channels_pair(y), *_channels_pair(out))
 
     @torch.library.custom_op(f"fastcnn::batch_norm_relu_backward{suffix}", mutates_args=())
     def batch_norm_relu_backward(grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
@@ -132,27 +174,28 @@ def define_training_ops(suffix, kernels):
                 like_input(y) if want_dz else y.new_empty(0))
 
     def add_relu_setup(ctx, inputs, output):
-        y, weight, _bias, residual, eps = inputs
+        y, weight, _bias, residual, eps = inputs[:5]
         _out, mask, mean, var = output
         ctx.save_for_backward(y, weight, mask, mean, var)
         ctx.eps, ctx.has_residual = eps, residual is not None
 
-    def add_relu_backward(ctx, grad_out, _grad_mask, _grad_mean, _grad_var):
+    def add_relu_backward(ctx, grad_out, *_unused):  # (mask, mean and var get no gradient)
         y, weight, mask, mean, var = ctx.saved_tensors
         want_dz = ctx.has_residual and ctx.needs_input_grad[3]
         grad_y, grad_weight, grad_bias, dz = batch_norm_relu_backward(grad_out, mask, y, weight, mean, var, ctx.eps,
                                                                       want_dz)
-        return grad_y, grad_weight, grad_bias, dz if want_dz else None, None
+        return grad_y, grad_weight, grad_bias, dz if want_dz else None, None, None, None
 
     batch_norm_add_relu.register_autograd(add_relu_backward, setup_context=add_relu_setup)
 
     def conv_setup(ctx, inputs, output):
-        y, weight, bias, conv_weight, stride, padding, dilation, groups, eps = inputs
-        _out, mean, var = output
+        y, weight, bias, conv_weight, stride, padding, dilation, groups, eps = inputs[:9]
+        _out, mean, var = output[:3]
         ctx.save_for_backward(y, weight, bias, conv_weight, mean, var)
         ctx.conv_args, ctx.eps = (stride, padding, dilation, groups), eps
+        ctx.mark_non_differentiable(*output[3:])  # the output statistics of batch_norm_relu_conv2d_stats
 
-    def conv_backward(ctx, grad_out, _grad_mean, _grad_var):
+    def conv_backward(ctx, grad_out, *_unused):  # (the statistics get no gradient)
         y, weight, bias, conv_weight, mean, var = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         _, scale, shift = _scale_shift(weight, bias, mean, var, ctx.eps)
@@ -165,8 +208,10 @@ def define_training_ops(suffix, kernels):
         if need_bn:
             grad_y, grad_weight, grad_bias, _ = batch_norm_relu_backward(grad_activation, activation, y, weight,
                                                                          mean, var, ctx.eps, False)
-        return grad_y, grad_weight, grad_bias, grad_conv_weight, None, None, None, None, None
+        return grad_y, grad_weight, grad_bias, grad_conv_weight, None, None, None, None, None, None, None
 
     batch_norm_relu_conv2d.register_autograd(conv_backward, setup_context=conv_setup)
+    batch_norm_relu_conv2d_stats.register_autograd(conv_backward, setup_context=conv_setup)
     return SimpleNamespace(batch_norm_add_relu=batch_norm_add_relu, batch_norm_relu_conv2d=batch_norm_relu_conv2d,
+                           batch_norm_relu_conv2d_stats=batch_norm_relu_conv2d_stats,
                            batch_norm_relu_backward=batch_norm_relu_backward)

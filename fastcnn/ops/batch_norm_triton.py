@@ -11,7 +11,14 @@ from ..reference.batch_norm import accumulation_dtype, memory_format_of
 from ..triton_kernels import batch_norm_elemt as elemt
 from ..triton_kernels import batch_norm_reduce as reduce
 from ._backends import wrap_triton
-from .batch_norm_autograd import Kernels, define_training_ops, like_input, register_apply_autograd
+from .batch_norm_autograd import (
+    Kernels,
+    composite_conv_stats,
+    define_training_ops,
+    like_input,
+    register_apply_autograd,
+)
+from .conv_batch_stats_triton import conv2d_batch_stats_triton
 
 
 def _dense(x, name):
@@ -95,4 +102,17 @@ def batch_norm_backward_elemt_triton(grad_out: torch.Tensor, gate: torch.Tensor,
 KERNELS = Kernels(stats=batch_norm_stats_triton, apply=scale_shift_add_relu_triton,
                   backward_reduce=batch_norm_backward_reduce_triton, backward_elemt=batch_norm_backward_elemt_triton)
 register_apply_autograd("fastcnn::scale_shift_add_relu_triton", KERNELS)
-TRAINING = define_training_ops("_triton", KERNELS)
+
+
+_aten_conv_stats = composite_conv_stats(KERNELS)
+
+
+def CONV_STATS(x, conv_weight, stride, padding, dilation, groups):  # noqa: N802 (a backend constant, as KERNELS)
+    """(y, mean, var): conv2d and the batch statistics of its output, reduced in the epilogue of the Triton
+    convolution, which takes every dtype but float64 (that runs ATen's convolution, then the statistics kernels)."""
+    if x.dtype == torch.float64:
+        return _aten_conv_stats(x, conv_weight, stride, padding, dilation, groups)
+    return conv2d_batch_stats_triton(x, conv_weight, stride, padding, dilation, groups)
+
+
+TRAINING = define_training_ops("_triton", KERNELS, CONV_STATS)
