@@ -6,10 +6,11 @@ is loaded, and reduces grad_bias deterministically."""
 from typing import List, Optional, Tuple
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..triton_kernels.conv_transpose_bwd import conv_transpose2d_backward as _launch_backward
 from ..triton_kernels.conv_transpose_fwd import conv_transpose2d_forward as _launch_forward
+from ._backends import wrap_triton
 from ._conv_transpose_outputs import allocate_grads, allocate_output, register_transpose_autograd
 
 
