@@ -4,9 +4,10 @@ Triton is installed; the kernel lives in fastcnn.triton_kernels.conv_bn_stats.""
 from typing import List, Tuple
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..triton_kernels.conv_bn_stats import conv2d_batch_stats as _launch
+from ._backends import wrap_triton
 from ._conv_args import conv_output_size
 from ._conv_outputs import allocate_outputs
 
