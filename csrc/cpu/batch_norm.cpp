@@ -16,6 +16,9 @@
 
 #include "fastcnn/batch_norm.h"
 
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace fastcnn {
@@ -156,87 +159,180 @@ void apply_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& scale, c
   }
 }
 
-// dz at one element: the gradient unless the gate (saved mask or recomputed activation) is <= 0, as ReLU's
-// backward (threshold_backward) passes it, NaN included.
-template <typename scalar_t, typename gate_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t gated(const scalar_t* g, const gate_t* gate, int64_t i) {
-  return static_cast<acc_t>(gate[i]) <= 0 ? acc_t(0) : static_cast<acc_t>(g[i]);
-}
-
-template <typename scalar_t, typename gate_t>
-void reduce_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& x,
-                   const c10::optional<at::Tensor>& mean, const BnLayout& L, at::Tensor& sum_dz,
-                   at::Tensor& sum_dz_xmu) {
-  using out_t = at::opmath_type<scalar_t>;
-  using acc_t = sum_type<scalar_t>;
-  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  const gate_t* tp = gate.const_data_ptr<gate_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  std::vector<acc_t> mu(L.C, 0);
-  if (mean.has_value()) std::copy_n(mean->const_data_ptr<out_t>(), L.C, mu.begin());
-  // Per-channel sums over fixed chunks (NCHW: one plane; NHWC: kRowsPerChunk pixels), merged in chunk order.
-  const int64_t chunks = L.channels_last ? (L.N * L.HW + kRowsPerChunk - 1) / kRowsPerChunk : L.N * L.C;
-  std::vector<acc_t> part_dz(L.channels_last ? chunks * L.C : chunks, 0), part_xmu(part_dz.size(), 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      if (L.channels_last) {
-        const int64_t r0 = k * kRowsPerChunk, r1 = std::min(r0 + kRowsPerChunk, L.N * L.HW);
-        acc_t* __restrict__ sd = &part_dz[k * L.C];
-        acc_t* __restrict__ sx = &part_xmu[k * L.C];
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = 0; c < L.C; ++c) {
-            const acc_t dz = gated<scalar_t, gate_t, acc_t>(gp, tp, r * L.C + c);
-            sd[c] += dz;
-            sx[c] += dz * (static_cast<acc_t>(xp[r * L.C + c]) - mu[c]);
-          }
-        }
-      } else {  // k = n * C + c: one plane
-        const int64_t off = k * L.HW;
-        const acc_t m = mu[k % L.C];
-        acc_t sd = 0, sx = 0;
-        for (int64_t i = 0; i < L.HW; ++i) {
-          const acc_t dz = gated<scalar_t, gate_t, acc_t>(gp, tp, off + i);
-          sd += dz;
-          sx += dz * (static_cast<acc_t>(xp[off + i]) - m);
-        }
-        part_dz[k] = sd;
-        part_xmu[k] = sx;
-      }
-    }
-  });
-  out_t* out_dz = sum_dz.data_ptr<out_t>();
-  out_t* out_xmu = sum_dz_xmu.data_ptr<out_t>();
-  const int64_t rows = L.channels_last ? chunks : L.N;
-  for (int64_t c = 0; c < L.C; ++c) {
-    acc_t sd = 0, sx = 0;
-    for (int64_t k = 0; k < rows; ++k) {
-      sd += part_dz[k * L.C + c];  // NHWC: chunk k; NCHW: plane (n = k, c)
-      sx += part_xmu[k * L.C + c];
-    }
-    out_dz[c] = static_cast<out_t>(sd);
-    out_xmu[c] = static_cast<out_t>(sx);
+// Both backward pieces read dz = grad_out where the gate is open: not `gate <= 0`, as ReLU's backward
+// (threshold_backward) passes it, NaN included. A uint8 mask is open where it is nonzero.
+template <typename gate_t>
+inline bool gate_open(gate_t g) {
+  if constexpr (std::is_same_v<gate_t, uint8_t>) {
+    return g != 0;
+  } else {
+    return !(static_cast<at::opmath_type<gate_t>>(g) <= 0);
   }
 }
 
+template <size_t kBytes>
+using bits_of_size = std::conditional_t<kBytes == 8, uint64_t, std::conditional_t<kBytes == 4, uint32_t, uint16_t>>;
+
+// dz in acc_t: g, or +0 where the gate is closed. The choice is made on g's bits (an AND with all-ones or zero), not
+// with a conditional: the compiler does not turn a conditional floating-point load or conversion into a select
+// (it might trap), so a `?:` here would keep the loops from vectorising.
+template <typename acc_t, typename scalar_t, typename gate_t>
+inline acc_t gated(scalar_t g, gate_t gate) {
+  using bits_t = bits_of_size<sizeof(scalar_t)>;
+  bits_t bits;
+  std::memcpy(&bits, &g, sizeof(bits));
+  bits &= -static_cast<bits_t>(gate_open(gate));
+  std::memcpy(&g, &bits, sizeof(bits));
+  return static_cast<acc_t>(g);
+}
+
+// The tensors both pieces read, as raw rows (see row_stride_of: NHWC one pixel's C channels, NCHW one sample's
+// C * H * W values; x is dense, grad_out and gate may be channel slices with farther-apart rows).
 template <typename scalar_t, typename gate_t>
-void elemt_kernel(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& x,
-                  const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& a,
-                  const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, const BnLayout& L,
-                  at::Tensor& grad_x, at::Tensor& dz_out) {
+struct BackwardRows {
+  const scalar_t* grad;
+  const gate_t* gate;
+  const scalar_t* x;
+  int64_t grad_stride, gate_stride, x_stride;
+
+  explicit BackwardRows(const BackwardInputs& in)
+      : grad(in.grad_out.const_data_ptr<scalar_t>()),
+        gate(in.gate.const_data_ptr<gate_t>()),
+        x(in.x.const_data_ptr<scalar_t>()),
+        grad_stride(in.grad_row_stride),
+        gate_stride(in.gate_row_stride),
+        x_stride(in.L.channels_last ? in.L.C : in.L.C * in.L.HW) {}
+};
+
+// Sums over `len` elements of dz and dz (x - mu) added into sd[i] and sx[i] (NHWC: one pixel row, i = channel;
+// per-channel accumulators, so the loop vectorises across channels without reassociating any sum).
+template <bool kCentred, typename acc_t, typename scalar_t, typename gate_t>
+inline void accumulate_row(const scalar_t* __restrict__ g, const gate_t* __restrict__ t,
+                           const scalar_t* __restrict__ x, const acc_t* __restrict__ mu, int64_t len,
+                           acc_t* __restrict__ sd, acc_t* __restrict__ sx) {
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t dz = gated<acc_t>(g[i], t[i]);
+    const acc_t centred = kCentred ? static_cast<acc_t>(x[i]) - mu[i] : static_cast<acc_t>(x[i]);
+    sd[i] += dz;
+    sx[i] += dz * centred;
+  }
+}
+
+// The same two sums over one contiguous NCHW plane of one channel (mean m), into kLanes interleaved partial sums
+// (element i goes to lane i % kLanes) added in lane order at the end: a fixed order, so deterministic, and the lane
+// loop vectorises.
+template <bool kCentred, typename acc_t, typename scalar_t, typename gate_t>
+inline void accumulate_plane(const scalar_t* __restrict__ g, const gate_t* __restrict__ t,
+                             const scalar_t* __restrict__ x, acc_t m, int64_t len, acc_t& sum_dz, acc_t& sum_xmu) {
+  constexpr int64_t kLanes = 8;
+  acc_t sd[kLanes] = {}, sx[kLanes] = {}, mu[kLanes];
+  std::fill_n(mu, kLanes, m);
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) accumulate_row<kCentred>(g + i, t + i, x + i, mu, kLanes, sd, sx);
+  accumulate_row<kCentred>(g + i, t + i, x + i, mu, len - i, sd, sx);
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum_dz += sd[j];
+    sum_xmu += sx[j];
+  }
+}
+
+// Per-channel sum dz and sum dz (x - mean), accumulated in sum_type over fixed pieces (NHWC: kRowsPerChunk pixel
+// rows; NCHW: one (n, c) plane) whose partial sums are added in piece order: the result does not depend on the
+// thread count.
+template <bool kCentred, typename scalar_t, typename gate_t>
+void reduce_kernel(const BackwardInputs& in, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu) {
+  using out_t = at::opmath_type<scalar_t>;
+  using acc_t = sum_type<scalar_t>;
+  const BnLayout& L = in.L;
+  const BackwardRows<scalar_t, gate_t> rows(in);
+  std::vector<acc_t> mu(L.C, 0);
+  if (kCentred) std::copy_n(in.mean->const_data_ptr<out_t>(), L.C, mu.begin());
+  const int64_t pieces = L.channels_last ? (L.N * L.HW + kRowsPerChunk - 1) / kRowsPerChunk : L.N * L.C;
+  // NHWC: C sums per piece; NCHW: one per piece, i.e. per (n, c) - either way piece k's sums start at k * width.
+  const int64_t width = L.channels_last ? L.C : 1;
+  std::vector<acc_t> part_dz(pieces * width, 0), part_xmu(pieces * width, 0);
+  if (L.channels_last) {
+    at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        for (int64_t r = k * kRowsPerChunk; r < std::min((k + 1) * kRowsPerChunk, L.N * L.HW); ++r) {
+          accumulate_row<kCentred>(rows.grad + r * rows.grad_stride, rows.gate + r * rows.gate_stride,
+                                   rows.x + r * rows.x_stride, mu.data(), L.C, &part_dz[k * L.C],
+                                   &part_xmu[k * L.C]);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, pieces, std::max<int64_t>(1, 16384 / L.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {  // k = n * C + c
+        const int64_t n = k / L.C, plane = (k % L.C) * L.HW;
+        accumulate_plane<kCentred>(rows.grad + n * rows.grad_stride + plane, rows.gate + n * rows.gate_stride + plane,
+                                   rows.x + n * rows.x_stride + plane, mu[k % L.C], L.HW, part_dz[k], part_xmu[k]);
+      }
+    });
+  }
+  // Both layouts now hold rows of C partial sums (NHWC: per chunk; NCHW: per sample), added row after row.
+  std::vector<acc_t> total_dz(L.C, 0), total_xmu(L.C, 0);
+  for (int64_t k = 0; k < pieces * width / L.C; ++k) {
+    for (int64_t c = 0; c < L.C; ++c) {
+      total_dz[c] += part_dz[k * L.C + c];
+      total_xmu[c] += part_xmu[k * L.C + c];
+    }
+  }
+  std::copy(total_dz.begin(), total_dz.end(), sum_dz.data_ptr<out_t>());
+  std::copy(total_xmu.begin(), total_xmu.end(), sum_dz_xmu.data_ptr<out_t>());
+}
+
+// Per-channel coefficients of elemt in opmath_type; an absent one is 0.
+template <typename acc_t>
+struct ElemtCoefficients {
+  std::vector<acc_t> mean, a, b, d;
+  explicit ElemtCoefficients(const ElemtCall& c)
+      : mean(per_channel_or<acc_t>(c.in.mean, c.in.L.C, 0)),
+        a(per_channel_or<acc_t>(c.a, c.in.L.C, 0)),
+        b(per_channel_or<acc_t>(c.b, c.in.L.C, 0)),
+        d(per_channel_or<acc_t>(c.d, c.in.L.C, 0)) {}
+};
+
+// grad_x = a (dz - b (x - mean) - d) over `len` elements, coefficient k of element i at index i * kStep (NHWC:
+// kStep 1, one coefficient per channel; NCHW: kStep 0, the plane's channel). Without b and d (kCentred false: the
+// eval-mode affine map) grad_x = a dz, and x is not read.
+template <bool kCentred, bool kWantDz, int kStep, typename acc_t, typename scalar_t, typename gate_t>
+inline void elemt_row(const scalar_t* __restrict__ g, const gate_t* __restrict__ t, const scalar_t* __restrict__ x,
+                      const acc_t* __restrict__ mu, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
+                      const acc_t* __restrict__ d, int64_t len, scalar_t* __restrict__ grad_x,
+                      scalar_t* __restrict__ dz_out) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t k = i * kStep;
+    const acc_t dz = gated<acc_t>(g[i], t[i]);
+    const acc_t inner = kCentred ? dz - b[k] * (static_cast<acc_t>(x[i]) - mu[k]) - d[k] : dz;
+    grad_x[i] = static_cast<scalar_t>(a[k] * inner);
+    if constexpr (kWantDz) dz_out[i] = static_cast<scalar_t>(dz);
+  }
+}
+
+template <bool kCentred, bool kWantDz, typename scalar_t, typename gate_t>
+void elemt_kernel(const ElemtCall& c) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  const gate_t* tp = gate.const_data_ptr<gate_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const std::vector<acc_t> mu = per_channel_or<acc_t>(mean, L.C, 0), av = per_channel_or<acc_t>(a, L.C, 0),
-                           bv = per_channel_or<acc_t>(b, L.C, 0), dv = per_channel_or<acc_t>(d, L.C, 0);
-  scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-  scalar_t* dzp = dz_out.numel() ? dz_out.data_ptr<scalar_t>() : nullptr;
-  for_each_segment(L, [&](int64_t off, int64_t len, int64_t ch) {
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t c = ch < 0 ? i : ch;
-      const acc_t dz = gated(gp, tp, off + i);
-      gxp[off + i] = static_cast<scalar_t>(av[c] * (dz - bv[c] * (static_cast<acc_t>(xp[off + i]) - mu[c]) - dv[c]));
-      if (dzp) dzp[off + i] = static_cast<scalar_t>(dz);
+  const BnLayout& L = c.in.L;
+  const BackwardRows<scalar_t, gate_t> rows(c.in);
+  const ElemtCoefficients<acc_t> k(c);
+  scalar_t* grad_x = c.grad_x.data_ptr<scalar_t>();
+  scalar_t* dz = kWantDz ? c.dz.data_ptr<scalar_t>() : nullptr;
+  const int64_t outer = L.channels_last ? L.N * L.HW : L.N * L.C;  // pixel rows, or (n, c) planes
+  const int64_t len = L.channels_last ? L.C : L.HW;
+  at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / len), [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      if (L.channels_last) {
+        elemt_row<kCentred, kWantDz, 1>(rows.grad + s * rows.grad_stride, rows.gate + s * rows.gate_stride,
+                                        rows.x + s * len, k.mean.data(), k.a.data(), k.b.data(), k.d.data(), len,
+                                        grad_x + s * len, kWantDz ? dz + s * len : nullptr);
+      } else {  // s = n * C + ch
+        const int64_t n = s / L.C, ch = s % L.C, plane = ch * L.HW;
+        elemt_row<kCentred, kWantDz, 0>(rows.grad + n * rows.grad_stride + plane,
+                                        rows.gate + n * rows.gate_stride + plane, rows.x + s * len, &k.mean[ch],
+                                        &k.a[ch], &k.b[ch], &k.d[ch], len, grad_x + s * len,
+                                        kWantDz ? dz + s * len : nullptr);
+      }
     }
   });
 }
@@ -266,10 +362,12 @@ std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cpu(const at::Tensor& in
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
                                                                   const at::Tensor& input,
                                                                   const c10::optional<at::Tensor>& mean) {
-  ReduceCall c = reduce_call(grad_out, gate, input, mean);
-  const BackwardInputs& in = c.in;
-  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
-    reduce_kernel<decltype(s), decltype(gt)>(in.grad_out, in.gate, in.x, in.mean, in.L, c.sum_dz, c.sum_dz_xmu);
+  ReduceCall c = reduce_call(grad_out, gate, input, mean, /*keep_slices=*/true);
+  dispatch_with_gate(c.in.x, c.in.gate, [&](auto s, auto gt) {
+    using scalar_t = decltype(s);
+    using gate_t = decltype(gt);
+    c.in.mean.has_value() ? reduce_kernel<true, scalar_t, gate_t>(c.in, c.sum_dz, c.sum_dz_xmu)
+                          : reduce_kernel<false, scalar_t, gate_t>(c.in, c.sum_dz, c.sum_dz_xmu);
   });
   return {c.sum_dz, c.sum_dz_xmu};
 }
@@ -277,10 +375,16 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
     const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input, const c10::optional<at::Tensor>& mean,
     const at::Tensor& a, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
-  ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz);
-  const BackwardInputs& in = c.in;
-  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
-    elemt_kernel<decltype(s), decltype(gt)>(in.grad_out, in.gate, in.x, in.mean, c.a, c.b, c.d, in.L, c.grad_x, c.dz);
+  ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz, /*keep_slices=*/true);
+  const bool centred = c.b.has_value() || c.d.has_value();
+  dispatch_with_gate(c.in.x, c.in.gate, [&](auto s, auto gt) {
+    using scalar_t = decltype(s);
+    using gate_t = decltype(gt);
+    if (centred) {
+      want_dz ? elemt_kernel<true, true, scalar_t, gate_t>(c) : elemt_kernel<true, false, scalar_t, gate_t>(c);
+    } else {
+      want_dz ? elemt_kernel<false, true, scalar_t, gate_t>(c) : elemt_kernel<false, false, scalar_t, gate_t>(c);
+    }
   });
   return {c.grad_x, c.dz};
 }

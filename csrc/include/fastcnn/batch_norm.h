@@ -5,6 +5,8 @@
 
 #include "fastcnn/checks.h"
 
+#include <utility>
+
 
 namespace fastcnn {
 
@@ -43,31 +45,69 @@ inline c10::optional<at::Tensor> optional_per_channel(const c10::optional<at::Te
   return t->contiguous();
 }
 
+inline void check_same_as_input(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device(),
+              "fastcnn: ", name, " must match input's shape, dtype and device (", x.sizes(), ", ", x.scalar_type(),
+              "), got ", t.sizes(), ", ", t.scalar_type());
+}
+
 // A tensor of x's shape, dtype and device, in x's layout.
 inline c10::optional<at::Tensor> same_as_input(const c10::optional<at::Tensor>& t, const at::Tensor& x,
                                                const BnLayout& L, const char* name) {
   if (!t.has_value() || !t->defined()) return c10::nullopt;
-  TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type() && t->device() == x.device(),
-              "fastcnn: ", name, " must match input's shape, dtype and device (", x.sizes(), ", ", x.scalar_type(),
-              "), got ", t->sizes(), ", ", t->scalar_type());
+  check_same_as_input(*t, x, name);
   return t->contiguous(L.format());
 }
 
-// The tensor arguments of both backward pieces, checked and laid out like input.
+// The distance between consecutive "rows" of a tensor in layout L, if t is laid out like a dense tensor of that
+// layout except for that distance; else -1. A row is what stays contiguous in both layouts: NHWC one pixel's C
+// channels, NCHW one sample's C * H * W values. A channel slice of a larger tensor (big.narrow(1, offset, C), as
+// the Inception blocks' backward passes each branch) has rows farther apart than dense: NHWC the larger tensor's
+// channel count, NCHW its C * H * W.
+inline int64_t row_stride_of(const at::Tensor& t, const BnLayout& L) {
+  const int64_t W = t.size(3), H = t.size(2), row = L.channels_last ? L.C : L.C * L.HW;
+  // R is read off the first dimension that has more than one index; a dimension of size 1 may have any stride.
+  const auto matches = [&](int64_t dim, int64_t stride) { return t.size(dim) == 1 || t.stride(dim) == stride; };
+  if (L.channels_last) {
+    const int64_t R = W > 1 ? t.stride(3) : H > 1 ? t.stride(2) : L.N > 1 ? t.stride(0) : row;
+    const bool ok = R >= row && matches(1, 1) && matches(3, R) && matches(2, W * R) && matches(0, L.HW * R);
+    return ok ? R : -1;
+  }
+  const int64_t R = L.N > 1 ? t.stride(0) : row;
+  const bool ok = R >= row && matches(3, 1) && matches(2, W) && matches(1, L.HW) && matches(0, R);
+  return ok ? R : -1;
+}
+
+// The tensor arguments of both backward pieces, checked and laid out like input. x is dense; grad_out and gate
+// are too unless keep_slices, where a channel slice keeps its row stride (the CPU kernels read it in place; the
+// CUDA kernels index dense tensors, so their calls keep the default copy).
 struct BackwardInputs {
   BnLayout L;
   at::Tensor x, grad_out, gate;
   c10::optional<at::Tensor> mean;
+  int64_t grad_row_stride, gate_row_stride;  // see row_stride_of
 };
 
+// t itself if keep_slices and its rows lie like a dense tensor's (a channel slice), else a dense copy; and its
+// row stride.
+inline std::pair<at::Tensor, int64_t> rows_of(const at::Tensor& t, const BnLayout& L, bool keep_slices) {
+  const int64_t stride = keep_slices ? row_stride_of(t, L) : -1;
+  if (stride > 0) return {t, stride};
+  return {t.contiguous(L.format()), L.channels_last ? L.C : L.C * L.HW};
+}
+
 inline BackwardInputs backward_inputs(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input,
-                                      const c10::optional<at::Tensor>& mean) {
+                                      const c10::optional<at::Tensor>& mean, bool keep_slices) {
   const BnLayout L = bn_layout(input, "input");
   const at::Tensor x = input.contiguous(L.format());
   TORCH_CHECK(gate.sizes() == x.sizes() && (gate.scalar_type() == at::kByte || gate.scalar_type() == x.scalar_type()),
               "fastcnn: gate must be a uint8 mask or a tensor of input's dtype, shaped like input");
-  return {L, x, same_as_input(grad_out, x, L, "grad_out").value(), gate.contiguous(L.format()),
-          optional_per_channel(mean, input, "mean")};
+  TORCH_CHECK(gate.device() == x.device(), "fastcnn: gate must be on input's device ", x.device(), ", got ",
+              gate.device());
+  check_same_as_input(grad_out, x, "grad_out");
+  auto [g, g_stride] = rows_of(grad_out, L, keep_slices);
+  auto [t, t_stride] = rows_of(gate, L, keep_slices);
+  return {L, x, std::move(g), std::move(t), optional_per_channel(mean, input, "mean"), g_stride, t_stride};
 }
 
 // Calls f(scalar_t{}, gate_t{}) for x's dtype and the gate's (uint8 mask or x's dtype).
@@ -114,8 +154,8 @@ struct ReduceCall {
 };
 
 inline ReduceCall reduce_call(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input,
-                              const c10::optional<at::Tensor>& mean) {
-  BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
+                              const c10::optional<at::Tensor>& mean, bool keep_slices = false) {
+  BackwardInputs in = backward_inputs(grad_out, gate, input, mean, keep_slices);
   at::Tensor sum_dz = at::empty({in.L.C}, in.x.options().dtype(bn_acc_dtype(in.x)));
   at::Tensor sum_dz_xmu = at::empty_like(sum_dz);
   return {std::move(in), std::move(sum_dz), std::move(sum_dz_xmu)};
@@ -130,8 +170,9 @@ struct ElemtCall {
 
 inline ElemtCall elemt_call(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input,
                             const c10::optional<at::Tensor>& mean, const at::Tensor& a,
-                            const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
-  BackwardInputs in = backward_inputs(grad_out, gate, input, mean);
+                            const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz,
+                            bool keep_slices = false) {
+  BackwardInputs in = backward_inputs(grad_out, gate, input, mean, keep_slices);
   at::Tensor grad_x = at::empty_like(in.x, in.L.format());
   at::Tensor dz = want_dz ? at::empty_like(in.x, in.L.format()) : at::empty({0}, in.x.options());
   return {std::move(in), optional_per_channel(a, input, "a"), optional_per_channel(b, input, "b"),
