@@ -186,6 +186,15 @@ inline acc_t gated(scalar_t g, gate_t gate) {
   return static_cast<acc_t>(g);
 }
 
+// The backward loops below are compiled twice, for the baseline ISA and for AVX2 (twice the vector width), and
+// the loader picks the clone the CPU runs. Both do the same operations in the same order (AVX2 without FMA, no
+// reassociation), so results are bitwise the same on every CPU.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTCNN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTCNN_VECTOR_CLONES
+#endif
+
 // The tensors both pieces read, as raw rows (see row_stride_of: NHWC one pixel's C channels, NCHW one sample's
 // C * H * W values; x is dense, grad_out and gate may be channel slices with farther-apart rows).
 template <typename scalar_t, typename gate_t>
@@ -204,15 +213,16 @@ struct BackwardRows {
         x_stride(in.L.channels_last ? in.L.C : in.L.C * in.L.HW) {}
 };
 
-// Sums over `len` elements of dz and dz (x - mu) added into sd[i] and sx[i] (NHWC: one pixel row, i = channel;
-// per-channel accumulators, so the loop vectorises across channels without reassociating any sum).
-template <bool kCentred, typename acc_t, typename scalar_t, typename gate_t>
+// Sums over `len` elements of dz and dz (x - mu) added into sd[i] and sx[i], mean of element i at mu[i * kStep]
+// (NHWC: one pixel row, i = channel, kStep 1; an NCHW plane's lanes, kStep 0). One accumulator per element, so the
+// loop vectorises without reassociating any sum.
+template <bool kCentred, int kStep, typename acc_t, typename scalar_t, typename gate_t>
 inline void accumulate_row(const scalar_t* __restrict__ g, const gate_t* __restrict__ t,
                            const scalar_t* __restrict__ x, const acc_t* __restrict__ mu, int64_t len,
                            acc_t* __restrict__ sd, acc_t* __restrict__ sx) {
   for (int64_t i = 0; i < len; ++i) {
     const acc_t dz = gated<acc_t>(g[i], t[i]);
-    const acc_t centred = kCentred ? static_cast<acc_t>(x[i]) - mu[i] : static_cast<acc_t>(x[i]);
+    const acc_t centred = kCentred ? static_cast<acc_t>(x[i]) - mu[i * kStep] : static_cast<acc_t>(x[i]);
     sd[i] += dz;
     sx[i] += dz * centred;
   }
@@ -222,17 +232,27 @@ inline void accumulate_row(const scalar_t* __restrict__ g, const gate_t* __restr
 // (element i goes to lane i % kLanes) added in lane order at the end: a fixed order, so deterministic, and the lane
 // loop vectorises.
 template <bool kCentred, typename acc_t, typename scalar_t, typename gate_t>
-inline void accumulate_plane(const scalar_t* __restrict__ g, const gate_t* __restrict__ t,
-                             const scalar_t* __restrict__ x, acc_t m, int64_t len, acc_t& sum_dz, acc_t& sum_xmu) {
+FASTCNN_VECTOR_CLONES void accumulate_plane(const scalar_t* __restrict__ g, const gate_t* __restrict__ t,
+                                            const scalar_t* __restrict__ x, acc_t m, int64_t len, acc_t& sum_dz,
+                                            acc_t& sum_xmu) {
   constexpr int64_t kLanes = 8;
-  acc_t sd[kLanes] = {}, sx[kLanes] = {}, mu[kLanes];
-  std::fill_n(mu, kLanes, m);
+  acc_t sd[kLanes] = {}, sx[kLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) accumulate_row<kCentred>(g + i, t + i, x + i, mu, kLanes, sd, sx);
-  accumulate_row<kCentred>(g + i, t + i, x + i, mu, len - i, sd, sx);
+  for (; i + kLanes <= len; i += kLanes) accumulate_row<kCentred, 0>(g + i, t + i, x + i, &m, kLanes, sd, sx);
+  accumulate_row<kCentred, 0>(g + i, t + i, x + i, &m, len - i, sd, sx);
   for (int64_t j = 0; j < kLanes; ++j) {
     sum_dz += sd[j];
     sum_xmu += sx[j];
+  }
+}
+
+// NHWC pixel rows [r0, r1) summed into the per-channel sd and sx.
+template <bool kCentred, typename acc_t, typename scalar_t, typename gate_t>
+FASTCNN_VECTOR_CLONES void accumulate_rows(const BackwardRows<scalar_t, gate_t>& rows, int64_t r0, int64_t r1,
+                                           const acc_t* mu, int64_t C, acc_t* sd, acc_t* sx) {
+  for (int64_t r = r0; r < r1; ++r) {
+    accumulate_row<kCentred, 1>(rows.grad + r * rows.grad_stride, rows.gate + r * rows.gate_stride,
+                                rows.x + r * rows.x_stride, mu, C, sd, sx);
   }
 }
 
@@ -254,11 +274,8 @@ void reduce_kernel(const BackwardInputs& in, at::Tensor& sum_dz, at::Tensor& sum
   if (L.channels_last) {
     at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        for (int64_t r = k * kRowsPerChunk; r < std::min((k + 1) * kRowsPerChunk, L.N * L.HW); ++r) {
-          accumulate_row<kCentred>(rows.grad + r * rows.grad_stride, rows.gate + r * rows.gate_stride,
-                                   rows.x + r * rows.x_stride, mu.data(), L.C, &part_dz[k * L.C],
-                                   &part_xmu[k * L.C]);
-        }
+        accumulate_rows<kCentred>(rows, k * kRowsPerChunk, std::min((k + 1) * kRowsPerChunk, L.N * L.HW),
+                                  mu.data(), L.C, &part_dz[k * L.C], &part_xmu[k * L.C]);
       }
     });
   } else {
@@ -297,10 +314,11 @@ struct ElemtCoefficients {
 // kStep 1, one coefficient per channel; NCHW: kStep 0, the plane's channel). Without b and d (kCentred false: the
 // eval-mode affine map) grad_x = a dz, and x is not read.
 template <bool kCentred, bool kWantDz, int kStep, typename acc_t, typename scalar_t, typename gate_t>
-inline void elemt_row(const scalar_t* __restrict__ g, const gate_t* __restrict__ t, const scalar_t* __restrict__ x,
-                      const acc_t* __restrict__ mu, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
-                      const acc_t* __restrict__ d, int64_t len, scalar_t* __restrict__ grad_x,
-                      scalar_t* __restrict__ dz_out) {
+FASTCNN_VECTOR_CLONES void elemt_row(const scalar_t* __restrict__ g, const gate_t* __restrict__ t,
+                                     const scalar_t* __restrict__ x, const acc_t* __restrict__ mu,
+                                     const acc_t* __restrict__ a, const acc_t* __restrict__ b,
+                                     const acc_t* __restrict__ d, int64_t len, scalar_t* __restrict__ grad_x,
+                                     scalar_t* __restrict__ dz_out) {
   for (int64_t i = 0; i < len; ++i) {
     const int64_t k = i * kStep;
     const acc_t dz = gated<acc_t>(g[i], t[i]);
