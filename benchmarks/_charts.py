@@ -1,5 +1,11 @@
-"""Chart pieces shared by the suites' parts of benchmarks/render.py (matplotlib is passed in, so that rendering
-the tables never needs it)."""
+"""Table and chart pieces shared by the suites' parts of benchmarks/render.py (matplotlib is passed in, so that
+rendering the tables never needs it)."""
+
+
+def markdown_row(cells):
+    """One Markdown table line; a ``|`` inside a cell (e.g. a case described as parallel branches) is escaped so
+    it does not split the cell."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def grouped_bars(ax, series, xlabels, title):

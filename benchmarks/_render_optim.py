@@ -4,7 +4,7 @@ speed-ups. The targets and their verdicts come from the result file (bench_optim
 import math
 import os
 
-from _charts import grouped_bars, save
+from _charts import grouped_bars, markdown_row, save
 
 BASELINE_ORDER = ("torch fused", "torch foreach", "torch single-tensor", "unfused LARS")
 
@@ -52,7 +52,7 @@ def _case_name(row):
 def summary_table(rows):
     head = ["optimizer", "params", "dtype", "best fastcnn", "ms"] + [f"× {b}" for b in BASELINE_ORDER] + \
         ["LARS / SGD time", "GB/s", "copy BW", "check", "targets"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in rows:
         best = _best(row)
         r = row["providers"].get(best, {})
@@ -64,7 +64,7 @@ def summary_table(rows):
         cells += [f"{lars_sgd:.2f}" if lars_sgd is not None else "",
                   f"{r['gbps']:.1f}" if best else "—", f"{100 * r['copy_fraction']:.0f}%" if best else "—",
                   "pass" if row["status"] == "ok" else "**FAIL**", _targets(row)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return lines
 
 
@@ -74,14 +74,14 @@ def case_table(row, busy_cores):
     head = ["provider", "state dtype", "B/param", "median ms (20–80%)", "its time / best fastcnn's", "GB/s",
             "copy BW", "check"]
     lines = [f"**{_case_name(row)}** — hyper-parameters `{row['hyper']}`", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             markdown_row(head), "|" + "---|" * len(head)]
     for name, r in row["providers"].items():
         timed = "median_ms" in r
         ratio = f"{r['median_ms'] / best_ms:.2f}×" if timed and best_ms else "—"
         cells = [name, r.get("state_dtype", ""), f"{r['bytes_per_param']:.0f}" if timed else "", _ms(r, busy_cores),
                  ratio, f"{r['gbps']:.2f}" if timed else "", f"{100 * r['copy_fraction']:.0f}%" if timed else "",
                  _check(r) or r.get("error", "")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return lines + [""]
 
 

@@ -10,7 +10,7 @@ import glob
 import json
 import os
 
-from _charts import grouped_bars, save
+from _charts import grouped_bars, markdown_row, save
 from _render_optim import render_optim
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +90,7 @@ def table(data, rows):
     head = ["case", "input N×C×H×W", "mode"] + [f"{p} ms" for p in providers] + ["best fastcnn"] + \
         [f"× {b}" for b in baselines] + ["roofline", "rel. err", "saved activations MiB (fastcnn / eager)",
                                          "peak step MiB (fastcnn / eager)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in rows:
         best = best_fastcnn(row)
         r = row["providers"].get(best, {})
@@ -104,7 +104,7 @@ def table(data, rows):
         if best and target and "roofline" in target:
             roof += f" {'✓' if r['roofline'] >= target['roofline'] else '✗'} (≥{100 * target['roofline']:.0f}%)"
         cells += [roof, f"{r['rel_rms_err']:.1e}" if best else "—", *fmt_memory(row, best)]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append(markdown_row(cells))
     errors = sorted({f"- {p}: {r['error']}" for row in rows for p, r in row["providers"].items() if "error" in r})
     return lines + ([""] + ["Errors (the rows show `error`):"] + errors if errors else [])
 
@@ -158,11 +158,11 @@ def render_generic(rows):
     providers = list(rows[0]["providers"])
     ratios = [(n, b) for n, vs in rows[0].get("ratios", {}).items() for b in vs]
     head = keys + [f"{p} ms" for p in providers] + [f"{n} × {b}" for n, b in ratios] + ["status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in rows:
         cells = [str(row.get(k, "")) for k in keys] + [fmt_ms(p, row["providers"].get(p, {})) for p in providers]
         cells += [fmt_ratio(row.get("ratios", {}).get(n, {}).get(b), None) for n, b in ratios]
-        lines.append("| " + " | ".join(cells + [row.get("status", "")]) + " |")
+        lines.append(markdown_row(cells + [row.get("status", "")]))
     return lines + [""]
 
 
