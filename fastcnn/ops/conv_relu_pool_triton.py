@@ -3,10 +3,11 @@ Imported only when Triton is installed; the kernels live in fastcnn.triton_kerne
 from typing import List, Optional, Tuple
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ..triton_kernels.conv_relu_pool_bwd import conv2d_relu_pool_backward as _launch_backward
 from ..triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward as _launch_forward
+from ._backends import wrap_triton
 from ._conv_outputs import allocate_conv_outputs, allocate_grads, register_conv_autograd
 
 
