@@ -109,11 +109,22 @@ def build_parser():
 
     cam = commands.add_parser("cam", help="Grad-CAM heatmap of a validation image as PNG",
                               description="Grad-CAM of --model (optionally loaded from --checkpoint) at --layer "
-                              "(default: the last convolution) for validation image --index, blended over the image.")
+                              "(default: the last convolution) for validation image --index. The PNG shows the "
+                              "image, the heatmap with its colour bar and the overlay side by side. Any layer of the "
+                              "fused model can be named, also one inside a fused block (e.g. layer4.1.conv2); its "
+                              "map is the stock model's. A layer whose output is 1x1 at this --image-size gets a "
+                              "warning naming a larger one.")
     _add_data_options(cam)
     _add_model_options(cam)
+    # The shared groups carry options that cam, reading one image in float32, would ignore: they default to unset
+    # (hidden from cam's help) and cam_command refuses any that is given instead of silently ignoring it. (Not
+    # cam.set_defaults: argparse would store the SUPPRESS string itself and convert it with the option's type.)
+    for action in cam._actions:
+        if action.dest in CAM_IGNORED_OPTIONS:
+            action.default = action.help = argparse.SUPPRESS
     cam.add_argument("--checkpoint", default=None, help="a checkpoint of `fastcnn train` (its model is loaded)")
-    cam.add_argument("--layer", default=None, help="module name to explain (default: the last Conv2d)")
+    cam.add_argument("--layer", default=None, help="module name to explain, as in model.named_modules() (default: "
+                     "the last Conv2d)")
     cam.add_argument("--index", type=int, default=0, help="validation image index (0)")
     cam.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
     cam.add_argument("--out", default="cam.png", help="output PNG (cam.png)")
@@ -276,23 +287,46 @@ def bench_command(args):
     return 0
 
 
+# Options of the shared data/model groups that cam does not use: it reads one validation image (no batches, no
+# loader workers) and explains it in float32 and the default memory format.
+CAM_IGNORED_OPTIONS = ("batch_size", "drop_last", "workers", "precision", "channels_last")
+
+
 def cam_command(args):
+    import warnings
+
     from .models import get_model
     from .train import load_checkpoint
-    from .train.cam import explain_to_png
+    from .train.cam import DegenerateMapWarning, explain_to_png, last_conv_name, resolve_layer
 
+    given = [f"--{name.replace('_', '-')}" for name in CAM_IGNORED_OPTIONS if hasattr(args, name)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used by cam (it explains one validation image in float32); "
+                         "leave them out")
     device = _device(args.device)
-    _, val_loader, num_classes = _loaders(args, device)
+    unused_by_cam = argparse.Namespace(**vars(args), batch_size=1, drop_last=False, workers=0)
+    _, val_loader, num_classes = _loaders(unused_by_cam, device)
+    if args.target is not None and not 0 <= args.target < num_classes:
+        raise ValueError(f"--target must be a class in [0, {num_classes}) (--data {args.data} has {num_classes} "
+                         f"classes), got {args.target}")
     model = get_model(args.model, fused=True, **_model_kwargs(args, num_classes))
     if args.checkpoint:
         model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
+    try:
+        layer = resolve_layer(model, args.layer)[0] if args.layer else last_conv_name(model)
+    except ValueError as error:
+        raise ValueError(f"--layer: {error}") from None
     dataset = val_loader.dataset
     if not 0 <= args.index < len(dataset):
         raise ValueError(f"--index must be in [0, {len(dataset)}), got {args.index}")
     image, label = dataset[args.index]
-    target = explain_to_png(model.to(device).eval(), image.to(device), args.out, layer=args.layer,
-                            target=args.target)
-    print(f"Grad-CAM of class {target} (label {int(label)}) written to {args.out}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DegenerateMapWarning)
+        target = explain_to_png(model.to(device).eval(), image.to(device), args.out, layer=layer,
+                                target=args.target)
+    for warning in caught:  # one line each, like the errors, rather than the warnings module's file:line format
+        print(f"fastcnn cam: warning: {warning.message}", file=sys.stderr)
+    print(f"Grad-CAM of class {target} (label {int(label)}) at {layer} written to {args.out}")
     return 0
 
 
