@@ -17,13 +17,14 @@ _RESNET = importlib.import_module(".resnet", __package__)
 
 
 def _vgg_stages(model):
-    """Split VGG features after each pool (MaxPool2d or a fused ConvReLUPool2d): one stage per factor of 2.
-    Layers keep their ``features`` index as name, so fused and stock encoders have the same state_dict keys."""
+    """Split VGG features after each pool's slot (a MaxPool2d, or the placeholder of one a fused conv computes): one
+    stage per factor of 2, of the features' Sequential class (a fused run stays inside one stage). Layers keep their
+    ``features`` index as name, so fused and stock encoders have the same state_dict keys."""
     stages, current = [], OrderedDict()
     for name, layer in model.features.named_children():
         current[name] = layer
-        if isinstance(layer, (nn.MaxPool2d, fnn.ConvReLUPool2d)):
-            stages.append(nn.Sequential(current))
+        if isinstance(layer.layer if isinstance(layer, fnn.FusedAway) else layer, nn.MaxPool2d):
+            stages.append(type(model.features)(current))
             current = OrderedDict()
     return stages
 

@@ -7,7 +7,7 @@ torchvision's A, B, D, E (``vgg11/13/16/19`` and ``_bn``) are here, plus the pap
 import torch
 import torch.nn as nn
 
-from ..nn.sequential_fusion import fuse_layers
+from ..nn.sequential_fusion import FusedSequential, fuse_layers
 from ._registry import check_no_weights, register_model
 from ._vgg_configs import CONFIGS, alexnet_lrn, conv_spec
 
@@ -89,14 +89,14 @@ def make_layers(cfg, batch_norm=False, *, fused=True, width=1.0):
             format of ``fastcnn.models._vgg_configs``.
         batch_norm: put ``BatchNorm2d`` between each conv and its ReLU (torchvision's ``_bn`` models).
         fused: replace each ``Conv2d, ReLU[, MaxPool2d]`` run by ``ConvReLU2d``/``ConvReLUPool2d`` at the conv's
-            index with ``nn.Identity`` in the other slots (same keys); with ``batch_norm``, each
+            index with ``FusedAway`` placeholders in the other slots (same keys); with ``batch_norm``, each
             ``Conv2d, BatchNorm2d, ReLU[, MaxPool2d]`` run by ``ConvBNReLU2d``/``ConvBNReLUPool2d`` with a
             ``FusedBatchNorm2d`` holding the BatchNorm's state in its slot (see ``fastcnn.nn.sequential_fusion``).
         width: channel multiplier (default 1: the paper's 64 ... 512).
 
     Example:
         >>> [type(m).__name__ for m in make_layers([8, "M"])]
-        ['ConvReLUPool2d', 'Identity', 'Identity']
+        ['ConvReLUPool2d', 'FusedAway', 'FusedAway']
     """
     entries = CONFIGS[cfg] if isinstance(cfg, str) else cfg
     layers = []
@@ -114,7 +114,7 @@ def make_layers(cfg, batch_norm=False, *, fused=True, width=1.0):
                 layers.append(nn.BatchNorm2d(channels))
             layers.append(nn.ReLU(inplace=True))
             in_channels = channels
-    return nn.Sequential(*(fuse_layers(layers) if fused else layers))
+    return FusedSequential(*fuse_layers(layers)) if fused else nn.Sequential(*layers)
 
 
 def vgg(cfg="D", batch_norm=False, *, fused=True, width=1.0, hidden_features=None, weights=None, progress=True,

@@ -4,7 +4,9 @@ from .conv_bn import ConvBNReLU2d, ConvBNReLUPool2d, FusedBatchNorm2d
 from .conv_transpose import ConvTranspose2d
 from .inception import BasicConv2d, InceptionBlock
 from .residual import BasicBlock, Bottleneck
+from .sequential_fusion import FusedAway, FusedSequential
+from .unfused import unfused
 
 __all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU2d", "ConvBNReLUPool2d", "ConvReLU2d", "ConvReLUPool2d",
-           "ConvTranspose2d", "FusedBatchNorm2d",
-           "BasicConv2d", "InceptionBlock"]
+           "ConvTranspose2d", "FusedAway", "FusedBatchNorm2d", "FusedSequential",
+           "BasicConv2d", "InceptionBlock", "unfused"]

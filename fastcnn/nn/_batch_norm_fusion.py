@@ -6,11 +6,13 @@
   cannot take the reduction and a separate pass costs the same wherever it runs; the running statistics are then
   updated exactly as ``nn.BatchNorm2d`` does (momentum, or the cumulative average when momentum
   is None; the unbiased variance).
-* Running statistics (eval): the same map, or folded into the convolution before it:
-  ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``, computed in float32
-  and cast to the weight's dtype. Folded weights are cached and recomputed whenever any of the tensors they come
-  from changes (version counter, storage, dtype or device), so they are never stale after ``load_state_dict``, an
-  optimizer step or ``.to()``.
+* Running statistics (eval): the same map with ``scale = gamma / sqrt(running_var + eps)``,
+  ``shift = beta - running_mean * scale`` (in the accumulation dtype), applied in the epilogue pass after the
+  convolution. It is recomputed from the live tensors at every forward - C values per BatchNorm, nothing next to
+  the convolution itself - rather than folded into the convolution's weights and cached: a cache keyed on tensor
+  version counters goes stale when a tensor changes without a version bump (``param.data`` edits, ops that do not
+  bump), and folding at every forward would re-read and re-write every weight, the cost that dominates a small-batch
+  inference.
 """
 import torch
 import torch.nn as nn
@@ -95,48 +97,3 @@ def norm_relu_conv2d_statistics(y, stats, norm, conv):
         stats=stats)
     update_running_statistics(norm, mean, var, count)
     return out, (out_mean, out_var)
-
-
-def fold(conv, bn):
-    """(weight, bias) of the convolution with bn's running statistics folded in, in the weight's dtype."""
-    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
-    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight.to(acc) * invstd
-    bias = -bn.running_mean.to(acc) if conv.bias is None else conv.bias.to(acc) - bn.running_mean.to(acc)
-    shift = bias * scale if bn.bias is None else bn.bias.to(acc) + bias * scale
-    weight = conv.weight.to(acc) * scale.reshape(-1, 1, 1, 1)
-    fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
-        and not conv.weight.is_contiguous() else torch.contiguous_format
-    return weight.to(conv.weight.dtype).contiguous(memory_format=fmt), shift.to(conv.weight.dtype)
-
-
-def _fingerprint(conv, bn):
-    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-
-class FoldCache:
-    """Folded (weight, bias) per (conv, bn) pair, recomputed when their fingerprint changes. The blocks fold only
-    when no parameter needs a gradient; under torch.compile the fold is traced into the graph instead."""
-
-    def __init__(self):
-        self._entries = {}
-
-    def get(self, conv, bn):
-        if torch.compiler.is_compiling():
-            return fold(conv, bn)
-        key = _fingerprint(conv, bn)
-        entry = self._entries.get(id(conv))
-        if entry is None or entry[0] != key:
-            entry = (key, fold(conv, bn))
-            self._entries[id(conv)] = entry
-        return entry[1]
-
-
-def foldable_downsample(downsample):
-    """The (conv, bn) of a torchvision-style ``Sequential(Conv2d, BatchNorm2d)`` downsample in eval mode, or None."""
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and type(downsample[0]) is nn.Conv2d \
-            and type(downsample[1]) is nn.BatchNorm2d and downsample[0].padding_mode == "zeros" \
-            and not uses_batch_statistics(downsample[1]):
-        return downsample[0], downsample[1]
-    return None

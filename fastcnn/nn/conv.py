@@ -1,10 +1,13 @@
 """Drop-in fused convolution modules. Each IS an ``nn.Conv2d`` (same constructor, defaults, init, parameters and
-state_dict keys ``weight``/``bias``) whose forward also applies the ReLU and, for ConvReLUPool2d, the pool."""
+state_dict keys ``weight``/``bias``) whose forward also applies the ReLU and, for ConvReLUPool2d, the pool - except
+while its ``FusedSequential`` runs slot by slot (``fastcnn.nn.unfused()``), when it is the plain convolution and the
+placeholders after it apply the ReLU and the pool."""
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
 from ..ops._conv_args import pair
+from .unfused import in_stock_slot
 
 
 class _FusedConv2d(nn.Conv2d):
@@ -48,6 +51,8 @@ class ConvReLU2d(_FusedConv2d):
     """
 
     def forward(self, input):
+        if in_stock_slot():
+            return super().forward(input)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
@@ -86,6 +91,8 @@ class ConvReLUPool2d(_FusedConv2d):
         self.pool, self.pool_size, self.pool_stride = pool_options(pool, pool_size, pool_stride)
 
     def forward(self, input):
+        if in_stock_slot():
+            return super().forward(input)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu_pool(input, self.weight, self.bias, self.stride, padding, self.dilation,
                                            self.groups, self.pool, self.pool_size, self.pool_stride)

@@ -16,9 +16,11 @@ Forward, with the BatchNorm's ``gamma, beta, eps``:
   (``y + b - mean(y + b) = y - mean(y)``), so it is added only to the batch mean that updates ``running_mean``, and
   its gradient is exactly zero. Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative
   average, unbiased variance, ``num_batches_tracked``).
-* running statistics, nothing needing a gradient (inference): BatchNorm folded into the conv,
-  ``w' = w * gamma / sqrt(running_var + eps)``, ``b' = beta + (b - running_mean) * gamma / sqrt(running_var + eps)``
-  (cached; refolded when any source tensor changes), then fastcnn's fused conv + bias + ReLU [+ pool].
+* running statistics, nothing needing a gradient (inference): ``y = conv(x)`` without the bias, then BatchNorm (and
+  the conv bias) as the per-channel affine map ``y * s + t`` with ``s = gamma / sqrt(running_var + eps)``,
+  ``t = beta + (b - running_mean) * s``, in one pass with the ReLU, then the pool. ``s`` and ``t`` (C values) are
+  computed from the live tensors at every forward: nothing derived is cached, so no state change can leave them
+  stale.
 * running statistics with trainable parameters (e.g. fine-tuning with frozen statistics): the stock ops, whose
   gradients through the unfolded weights keep full precision.
 """
@@ -26,17 +28,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import functional
+from ..ops.batch_norm import scale_shift_add_relu
 from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
-from ._batch_norm_fusion import FoldCache, update_running_statistics, uses_batch_statistics
+from ._batch_norm_fusion import running_scale_shift, update_running_statistics, uses_batch_statistics
 from .conv import _FusedConv2d, pool_module_options, pool_options
+from .unfused import in_stock_slot
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """The state of a BatchNorm2d applied by the ``ConvBNReLU2d``/``ConvBNReLUPool2d`` just before it.
 
     Constructor, parameters, buffers, init and state_dict keys are ``nn.BatchNorm2d``'s; ``forward`` returns its
-    input unchanged.
+    input unchanged (or applies the BatchNorm, when its ``FusedSequential`` runs slot by slot).
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
@@ -52,7 +55,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, input):
-        return input
+        return super().forward(input) if in_stock_slot() else input
 
     @classmethod
     def from_batch_norm(cls, batch_norm):
@@ -84,6 +87,8 @@ class _ConvBatchNormReLU(_FusedConv2d):
         raise NotImplementedError
 
     def forward(self, input):
+        if in_stock_slot():
+            return super().forward(input)  # nn.Conv2d's: the BatchNorm, ReLU and pool slots apply the rest
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")  # nn.BatchNorm2d's message
         norm = self.batch_norm
@@ -97,20 +102,28 @@ class _ConvBatchNormReLU(_FusedConv2d):
             return out
         if torch.is_grad_enabled() and any(p.requires_grad for p in (*self.parameters(), *norm.parameters())):
             return self._stock_forward(input, conv_args)
-        if "_fold_cache" not in self.__dict__:
-            self._fold_cache = FoldCache()
-        weight, bias = self._fold_cache.get(self, norm)
-        return functional.conv2d_relu_pool(input, weight, bias, *conv_args, *self._pool_arguments())
+        y = F.conv2d(input, self.weight, None, *conv_args)
+        scale, shift = running_scale_shift(norm, y.dtype)
+        if self.bias is not None:
+            shift = shift + self.bias.to(shift.dtype) * scale
+        return self._pool(scale_shift_add_relu(y, scale, shift))
 
     def _stock_forward(self, input, conv_args):
         norm = self.batch_norm
         y = F.conv2d(input, self.weight, self.bias, *conv_args)
-        out = F.relu(F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0,
-                                  norm.eps))
+        return self._pool(F.relu(F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False,
+                                              0.0, norm.eps)))
+
+    def _pool(self, out):
         pool, size, stride = self._pool_arguments()
         if pool == "max":
             return F.max_pool2d(out, size, stride)
         return F.avg_pool2d(out, size, stride) if pool == "avg" else out
+
+
+def fused_batch_norm_of(layer):
+    """The FusedBatchNorm2d that ``layer`` applies, if it is a ConvBNReLU2d or ConvBNReLUPool2d; else None."""
+    return layer.batch_norm if isinstance(layer, _ConvBatchNormReLU) else None
 
 
 class ConvBNReLU2d(_ConvBatchNormReLU):

@@ -11,16 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import functional
 from ..ops.channel_slice import BranchEpilogue, concat_branches
 from ..reference.batch_norm import memory_format_of
-from ._batch_norm_fusion import (
-    FoldCache,
-    norm_relu_conv2d,
-    running_scale_shift,
-    update_running_statistics,
-    uses_batch_statistics,
-)
+from ._batch_norm_fusion import norm_relu_conv2d, running_scale_shift, update_running_statistics, uses_batch_statistics
+from .unfused import is_unfused
 
 
 class BasicConv2d(nn.Module):
@@ -76,9 +70,10 @@ class InceptionBlock(nn.Module):
 
     Fused forward (``fused=True`` and every stage a BasicConv2d): the output is allocated once in the input's memory
     format and each branch's last BatchNorm + ReLU stores straight into its channel slice; in training the inner
-    BN + ReLU of branches 2 and 3 runs inside the next convolution's input. Inference (every BatchNorm on running
-    statistics, no parameter needing a gradient) folds BatchNorm into the convolutions. Anything else - another
-    ``conv_block``, ``fused=False`` - runs torchvision's module sequence and ``torch.cat``.
+    BN + ReLU of branches 2 and 3 runs inside the next convolution's input; in eval each BatchNorm is a per-channel
+    affine map (from its running statistics, recomputed at every forward) in the pass after its convolution.
+    Anything else - another ``conv_block``, ``fused=False``, ``fastcnn.nn.unfused()`` - runs torchvision's module
+    sequence and ``torch.cat``.
 
     Args:
         in_channels: input channels.
@@ -131,16 +126,10 @@ class InceptionBlock(nn.Module):
             and isinstance(self.branch4, nn.Sequential) and len(self.branch4) == 2 \
             and all(_is_basic_conv(unit) for _, units in self._chains() for unit in units)
 
-    def _fold_weights(self):
-        """Fold BatchNorm into the convolutions only when nothing needs a gradient (as the residual blocks do)."""
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())) and not any(
-            uses_batch_statistics(unit.bn) for _, units in self._chains() for unit in units)
-
     def forward(self, x):
-        if not self._can_fuse():
+        if not self._can_fuse() or is_unfused():
             return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
-        fold = self._fold_weights()
-        branches = [self._branch_epilogue(units, x if pre is None else pre(x), fold) for pre, units in self._chains()]
+        branches = [self._branch_epilogue(units, x if pre is None else pre(x)) for pre, units in self._chains()]
         out, stats = concat_branches(branches, memory_format_of(x))
         for (_, units), branch, pair in zip(self._chains(), branches, stats):
             if pair is not None:
@@ -148,14 +137,9 @@ class InceptionBlock(nn.Module):
                 update_running_statistics(units[-1].bn, *pair, y.numel() // y.shape[1])
         return out
 
-    def _branch_epilogue(self, units, x, fold):
-        """The branch's last convolution output and how it is normalised before the ReLU."""
-        if fold:
-            for unit in units[:-1]:
-                weight, bias = self._fold(unit)
-                x = functional.conv2d_relu(x, weight, bias, *_conv_args(unit.conv))
-            weight, bias = self._fold(units[-1])
-            return BranchEpilogue(F.conv2d(x, weight, None, *_conv_args(units[-1].conv)), None, bias)
+    def _branch_epilogue(self, units, x):
+        """The branch's last convolution output and how it is normalised before the ReLU (batch statistics, or the
+        running statistics as a per-channel affine map computed from the live tensors at every call)."""
         y = F.conv2d(x, units[0].conv.weight, None, *_conv_args(units[0].conv))
         for unit, following in zip(units, units[1:]):
             y = norm_relu_conv2d(y, unit.bn, following.conv)
@@ -163,11 +147,6 @@ class InceptionBlock(nn.Module):
         if uses_batch_statistics(norm):
             return BranchEpilogue(y, norm.weight, norm.bias, norm.eps)
         return BranchEpilogue(y, *running_scale_shift(norm, y.dtype))
-
-    def _fold(self, unit):
-        if "_fold_cache" not in self.__dict__:
-            self._fold_cache = FoldCache()
-        return self._fold_cache.get(unit.conv, unit.bn)
 
     def extra_repr(self):
         return f"fused={self.fused}"

@@ -1,20 +1,16 @@
 """Drop-in ResNet residual blocks: torchvision's ``BasicBlock`` and ``Bottleneck`` (same constructor, attributes,
 init and state_dict keys), whose forward runs fastcnn's fused ops when ``fused=True``."""
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .. import functional
 from ..ops import batch_norm as bn_ops
 from ._batch_norm_fusion import (
-    FoldCache,
     conv_statistics,
-    foldable_downsample,
     norm_relu_conv2d_statistics,
     running_scale_shift,
     update_running_statistics,
     uses_batch_statistics,
 )
+from .unfused import is_unfused
 
 
 def _conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
@@ -30,35 +26,29 @@ class _ResidualBlock(nn.Module):
     """Shared forward: the block is a chain of (conv, norm) stages with ReLU between them, then
     ``relu(last_stage(x) + identity)``, where identity is ``downsample(x)`` or ``x``.
 
-    Fused forward (BatchNorm2d norms only; anything else runs the stock module sequence):
+    Fused forward (BatchNorm2d norms only; anything else, or inside ``fastcnn.nn.unfused()``, runs the stock module
+    sequence):
 
-    * every BatchNorm on running statistics and no parameter needing a gradient (inference): BN folded into each
-      convolution's weight and bias; the inner stages run fastcnn's fused conv + bias + ReLU, the last
-      convolution's bias, the residual add and the ReLU run as one epilogue pass (a torchvision
-      ``Sequential(Conv2d, BatchNorm2d)`` downsample is folded too).
     * training: each convolution's output ``y`` gets its batch statistics from one fused reduction (in the
       convolution's epilogue on the triton backend, where fastcnn runs its own convolution); BN-apply + ReLU
       run inside the next convolution's input (recomputed in backward instead of stored), and the last BN +
       residual add + ReLU is one pass that saves a uint8 mask. Saved for backward: the block input, each ``y`` and
-      the mask - not the post-BN or post-ReLU activations. (An eval-mode BatchNorm with trainable parameters runs
-      as a per-channel epilogue here, with its running statistics.)
+      the mask - not the post-BN or post-ReLU activations.
+    * eval (BatchNorm on running statistics): each BatchNorm is the per-channel affine map
+      ``y * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps))`` applied in the epilogue pass that
+      follows its convolution (with the ReLU, and for the last stage the residual add): two passes over
+      activations where stock makes five. The map is computed from the live parameters and buffers at every
+      forward (C values per BatchNorm); nothing derived is cached, so the block can never run on stale weights,
+      whatever changed them (an optimizer step, ``.data`` edits, ``load_state_dict``, a running-statistics update).
     """
 
     def _stages(self):
         raise NotImplementedError
 
     def forward(self, x):
-        if not self._can_fuse():
+        if not self._can_fuse() or is_unfused():
             return self._stock_forward(x)
-        if self._fold_weights() and not any(uses_batch_statistics(norm) for _, norm in self._stages()):
-            return self._fused_folded_forward(x)
-        return self._fused_unfolded_forward(x)
-
-    def _fold_weights(self):
-        """Fold BatchNorm into the weights only when no parameter needs a gradient: the gradient of gamma through
-        folded low-precision weights (a sum over each filter of rounded weight gradients) loses too much precision,
-        so trainable eval-mode BatchNorms run as a per-channel epilogue instead."""
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        return self._fused_forward(x)
 
     def _can_fuse(self):
         return self.fused and all(type(norm) is nn.BatchNorm2d and type(conv) is nn.Conv2d
@@ -75,39 +65,14 @@ class _ResidualBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
-    def _fold(self, conv, norm):
-        if "_fold_cache" not in self.__dict__:
-            self._fold_cache = FoldCache()
-        return self._fold_cache.get(conv, norm)
-
-    def _fused_folded_forward(self, x):
-        stages = self._stages()
-        out = x
-        for conv, norm in stages[:-1]:
-            weight, bias = self._fold(conv, norm)
-            out = functional.conv2d_relu(out, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        conv, norm = stages[-1]
-        weight, bias = self._fold(conv, norm)
-        y = F.conv2d(out, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return bn_ops.scale_shift_add_relu(y, None, bias, self._identity(x))
-
-    def _identity(self, x):
-        if self.downsample is None:
-            return x
-        pair = foldable_downsample(self.downsample)
-        if pair is None or not self._fold_weights():
-            return self.downsample(x)
-        weight, bias = self._fold(*pair)
-        return F.conv2d(x, weight, bias, pair[0].stride, pair[0].padding, pair[0].dilation, pair[0].groups)
-
-    def _fused_unfolded_forward(self, x):
+    def _fused_forward(self, x):
         stages = self._stages()
         conv, norm = stages[0]
         y, stats = conv_statistics(x, conv)
         for conv, next_norm in stages[1:]:
             y, stats = norm_relu_conv2d_statistics(y, stats, norm, conv)
             norm = next_norm
-        identity = self._identity(x)
+        identity = x if self.downsample is None else self.downsample(x)
         if not uses_batch_statistics(norm):
             return bn_ops.scale_shift_add_relu(y, *running_scale_shift(norm, y.dtype), identity)
         out, mean, var = bn_ops.batch_norm_add_relu(y, norm.weight, norm.bias, norm.eps, identity, stats=stats)

@@ -2,10 +2,10 @@
 for slot.
 
 Inside an ``nn.Sequential`` a layer's output feeds only the next layer, so a run ``Conv2d, ReLU, MaxPool2d`` computes
-exactly ``ConvReLUPool2d`` and can be replaced by it. The fused module takes the conv's slot and ``nn.Identity``
-placeholders take the ReLU's and the pool's, so the sequence keeps its length and every later index (hence every
-state_dict key, e.g. torchvision's ``features.{i}.weight``) stays where it was. The fused module shares the conv's
-Parameters.
+exactly ``ConvReLUPool2d`` and can be replaced by it. The fused module takes the conv's slot and ``FusedAway``
+placeholders (identities that remember the layer they replace) take the ReLU's and the pool's, so the sequence keeps
+its length and every later index (hence every state_dict key, e.g. torchvision's ``features.{i}.weight``) stays where
+it was. The fused module shares the conv's Parameters.
 
 A ``Conv2d, BatchNorm2d, ReLU[, pool]`` run (torchvision's ``_bn`` VGGs) becomes ``ConvBNReLU2d``/``ConvBNReLUPool2d``
 at the conv's slot and a ``FusedBatchNorm2d`` at the BatchNorm's slot: the latter holds the BatchNorm's parameters
@@ -16,13 +16,56 @@ A run is fused only where that is exactly correct: the conv must be a plain ``nn
 ``nn.ReLU`` or by a plain ``nn.BatchNorm2d`` (of the conv's output channels) and then an ``nn.ReLU``; a following pool
 joins the run when the fused modules support it (``nn.MaxPool2d``/``nn.AvgPool2d`` in floor mode, without padding,
 dilation, indices or divisor override).
+
+The sequence is a ``FusedSequential``, which runs a fused run slot by slot - every slot computing its stock layer,
+the fused conv only its convolution - inside ``fastcnn.nn.unfused()`` (so hooks on any slot see the stock tensors)
+and whenever the module in a ``FusedBatchNorm2d``'s slot is no longer the BatchNorm its conv was fused with: a
+SyncBatchNorm conversion (``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` or fastcnn's) replaces the module in the
+slot, and the model then normalises with that module, exactly as the stock model would.
 """
 from collections import OrderedDict
 
 import torch.nn as nn
 
 from .conv import ConvReLU2d, ConvReLUPool2d, pool_module_options
-from .conv_bn import ConvBNReLU2d, ConvBNReLUPool2d
+from .conv_bn import ConvBNReLU2d, ConvBNReLUPool2d, fused_batch_norm_of
+from .unfused import in_stock_slot, is_unfused, stock_slots
+
+
+class FusedAway(nn.Identity):
+    """The placeholder in the slot of a layer (a ReLU or a pool) that the fused module before it computes: the
+    identity, or that layer when its ``FusedSequential`` runs slot by slot. Holds no state (no state_dict keys).
+
+    Args:
+        layer: the stock module this slot held (kept, not registered as a child).
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        self.__dict__["layer"] = layer
+
+    def forward(self, input):
+        return self.layer(input) if in_stock_slot() else input
+
+    def extra_repr(self):
+        return f"fused away: {self.layer}"
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` of fused runs (see the module docstring): fused, or slot by slot inside
+    ``fastcnn.nn.unfused()`` and when a fused conv's BatchNorm slot holds another module than the one it was fused
+    with. Same children, names and state_dict keys as the stock Sequential."""
+
+    def forward(self, input):
+        if not (is_unfused() or self._batch_norm_replaced()):
+            return super().forward(input)
+        with stock_slots():
+            return super().forward(input)
+
+    def _batch_norm_replaced(self):
+        layers = list(self)
+        return any(fused_batch_norm_of(layer) not in (None, following)
+                   for layer, following in zip(layers, layers[1:] + [None]))
 
 
 def _fusable_pool(module):
@@ -54,7 +97,7 @@ def _fused_run(layers, i):
         fused = list(ConvBNReLUPool2d.from_modules(conv, norm, relu, pool))  # [fused conv, held BatchNorm]
     else:
         fused = list(ConvBNReLU2d.from_modules(conv, norm, relu))
-    return fused + [nn.Identity() for _ in range(2 if pool is not None else 1)]  # the ReLU's and pool's slots
+    return fused + [FusedAway(layer) for layer in (relu, pool) if layer is not None]  # the ReLU's and pool's slots
 
 
 def fuse_layers(layers):
@@ -66,7 +109,7 @@ def fuse_layers(layers):
     Example:
         >>> stock = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         >>> [type(m).__name__ for m in fuse_layers(stock)]
-        ['ConvBNReLUPool2d', 'FusedBatchNorm2d', 'Identity', 'Identity']
+        ['ConvBNReLUPool2d', 'FusedBatchNorm2d', 'FusedAway', 'FusedAway']
     """
     layers = list(layers)
     fused = []
@@ -77,7 +120,7 @@ def fuse_layers(layers):
 
 
 def fuse_sequential(sequential):
-    """A new ``nn.Sequential`` with ``sequential``'s runs fused (see ``fuse_layers``), the same child names (so the
+    """A new ``FusedSequential`` with ``sequential``'s runs fused (see ``fuse_layers``), the same child names (so the
     same state_dict keys), in the same training mode."""
     names = list(sequential._modules)
-    return nn.Sequential(OrderedDict(zip(names, fuse_layers(sequential)))).train(sequential.training)
+    return FusedSequential(OrderedDict(zip(names, fuse_layers(sequential)))).train(sequential.training)

@@ -108,8 +108,8 @@ def test_fused_vgg_layout():
     """Conv->ReLU->MaxPool runs sit in the conv's slot with placeholders after it; Conv->ReLU runs likewise."""
     features = models.vgg11(fused=True, width=0.125).features
     names = [type(m).__name__ for m in features]
-    assert names[:6] == ["ConvReLUPool2d", "Identity", "Identity"] * 2
-    assert names[6:11] == ["ConvReLU2d", "Identity", "ConvReLUPool2d", "Identity", "Identity"]
+    assert names[:6] == ["ConvReLUPool2d", "FusedAway", "FusedAway"] * 2
+    assert names[6:11] == ["ConvReLU2d", "FusedAway", "ConvReLUPool2d", "FusedAway", "FusedAway"]
     assert len(names) == 21
 
 
@@ -117,9 +117,9 @@ def test_fused_vgg_bn_layout():
     """Conv->BN->ReLU->MaxPool runs: the fused conv, the BatchNorm's state in its slot, placeholders after them."""
     features = models.vgg11_bn(fused=True, width=0.125).features
     names = [type(m).__name__ for m in features]
-    assert names[:8] == ["ConvBNReLUPool2d", "FusedBatchNorm2d", "Identity", "Identity"] * 2
-    assert names[8:15] == ["ConvBNReLU2d", "FusedBatchNorm2d", "Identity", "ConvBNReLUPool2d", "FusedBatchNorm2d",
-                           "Identity", "Identity"]
+    assert names[:8] == ["ConvBNReLUPool2d", "FusedBatchNorm2d", "FusedAway", "FusedAway"] * 2
+    assert names[8:15] == ["ConvBNReLU2d", "FusedBatchNorm2d", "FusedAway", "ConvBNReLUPool2d", "FusedBatchNorm2d",
+                           "FusedAway", "FusedAway"]
     assert len(names) == 29 and all(features[i].batch_norm is features[i + 1] for i in (0, 4, 8, 11))
 
 

@@ -137,7 +137,7 @@ def test_float64_gradcheck_of_the_module():
 def test_state_dict_keys_and_shared_tensors():
     stock = _stock("max")
     fused = fuse_sequential(stock)
-    assert [type(m).__name__ for m in fused] == ["ConvBNReLUPool2d", "FusedBatchNorm2d", "Identity", "Identity"]
+    assert [type(m).__name__ for m in fused] == ["ConvBNReLUPool2d", "FusedBatchNorm2d", "FusedAway", "FusedAway"]
     assert list(fused.state_dict()) == list(stock.state_dict())  # no key twice, none moved
     assert fused[0].weight is stock[0].weight and fused[1].running_mean is stock[1].running_mean
     assert fused[0].batch_norm is fused[1] and "batch_norm" not in dict(fused[0].named_children())
@@ -234,5 +234,5 @@ def test_only_exact_runs_are_fused():
         nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4), nn.ReLU(),  # not a plain BatchNorm2d: left alone
     )
     assert [type(m).__name__ for m in fuse_sequential(layers)] == [
-        "ConvBNReLU2d", "FusedBatchNorm2d", "Identity", "MaxPool2d", "Conv2d", "BatchNorm2d", "Sigmoid",
+        "ConvBNReLU2d", "FusedBatchNorm2d", "FusedAway", "MaxPool2d", "Conv2d", "BatchNorm2d", "Sigmoid",
         "Conv2d", "SyncBatchNorm", "ReLU"]

@@ -6,10 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _batch_norm_cases import bn_inputs, compare_with_stock
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import fastcnn
-from fastcnn.nn._batch_norm_fusion import fold
 from fastcnn.ops import batch_norm as ops
 
 from _blocks import backends_here
@@ -134,19 +132,6 @@ def test_statistics_are_deterministic_across_thread_counts(backend, channels_las
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_fold_matches_fuse_conv_bn_eval(bias):
-    conv, bn = nn.Conv2d(5, 7, 3, bias=bias).eval(), nn.BatchNorm2d(7).eval()
-    with torch.no_grad():
-        for t in (bn.weight, bn.bias, bn.running_mean):
-            t.copy_(torch.randn_like(t))
-        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
-    expected = fuse_conv_bn_eval(conv, bn)
-    weight, shift = fold(conv, bn)
-    torch.testing.assert_close(weight, expected.weight)
-    torch.testing.assert_close(shift, expected.bias)
 
 
 @pytest.mark.parametrize("call, message", [
