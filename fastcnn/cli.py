@@ -1,11 +1,16 @@
 """The ``fastcnn`` command: ``train``, ``verify``, ``bench``, ``cam`` and ``info``.
 
 Every subcommand runs on the built-in digits data unless ``--data`` names a MedMNIST ``.npz`` file or a folder of
-class folders, on the GPU when one is present (``--device`` overrides). Bad arguments print a message naming the
-argument and exit with status 2; ``verify`` exits with 1 when parity fails.
+class folders, on the GPU when one is present (``--device`` overrides).
+
+Every failure a user can cause (an argument, a path, the data, a checkpoint, the device or a forced backend) is one
+``fastcnn <command>: error: ...`` line on stderr and exit status 2; anything else is a bug: one line too, exit status
+1, and ``FASTCNN_DEBUG=1`` shows its traceback. ``verify`` exits with 1 when parity fails; Ctrl-C exits with 130
+(``train`` names the checkpoint to ``--resume`` from).
 """
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 
@@ -13,9 +18,34 @@ DEFAULT_MODEL = "vgg11"
 
 
 def _device(name):
+    """The device to run on, checked now rather than at the first tensor moved there: it must exist here, and a
+    backend forced with FASTCNN_BACKEND must be able to run on it (fastcnn.ops would refuse mid-run)."""
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .ops._backends import BACKENDS, why_unavailable
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: fastcnn runs on cpu or cuda")
+    forced = os.environ.get("FASTCNN_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"FASTCNN_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        reason = why_unavailable(forced, device.type)
+        if reason:
+            raise ValueError(f"FASTCNN_BACKEND={forced} cannot run on {device.type}: {reason}; unset it or pick "
+                             "another (`fastcnn info` lists what runs here)")
+    return name
 
 
 def _add_data_options(parser):
@@ -23,9 +53,13 @@ def _add_data_options(parser):
     group.add_argument("--data", default="digits", help="'digits' (scikit-learn's 1,797 handwritten digits, built in;"
                        " the default), a MedMNIST .npz file (its train/val splits) or a folder with one sub-folder "
                        "per class (split 42,000/16,954-style, the lecture's fraction)")
-    group.add_argument("--image-size", type=int, default=32, help="resize images to this height and width (32)")
+    group.add_argument("--image-size", type=int, default=32, help="resize images to this height and width, "
+                       ".npz files included (32)")
     group.add_argument("--channels", type=int, choices=(1, 3), default=3,
-                       help="convert images to 1 (grayscale) or 3 (RGB) channels; the zoo's CNNs take 3 (default)")
+                       help="convert images to 1 (grayscale) or 3 (RGB) channels (3); with 1, the model's first "
+                       "layer takes one channel")
+    group.add_argument("--skip-bad-images", action="store_true", help="image folders: leave out files that do not "
+                       "decode (default: list them and stop before training)")
     group.add_argument("--batch-size", type=int, default=32, help="training batch size (32)")
     group.add_argument("--drop-last", action="store_true", help="drop the last, smaller training batch")
     group.add_argument("--workers", type=int, default=0, help="data loader worker processes (0: main process)")
@@ -37,7 +71,8 @@ def _add_model_options(parser):
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo model name (default {DEFAULT_MODEL}); "
                        "`python -c 'import fastcnn; print(fastcnn.models.list_models())'` lists them")
     group.add_argument("--width", type=float, default=None,
-                       help="channel multiplier of VGG models (e.g. 0.25 for a quick CPU run; default: the paper's)")
+                       help="channel multiplier of VGG and ResNet models (e.g. 0.25 for a quick CPU run; default: "
+                       "the paper's)")
     group.add_argument("--hidden-features", type=int, default=None,
                        help="width of VGG's two hidden Linear layers (default 4096 x width)")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
@@ -72,6 +107,8 @@ def build_parser():
                         help="learning-rate schedule over the run's steps, the same for both models (cosine)")
     verify.add_argument("--window", type=int, default=None,
                         help="steps over which parity is judged (default: fastcnn.train.tolerances.PARITY_WINDOW)")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar (the report is printed either "
+                        "way)")
 
     train = commands.add_parser("train", help="train one model with the Trainer", description="Trains --model "
                                 "(fused unless --stock) with checkpoints, CSV/JSON logs and PNG curves in --out. "
@@ -91,9 +128,12 @@ def build_parser():
     group.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     group.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all "
                        "processes (fastcnn.train.sync_batchnorm, also on CPU/gloo)")
-    group.add_argument("--out", default="fastcnn-run", help="folder for last.pt, log.csv/json and plots")
-    group.add_argument("--resume", default=None, help="checkpoint to continue from (its next epoch)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--out", default="fastcnn-run", help="folder for last.pt, log.csv/json and plots (created; "
+                       "an existing last.pt is overwritten)")
+    group.add_argument("--resume", default=None, help="checkpoint to continue from (its next epoch), e.g. the "
+                       "last.pt of an interrupted run")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar; the per-epoch metric lines "
+                       "are printed either way")
 
     bench = commands.add_parser("bench", help="speed of fused vs stock training steps", description="Built in: "
                                 "times --steps training steps of --model fused and stock on random batches and "
@@ -141,20 +181,78 @@ def _check_positive(parser, args, *names):
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
+_FLAT_MODELS = ("mlp", "logistic_regression")  # they flatten (channels, size, size): told the shape, not adapted
+
+
 def _model_kwargs(args, num_classes):
+    """The zoo factory's arguments from the options; an option the model has no use for is an error, not dropped."""
+    from .models import list_models
+
+    name = args.model.lower()
+    if name not in list_models():
+        raise ValueError(f"unknown model {args.model!r}; available models: {', '.join(list_models())}")
+    if name == "encoder_decoder":
+        raise ValueError("--model encoder_decoder is a segmentation model; the fastcnn command trains classifiers "
+                         "(train it with fastcnn.train.Trainer on fastcnn.data.segmentation)")
     kwargs = {"num_classes": num_classes}
+    if name in _FLAT_MODELS:
+        kwargs["in_shape"] = (getattr(args, "channels", 3), args.image_size, args.image_size)
     if args.width is not None:
+        if not name.startswith(("vgg", "resnet")):
+            raise ValueError(f"--width applies to VGG and ResNet models; {name} has none")
         kwargs["width"] = args.width
     if args.hidden_features is not None:
+        if not name.startswith("vgg"):
+            raise ValueError(f"--hidden-features applies to VGG models; {name} has no such layers")
         kwargs["hidden_features"] = args.hidden_features
     return kwargs
+
+
+def _build_model(args, num_classes, fused=True):
+    """The zoo model of the options, its first layer fitted to --channels."""
+    from .models import get_model
+
+    model = get_model(args.model, fused=fused, **_model_kwargs(args, num_classes))
+    channels = getattr(args, "channels", 3)
+    if args.model.lower() not in _FLAT_MODELS:
+        _fit_first_conv(model, channels, args.model)
+    return model
+
+
+def _fit_first_conv(model, channels, name):
+    """The zoo's CNNs take 3 channels; for 1 the first convolution keeps its first input channel's filters. Kaiming
+    fan_out init does not depend on the input channels, so these are the filters a 1-channel build would draw; the
+    state_dict keys stay, only that weight's shape changes."""
+    import torch
+    import torch.nn as nn
+
+    conv = next((module for module in model.modules() if isinstance(module, nn.Conv2d)), None)
+    if conv is None or conv.in_channels == channels:
+        return
+    if conv.in_channels != 3 or conv.groups != 1:
+        raise ValueError(f"--channels {channels}: {name}'s first layer takes {conv.in_channels} channels and cannot "
+                         "be adapted; use --channels 3")
+    with torch.no_grad():  # in place: a fused module sharing this Parameter follows
+        conv.weight.set_(conv.weight[:, :channels].clone())
+    conv.in_channels = channels
 
 
 def _loaders(args, device, distributed=False):
     from .data import load_dataset, make_loader
 
-    train, val = load_dataset(args.data, args.image_size, args.channels, args.seed)
+    try:
+        train, val = load_dataset(args.data, args.image_size, args.channels, args.seed,
+                                  skip_bad_images=getattr(args, "skip_bad_images", False),
+                                  progress=not getattr(args, "no_progress", False))
+    except KeyError as error:  # an .npz file without the arrays of a split
+        raise ValueError(error.args[0]) from None
     base = getattr(train, "dataset", train)
+    if getattr(base, "labels_per_image", 1) > 1:
+        raise ValueError(f"--data {args.data} is multi-label ({base.labels_per_image} labels per image); the "
+                         "fastcnn command trains single-label classifiers")
+    if getattr(base, "skipped", None):
+        print(f"fastcnn {args.command}: warning: skipping {len(base.skipped)} unreadable images of {args.data} "
+              f"(--skip-bad-images); {len(base)} remain", file=sys.stderr)
     num_classes = len(base.classes) if getattr(base, "classes", None) else int(max(int(y) for _, y in val)) + 1
     if distributed:
         from .train.distributed import distributed_loaders
@@ -171,10 +269,26 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_positive(parser, args, "epochs", "lr", "batch_size", "image_size", "width", "hidden_features", "steps",
                     "window", "accumulate")
+    prog = f"fastcnn {args.command}"
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-        parser.exit(2, f"fastcnn {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    except USER_ERRORS as error:
+        hint = f" (pip install {error.name})" if isinstance(error, ModuleNotFoundError) and error.name else ""
+        parser.exit(2, f"{prog}: error: {' '.join(str(error).split())}{hint}\n")
+    except Exception as error:
+        if os.environ.get("FASTCNN_DEBUG") == "1":
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "(no message)"
+        parser.exit(1, f"{prog}: error: unexpected {type(error).__name__}: {first} (a bug? FASTCNN_DEBUG=1 shows "
+                    "the traceback)\n")
+
+
+# What a user can cause and fix: bad options, paths, data, checkpoints (fastcnn.train.model_state.CheckpointError
+# is a ValueError), the device or a missing optional package. Anything else is reported as unexpected.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 
 
 def run_suite(suite, rest):
@@ -194,6 +308,7 @@ def verify_command(args):
     from .train.verify import verify
 
     device = _device(args.device)
+    _model_kwargs(args, 1)  # the model options, checked before the data is read
     torch.manual_seed(args.seed)
     train_loader, val_loader, num_classes = _loaders(args, device)
     hyper = {"lr": args.lr, "weight_decay": args.weight_decay}
@@ -202,10 +317,12 @@ def verify_command(args):
     print(f"verify: {args.model} fused vs stock on {args.data} ({len(train_loader.dataset)} train / "
           f"{len(val_loader.dataset)} validation images, {num_classes} classes), {device}, {args.optimizer} "
           f"lr {args.lr} ({args.schedule}), {args.epochs} epochs, precision {args.precision}")
-    report = verify(args.model, train_loader, val_loader, epochs=args.epochs, optimizer=args.optimizer,
+    stock = _build_model(args, num_classes, fused=False)  # stock first: its init is the one both sides start from
+    models = (_build_model(args, num_classes, fused=True), stock)
+    report = verify(models, train_loader, val_loader, epochs=args.epochs, optimizer=args.optimizer,
                     precision=args.precision, device=device, channels_last=args.channels_last,
-                    window=args.window or PARITY_WINDOW, schedule=args.schedule,
-                    model_kwargs=_model_kwargs(args, num_classes), **hyper)
+                    window=args.window or PARITY_WINDOW, schedule=args.schedule, progress=not args.no_progress,
+                    **hyper)
     print(report.format())
     return 0 if report.passed else 1
 
@@ -221,13 +338,44 @@ def _optimizer(args, parameters):
     return classes[args.optimizer](parameters, **hyper)
 
 
+def _check_out_folder(out):
+    """--out must be, or become, a folder this process can write: checked before any data is read or epoch run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; it must be a folder (for last.pt, the logs and the plots)")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r}: {parent!r} is not writable")
+
+
+def _report_interrupt(trainer):
+    """After Ctrl-C: checkpoints are written atomically, so the last one is whole; say how to go on from it."""
+    from .train.trainer import is_main_process
+
+    if not is_main_process():
+        return
+    if trainer.last_checkpoint:
+        print(f"fastcnn train: interrupted after {len(trainer.history)} complete epoch(s); nothing was left "
+              f"half-written. To continue, rerun the same command with --resume "
+              f"{shlex.quote(trainer.last_checkpoint)}", file=sys.stderr)
+    else:
+        print("fastcnn train: interrupted before the first checkpoint was written; nothing to resume",
+              file=sys.stderr)
+
+
 def train_command(args):
-    from .models import get_model
     from .train import Trainer, seed_everything
     from .train.schedules import build_scheduler
 
     distributed = "WORLD_SIZE" in os.environ  # launched by torchrun
     device = _device(args.device)
+    _check_out_folder(args.out)
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint file")
+    _model_kwargs(args, 1)  # the model options, checked before the data is read
     if distributed:
         from .train.distributed import init_distributed, wrap_ddp
         from .train.sync_batchnorm import convert_sync_batchnorm
@@ -235,7 +383,7 @@ def train_command(args):
         _, _, device = init_distributed()
     seed_everything(args.seed, args.deterministic)
     train_loader, val_loader, num_classes = _loaders(args, device, distributed)
-    model = get_model(args.model, fused=not args.stock, **_model_kwargs(args, num_classes))
+    model = _build_model(args, num_classes, fused=not args.stock)
     if distributed:
         model = wrap_ddp(convert_sync_batchnorm(model) if args.sync_bn else model, device)
     optimizer = _optimizer(args, model.parameters())
@@ -245,7 +393,11 @@ def train_command(args):
                       precision=args.precision, channels_last=args.channels_last, grad_clip=args.grad_clip,
                       accumulate=args.accumulate, checkpoint_path=os.path.join(args.out, "last.pt"),
                       log_dir=args.out, progress=not args.no_progress)
-    history = trainer.fit(args.epochs, resume=args.resume)
+    try:
+        history = trainer.fit(args.epochs, resume=args.resume)
+    except KeyboardInterrupt:
+        _report_interrupt(trainer)
+        return 130  # 128 + SIGINT, as a shell reports it
     if history:
         print(f"done: validation accuracy {history[-1]['val_accuracy']:.4f}; checkpoint, logs and plots in "
               f"{args.out}")

@@ -15,6 +15,10 @@ _STEM_CHANNELS = 64
 _STAGE_PLANES = (64, 128, 256, 512)
 
 
+def _scaled(channels, width):
+    return max(1, round(channels * width))
+
+
 class ResNet(nn.Module):
     """torchvision's ResNet: stem, four stages of residual blocks, global average pool and a Linear head.
 
@@ -28,6 +32,8 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: three booleans; True dilates stage 2/3/4 instead of striding it.
         norm_layer: normalisation factory (default ``nn.BatchNorm2d``).
         fused: build the residual blocks with ``fused=True`` (default) or ``False``; same state_dict either way.
+        width: multiplies the channels of the stem and of every stage (as VGG's ``width``; e.g. 0.25 for a quick
+            CPU run). Same state_dict keys at any width; ``width=1`` is torchvision's ResNet.
 
     Shape:
         input ``(N, 3, H, W)``; output ``(N, num_classes)``.
@@ -39,8 +45,10 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block, layers, num_classes=1000, zero_init_residual=False, groups=1, width_per_group=64,
-                 replace_stride_with_dilation=None, norm_layer=None, *, fused=True):
+                 replace_stride_with_dilation=None, norm_layer=None, *, fused=True, width=1.0):
         super().__init__()
+        if not (isinstance(width, (int, float)) and width > 0):
+            raise ValueError(f"fastcnn: width must be a positive number, got {width!r}")
         self._norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
         if replace_stride_with_dilation is None:
             replace_stride_with_dilation = [False, False, False]
@@ -49,7 +57,7 @@ class ResNet(nn.Module):
                              f"{replace_stride_with_dilation!r}")
         if len(layers) != 4:
             raise ValueError(f"fastcnn: layers must give the number of blocks of the 4 stages, got {layers!r}")
-        self.inplanes = _STEM_CHANNELS
+        self.inplanes = _scaled(_STEM_CHANNELS, width)
         self.dilation = 1
         self.groups = groups
         self.base_width = width_per_group
@@ -61,9 +69,10 @@ class ResNet(nn.Module):
         dilate = [False, *replace_stride_with_dilation]
         for index, (planes, blocks) in enumerate(zip(_STAGE_PLANES, layers)):
             stride = 1 if index == 0 else 2
-            setattr(self, f"layer{index + 1}", self._make_layer(block, planes, blocks, stride, dilate[index]))
+            setattr(self, f"layer{index + 1}", self._make_layer(block, _scaled(planes, width), blocks, stride,
+                                                                dilate[index]))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(_scaled(_STAGE_PLANES[-1], width) * block.expansion, num_classes)
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual):
@@ -115,8 +124,9 @@ def _named_resnet(name, block, layers):
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = (f"torchvision's ``{name}``: ``ResNet({block.__name__}, {layers})``. Arguments as ``ResNet`` "
-                       "(``fused``, ``num_classes``, ``zero_init_residual``, ``groups``, ``width_per_group``, "
-                       "``replace_stride_with_dilation``, ``norm_layer``); ``weights`` must be None.")
+                       "(``fused``, ``width``, ``num_classes``, ``zero_init_residual``, ``groups``, "
+                       "``width_per_group``, ``replace_stride_with_dilation``, ``norm_layer``); ``weights`` must be "
+                       "None.")
     return register_model(factory)
 
 

@@ -3,11 +3,22 @@ import csv
 import json
 import os
 import sys
-import time
+import weakref
+
+from .checkpoint import atomic_write
 
 
 class ProgressBar:
-    """A one-line text progress bar with rate and ETA, redrawn in place (``\\r``) on ``stream``.
+    """A tqdm progress bar (rate, ETA, the latest loss) that the trainer and ``verify`` share.
+
+    tqdm handles what a hand-made ``\\r`` bar did not: terminal width, and output that is not a terminal (a log file,
+    a CI job), where the bar is left out (``disable=None``) so logs hold the per-epoch lines, not redraws.
+
+    Args:
+        total (int): expected updates (batches).
+        description (str): text before the bar.
+        stream: where to draw (default stderr).
+        enabled (bool): False draws nothing.
 
     Example:
         >>> bar = ProgressBar(len(loader), "epoch 1 train")
@@ -15,40 +26,34 @@ class ProgressBar:
         >>> bar.close()
     """
 
-    def __init__(self, total, description="", stream=None, enabled=True, width=24):
-        self.total, self.description, self.width = total, description, width
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.count, self.start, self.last_draw = 0, time.perf_counter(), 0.0
+    # Bars not yet closed: an interrupted run closes them so its last message starts on a line of its own.
+    _open = weakref.WeakSet()
+
+    def __init__(self, total, description="", stream=None, enabled=True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=description, file=stream or sys.stderr, disable=None,
+                            dynamic_ncols=True, leave=True)
+            ProgressBar._open.add(self)
 
     def update(self, steps=1, **values):
-        self.count += steps
-        now = time.perf_counter()
-        if self.enabled and (now - self.last_draw > 0.2 or self.count == self.total):
-            self.last_draw = now
-            self.stream.write("\r" + self.line(now, values))
-            self.stream.flush()
-
-    def line(self, now, values):
-        elapsed = now - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-        filled = round(self.width * self.count / max(self.total, 1))
-        shown = " ".join(f"{key} {value:.4g}" for key, value in values.items())
-        return (f"{self.description} [{'#' * filled}{'.' * (self.width - filled)}] {self.count}/{self.total} "
-                f"{rate:.1f} it/s ETA {format_seconds(eta)} {shown}")
+        if self.bar is not None:
+            if values:
+                self.bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()}, refresh=False)
+            self.bar.update(steps)
 
     def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            ProgressBar._open.discard(self)
 
-
-def format_seconds(seconds):
-    if seconds == float("inf"):
-        return "?"
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}:{seconds:02d}"
+    @classmethod
+    def close_all(cls):
+        """Close every bar still open (after an interruption)."""
+        for bar in list(cls._open):
+            bar.close()
 
 
 def write_logs(history, folder):
@@ -56,11 +61,12 @@ def write_logs(history, folder):
     os.makedirs(folder, exist_ok=True)
     csv_path, json_path = os.path.join(folder, "log.csv"), os.path.join(folder, "log.json")
     columns = list(dict.fromkeys(key for record in history for key in record))
-    with open(csv_path, "w", newline="") as file:
+    # Atomic, as the checkpoint: a Ctrl-C mid-write leaves the previous complete log, never half of one.
+    with atomic_write(csv_path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
-    with open(json_path, "w") as file:
+    with atomic_write(json_path, "w") as file:
         json.dump(history, file, indent=1)
     return csv_path, json_path
 
@@ -86,6 +92,7 @@ def plot_history(history, folder):
         axes.legend()
         figure.tight_layout()
         paths.append(os.path.join(folder, f"{metric}.png"))
-        figure.savefig(paths[-1], dpi=100)
+        with atomic_write(paths[-1]) as file:
+            figure.savefig(file, format="png", dpi=100)
         plt.close(figure)
     return paths

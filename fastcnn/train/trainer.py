@@ -10,9 +10,11 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .log import ProgressBar, plot_history, write_logs
 from .metrics import EpochMetrics
+from .model_state import CheckpointError, load_model_state
 
 PRECISIONS = ("32", "bf16-mixed")
 SCHEDULER_INTERVALS = ("epoch", "step")
+_REQUIRED = ("epoch", "model", "optimizer", "rng", "history")  # what fit(resume=...) needs of a checkpoint
 
 
 def is_main_process():
@@ -43,7 +45,7 @@ class Trainer:
         num_classes (int or None): set for segmentation to report mIoU.
         checkpoint_path (str or None): write a checkpoint here after every epoch (atomically).
         log_dir (str or None): write ``log.csv``, ``log.json`` and PNG plots of the curves here.
-        progress (bool): show a progress bar with ETA.
+        progress (bool): show a progress bar with ETA (the per-epoch metric line is printed either way).
         callbacks: callables ``callback(trainer, record)`` run after each epoch's checkpoint.
 
     Example:
@@ -73,34 +75,47 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(self.module.parameters()).device
         self.progress = progress and is_main_process()
         self.history = []
+        # The newest complete checkpoint (the resumed one until this run writes its own): what a stopped run
+        # continues from.
+        self.last_checkpoint = None
         self.module.to(self.device)
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
 
     def fit(self, epochs, resume=None):
         """Train until ``epochs`` epochs are done; ``resume`` a checkpoint path to continue from its next epoch
-        (exactly the run an uninterrupted ``fit`` would have made). Returns the history: one dict per epoch."""
-        start = self.load_state_dict(load_checkpoint(resume)) if resume else 0
-        for epoch in range(start, epochs):
-            began = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            train = self.train_epoch(epoch, epochs)
-            record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train.items()}}
-            if self.val_loader is not None:
-                record |= {f"val_{k}": v for k, v in self.validate().items()}
-            record["seconds"] = time.perf_counter() - began
-            if self.scheduler is not None and self.scheduler_interval == "epoch":
-                self.scheduler.step()
-            self.history.append(record)
-            self.end_epoch(epoch, record)
+        (exactly the run an uninterrupted ``fit`` would have made). Returns the history: one dict per epoch.
+
+        A KeyboardInterrupt (Ctrl-C) closes the progress bars and propagates; checkpoints and logs are written
+        atomically, so ``last_checkpoint`` is complete and resumable."""
+        start = 0
+        if resume:
+            start = self.load_state_dict(load_checkpoint(resume, required=_REQUIRED), source=resume)
+            self.last_checkpoint = resume
+        try:
+            for epoch in range(start, epochs):
+                began = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                train = self.train_epoch(epoch, epochs)
+                record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train.items()}}
+                if self.val_loader is not None:
+                    record |= {f"val_{k}": v for k, v in self.validate().items()}
+                record["seconds"] = time.perf_counter() - began
+                if self.scheduler is not None and self.scheduler_interval == "epoch":
+                    self.scheduler.step()
+                self.history.append(record)
+                self.end_epoch(epoch, record)
+        except KeyboardInterrupt:
+            ProgressBar.close_all()
+            raise
         return self.history
 
     def end_epoch(self, epoch, record):
         if is_main_process():
-            if self.progress:
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             if self.checkpoint_path:
                 save_checkpoint(self.checkpoint_path, self.state_dict(epoch))
+                self.last_checkpoint = self.checkpoint_path
             if self.log_dir:
                 write_logs(self.history, self.log_dir)
                 plot_history(self.history, self.log_dir)
@@ -178,18 +193,25 @@ class Trainer:
     def state_dict(self, epoch):
         """Everything needed to continue after ``epoch`` (0-based) exactly as if never stopped."""
         state = {"epoch": epoch, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "rng": rng_state(), "history": self.history}
+                 "optimizer_class": type(self.optimizer).__name__, "rng": rng_state(), "history": self.history}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
-    def load_state_dict(self, state):
-        """Restore a :meth:`state_dict`; returns the epoch to continue from."""
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state, source="the checkpoint"):
+        """Restore a :meth:`state_dict`; returns the epoch to continue from. A state of another model, optimizer or
+        schedule raises :class:`~fastcnn.train.model_state.CheckpointError` naming ``source`` and the difference."""
+        load_model_state(self.module, state["model"], source)
+        saved, ours = state.get("optimizer_class"), type(self.optimizer).__name__
+        if saved is not None and saved != ours:
+            raise CheckpointError(f"{source} was trained with the {saved} optimizer, this run uses {ours}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:  # torch's message for parameter groups of another size
+            raise CheckpointError(f"{source}: its optimizer state does not fit this {ours}: {error}") from None
         if self.scheduler is not None:
             if "scheduler" not in state:
-                raise KeyError("the checkpoint has no scheduler state but this Trainer has a scheduler")
+                raise CheckpointError(f"{source} has no scheduler state but this run has a scheduler")
             self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.history = list(state["history"])

@@ -1,5 +1,5 @@
-"""fastcnn.data: the built-in digits, class folders, MedMNIST npz, the lecture's split and batch arithmetic, and bad
-data giving errors that name the file."""
+"""fastcnn.data: the built-in digits, class folders, MedMNIST npz (resized on request), the lecture's split and batch
+arithmetic, and bad data giving errors that name the file: corrupt images found by one scan, or skipped."""
 import numpy as np
 import pytest
 import torch
@@ -84,6 +84,20 @@ def test_corrupt_image_names_the_file_even_in_a_worker(folder_tree):
             pass
 
 
+def test_corrupt_images_are_all_listed_before_training_or_skipped(folder_tree):
+    bad = [folder_tree / "Hand" / "3.png", folder_tree / "CXR" / "0.jpeg"]
+    bad[0].write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bad[1].write_bytes(bad[1].read_bytes()[:40])  # a truncated JPEG
+    listed = r"2 of 42 images .* cannot be read: CXR/0.jpeg \(.*\), Hand/3.png"
+    with pytest.raises(data.BadImagesError, match=listed) as error:
+        data.medical_mnist(str(folder_tree), image_size=8)
+    assert [path for path, _ in error.value.bad] == [str(bad[1]), str(bad[0])]
+    assert "--skip-bad-images" in str(error.value)
+    train, val = data.load_dataset(str(folder_tree), image_size=8, skip_bad_images=True)
+    assert len(train) + len(val) == 40 and len(train.dataset.skipped) == 2
+    assert all(path not in map(str, bad) for path, _ in train.dataset.samples)
+
+
 def test_empty_class_folder_and_missing_root_are_named(folder_tree, tmp_path):
     (folder_tree / "Empty").mkdir()
     with pytest.raises(ValueError, match="Empty"):
@@ -111,6 +125,22 @@ def test_medmnist_npz_splits_and_channels(tmp_path):
     assert gray.shape == (1, 28, 28)
     train_and_val = data.load_dataset(path)
     assert [len(d) for d in train_and_val] == [10, 4]
+
+
+def test_medmnist_npz_resizes_to_image_size(tmp_path):
+    images = np.full((3, 28, 28), 255, np.uint8)
+    images[1] = 0
+    labels = np.arange(3).reshape(3, 1)
+    path = _write_npz(tmp_path / "bloodmnist_28.npz", train_images=images, train_labels=labels, val_images=images,
+                      val_labels=labels)
+    resized = data.medmnist_npz(path, "train", channels=3, image_size=32)
+    assert resized[0][0].shape == (3, 32, 32) and resized.classes == ["0", "1", "2"]
+    assert torch.allclose(resized[0][0], torch.ones(3, 32, 32)) and torch.allclose(resized[1][0], -torch.ones(1))
+    train, val = data.load_dataset(path, image_size=16, channels=1)
+    assert train[2][0].shape == val[0][0].shape == (1, 16, 16)
+    assert data.medmnist_npz(path, "train")[0][0].shape == (1, 28, 28)  # None: the file's own size
+    with pytest.raises(ValueError, match="image_size"):
+        data.medmnist_npz(path, "train", image_size=0)
 
 
 def test_medmnist_npz_bad_files_are_named(tmp_path):
