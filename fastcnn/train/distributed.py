@@ -74,3 +74,16 @@ def wrap_ddp(model, device):
     model.to(device)
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_buffers(module, src=0):
+    """Give every process ``src``'s buffers (BatchNorm running statistics), in place; nothing when not distributed.
+
+    DDP broadcasts process 0's buffers at the start of each training forward, so after the epoch's last forward each
+    process holds running statistics updated from its own last batch. The checkpoint is process 0's model: every
+    process validates with process 0's buffers, so the reported metrics are the saved model's.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import broadcast_buffers
 from .log import ProgressBar, plot_history, write_logs
 from .metrics import EpochMetrics
 from .model_state import CheckpointError, load_model_state
@@ -178,7 +179,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """The validation loop on the unwrapped model; metrics are exact sums over all processes' shards."""
+        """The validation loop on the unwrapped model, with process 0's buffers (the saved model's); metrics are
+        exact sums over all processes' shards."""
+        broadcast_buffers(self.module)
         self.module.eval()
         metrics = EpochMetrics(self.num_classes)
         bar = ProgressBar(len(self.val_loader), "  validate", enabled=self.progress)

@@ -1,6 +1,7 @@
 """Two gloo processes on the CPU: DDP equals single-process training on the combined batch (BN-free model) and
 leaves equal parameters on both ranks; SyncBatchNorm2d equals BatchNorm2d on the combined batch, forward and
-backward; validation over unpadded shards counts every item exactly once."""
+backward; validation over unpadded shards counts every item exactly once, with rank 0's BatchNorm buffers on every rank;
+fused VGG-BN converted to SyncBatchNorm2d trains exactly as stock converted."""
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
@@ -53,6 +54,21 @@ def test_two_gloo_processes(tmp_path):
     for b in bn:
         torch.testing.assert_close(b["running_mean"], norm.running_mean)
         torch.testing.assert_close(b["running_var"], norm.running_var)
+
+    buffers = [rank["validation_buffers"] for rank in ranks]
+    assert any(not torch.equal(buffers[0]["before"][k], buffers[1]["before"][k]) for k in buffers[0]["before"])
+    for rank in buffers:
+        for name, value in rank["after"].items():
+            assert torch.equal(value, buffers[0]["before"][name]), name  # rank 0's: the saved model's
+    assert buffers[0]["metrics"] == buffers[1]["metrics"]
+
+    for rank in ranks:
+        fused, stock = rank["fused_sync_batchnorm"][True], rank["fused_sync_batchnorm"][False]
+        torch.testing.assert_close(fused["output"], stock["output"])
+        for name in ("grads", "buffers"):
+            assert fused[name].keys() == stock[name].keys()
+            for key, value in stock[name].items():
+                torch.testing.assert_close(fused[name][key], value, msg=key)
 
     whole = _validate_single_process()
     for rank in ranks:
