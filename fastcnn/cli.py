@@ -447,9 +447,9 @@ CAM_IGNORED_OPTIONS = ("batch_size", "drop_last", "workers", "precision", "chann
 def cam_command(args):
     import warnings
 
-    from .models import get_model
     from .train import load_checkpoint
     from .train.cam import DegenerateMapWarning, explain_to_png, last_conv_name, resolve_layer
+    from .train.model_state import load_model_state
 
     given = [f"--{name.replace('_', '-')}" for name in CAM_IGNORED_OPTIONS if hasattr(args, name)]
     if given:
@@ -461,9 +461,9 @@ def cam_command(args):
     if args.target is not None and not 0 <= args.target < num_classes:
         raise ValueError(f"--target must be a class in [0, {num_classes}) (--data {args.data} has {num_classes} "
                          f"classes), got {args.target}")
-    model = get_model(args.model, fused=True, **_model_kwargs(args, num_classes))
+    model = _build_model(args, num_classes)
     if args.checkpoint:
-        model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
+        load_model_state(model, load_checkpoint(args.checkpoint, required=("model",))["model"], args.checkpoint)
     try:
         layer = resolve_layer(model, args.layer)[0] if args.layer else last_conv_name(model)
     except ValueError as error:

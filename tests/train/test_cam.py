@@ -245,3 +245,23 @@ def test_cam_command_explains_a_fused_resnet_checkpoint(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
     with Image.open(png) as image:
         assert image.size[0] > image.size[1]
+
+
+def test_cam_command_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path, capsys):
+    checkpoint = tmp_path / "last.pt"
+    save_checkpoint(str(checkpoint), {"model": get_model("resnet18", num_classes=10).state_dict()})
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["cam", *SMALL_VGG, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "cam.png")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("fastcnn cam: error:") and error.count("\n") == 1
+    assert "seems to hold resnet18" in error, error
+
+
+def test_cam_command_builds_the_model_of_the_options(tmp_path, capsys):
+    """--channels 1 reaches cam's model, so a 1-channel checkpoint of `fastcnn train` loads."""
+    model = get_model("vgg11", num_classes=10, width=0.125, hidden_features=32)
+    one_channel = {k: (v[:, :1] if k == "features.0.weight" else v) for k, v in model.state_dict().items()}
+    checkpoint = tmp_path / "last.pt"
+    save_checkpoint(str(checkpoint), {"model": one_channel})
+    argv = ["cam", *SMALL_VGG, "--channels", "1", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "c.png")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
