@@ -42,3 +42,21 @@ LOADED, WHY_NOT_LOADED = _load()
 WITH_CUDA = LOADED and bool(build_info()["cuda"])
 if not LOADED and os.environ.get("FASTCNN_QUIET") != "1":
     warnings.warn(f"{WHY_NOT_LOADED}. Falling back to the Triton/reference backends.", RuntimeWarning, stacklevel=2)
+
+
+def has_kernel(op, backend):
+    """Whether the loaded fastcnn._C has a `backend` ("cpu" or "cuda") kernel for fastcnn::`op`. A build from older
+    sources lacks the ops added since (its recorded ``ops``, see `compiled_ops`, say which it has)."""
+    if not LOADED:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcnn::{op}", backend.upper())
+    except RuntimeError:  # no such schema
+        return False
+
+
+def compiled_ops():
+    """The fastcnn:: op schemas the build compiled, as setup.py recorded them (None for a build from before the
+    record, or no build)."""
+    info = build_info()
+    return None if info is None else info.get("ops")

@@ -4,7 +4,7 @@ import torch
 
 import fastcnn
 from fastcnn.ops import why_unavailable
-from fastcnn.reference.conv_relu_pool import conv2d_relu_pool as stock  # noqa: F401  (the stock Conv2d -> ReLU -> pool)
+from fastcnn.ops.conv_relu_pool.reference import conv2d_relu_pool as stock  # noqa: F401  (the stock Conv2d -> ReLU -> pool)
 
 LECTURE_CASES = [(1, 3, 0), (1, 3, 1), (1, 3, 2), (1, 4, 2), (2, 3, 1)]  # (stride, kernel, padding)
 POOL_CASES = [("max", (2, 2), (2, 2)), ("avg", (2, 2), (2, 2)), ("none", (1, 1), (1, 1))]

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
-from ..ops._conv_args import pair
+from ..ops import pair
 from .unfused import in_stock_slot
 
 

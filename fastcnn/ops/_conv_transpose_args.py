@@ -2,7 +2,7 @@
 and a bad input gets an error naming the argument and what was expected (PyTorch's own rules, clearer words)."""
 
 from ..reference.conv_transpose import ACTIVATIONS, output_size
-from ._conv_args import check_float_tensors, pair
+from ._args import check_float_tensors, pair
 
 
 def check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, activation):

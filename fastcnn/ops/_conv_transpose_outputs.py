@@ -2,7 +2,7 @@
 C++/CUDA op and the Triton op), so their fake kernels, outputs and saved tensors agree exactly."""
 import torch
 
-from ..reference.conv_relu_pool import memory_format_of
+from ._dispatch import memory_format_of
 from ..reference.conv_transpose import output_size
 
 

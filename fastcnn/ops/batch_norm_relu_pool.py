@@ -29,7 +29,7 @@ from .. import _extension
 from ..reference import batch_norm_relu_pool as reference
 from ..reference.batch_norm import accumulation_dtype
 from . import _backends
-from ._conv_args import pair
+from ._args import pair
 
 # A fastcnn._C built from older sources may lack the BatchNorm kernels: the compiled backends are then unavailable.
 _COMPILED = _extension.LOADED and hasattr(torch.ops.fastcnn, "batch_norm_stats")

@@ -7,8 +7,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..reference.batch_norm import accumulation_dtype, memory_format_of
-from . import batch_norm, conv_relu_pool_cpp  # noqa: F401  (fakes of the BatchNorm and epilogue ops)
-from ._conv_outputs import allocate_outputs
+from . import batch_norm  # noqa: F401  (fakes of the BatchNorm ops)
+from .conv_relu_pool.register import allocate_outputs  # (and the epilogue ops' fakes)
 
 
 @torch.library.custom_op("fastcnn::batch_norm_relu_pool", mutates_args=())

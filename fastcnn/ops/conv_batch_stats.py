@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..reference.batch_norm import batch_norm_stats as reference_stats
 from . import _backends
 from . import batch_norm as bn_ops
-from ._conv_args import check_conv_relu_pool
-from .conv_relu_pool import _autocast
+from ._dispatch import autocast as _autocast
+from .conv_relu_pool import check_conv_relu_pool
 
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 

@@ -8,8 +8,8 @@ from torch.library import triton_op
 
 from ..triton_kernels.conv_bn_stats import conv2d_batch_stats as _launch
 from ._backends import wrap_triton
-from ._conv_args import conv_output_size
-from ._conv_outputs import allocate_outputs
+from ._args import conv_output_size
+from .conv_relu_pool.register import allocate_outputs
 
 
 @triton_op("fastcnn::conv2d_batch_stats_triton", mutates_args={})

@@ -13,7 +13,8 @@ from .. import _extension
 from ..reference import conv_transpose as reference
 from . import _backends
 from ._conv_transpose_args import check_conv_transpose
-from .conv_relu_pool import _autocast
+from ._dispatch import autocast as _autocast
+from ._dispatch import forced_backend
 
 # A fastcnn._C built before this op existed lacks its schema: the cpu/cuda backends then report it, import works.
 _CPP_OP = _extension.LOADED and hasattr(torch.ops.fastcnn, "conv_transpose2d_act")
@@ -30,7 +31,7 @@ def _backend_for(input):
     if backend == "triton" and input.dtype == torch.float64:
         raise RuntimeError("fastcnn: the triton backend does not support float64; use the cpu or reference backend")
     if backend in ("cpu", "cuda") and not _CPP_OP:
-        if _backends._forced == backend:
+        if forced_backend() == backend:
             raise RuntimeError(f"fastcnn: backend {backend!r} was forced, but fastcnn._C predates "
                                "conv_transpose2d_act; rebuild it")
         return "triton" if backend == "cuda" else "reference"

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcnn
-from fastcnn.reference import conv_relu_pool as reference
+from fastcnn.ops.conv_relu_pool import reference
 
 from _blocks import (
     LECTURE_CASES,
@@ -129,7 +129,7 @@ COMPILED = [p for p in DEVICE_BACKENDS if p.values[1] != "reference"]
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_code_is_the_documented_encoding(device, backend, pool, pool_size, pool_stride, channels_last):
     x, w, b = integer_inputs(2, 3, 4, (9, 10), (3, 3), channels_last=channels_last, device=device)
-    op = (fastcnn.ops.conv_relu_pool.conv2d_relu_pool_triton if backend == "triton"
+    op = (fastcnn.ops.conv_relu_pool.register_triton.conv2d_relu_pool_triton if backend == "triton"
           else torch.ops.fastcnn.conv2d_relu_pool)
     out, code = op(x, w, b, [1, 1], [1, 1], [1, 1], 1, pool, list(pool_size), list(pool_stride))
     ref_out, ref_code = reference.bias_relu_pool(F.conv2d(x, w, None, 1, 1), b, pool, pool_size, pool_stride)

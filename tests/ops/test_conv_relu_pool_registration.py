@@ -43,7 +43,7 @@ def test_opcheck_cpp_ops(device, pool, pool_size, pool_stride, channels_last):
 @pytest.mark.parametrize("pool,pool_size,pool_stride", POOLS)
 def test_opcheck_triton_op(pool, pool_size, pool_stride):
     x, w, b = (t.cuda().requires_grad_() for t in integer_inputs(2, 4, 6, (9, 8), (3, 3), groups=2))
-    op = fastcnn.ops.conv_relu_pool.conv2d_relu_pool_triton
+    op = fastcnn.ops.conv_relu_pool.register_triton.conv2d_relu_pool_triton
     torch.library.opcheck(op, (x, w, b, [1, 1], [1, 1], [1, 1], 2, pool, list(pool_size), list(pool_stride)))
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastcnn.reference.conv_relu_pool import bias_relu_pool, bias_relu_pool_backward, conv2d_relu_pool  # noqa: E402
+from fastcnn.ops.conv_relu_pool.reference import bias_relu_pool, bias_relu_pool_backward, conv2d_relu_pool  # noqa: E402
 from fastcnn.triton_kernels import conv_relu_pool_bwd as bwd  # noqa: E402
 from fastcnn.triton_kernels import conv_relu_pool_fwd as fwd  # noqa: E402
 

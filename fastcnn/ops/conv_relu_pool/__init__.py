@@ -1,54 +1,83 @@
-"""fastcnn's fused Conv2d + bias + ReLU (+ max/avg pool): argument checks, then the backend that runs the call.
+"""fastcnn's fused Conv2d + bias + ReLU (+ max/avg pool): argument checks, the public function and its route table.
 
-Backends, in the order tried: on CUDA tensors "cuda" (cuDNN convolution + fastcnn's fused epilogue and backward
-kernels), then "triton" (implicit-GEMM convolution with the pool in its epilogue); on CPU tensors "cpu" (oneDNN
-convolution + one C++ epilogue pass); "reference" (plain PyTorch) everywhere. The CUDA order is provisional until
-the kernels are timed on a GPU (see benchmarks/); forcing a backend is possible with fastcnn.set_backend.
+Backends, in the order tried (`ROUTES`): on CUDA tensors "cuda" (cuDNN convolution + fastcnn's fused epilogue and
+backward kernels), then "triton" (implicit-GEMM convolution with the pool in its epilogue); on CPU tensors "cpu"
+(oneDNN convolution + one C++ epilogue pass); "reference" (plain PyTorch) everywhere. The CUDA order is provisional
+until the kernels are timed on a GPU (see benchmarks/); forcing a backend is possible with fastcnn.set_backend.
 """
 import torch
 
-from .. import _extension
-from ..reference import conv_relu_pool as reference
-from . import _backends
-from ._conv_args import check_conv_relu_pool
+from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
+from .._dispatch import Route, RouteTable, autocast, load_triton, route
+from . import reference
+from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
+from .reference import POOLS
 
-if _extension.LOADED:
-    from . import conv_relu_pool_cpp  # noqa: F401  (registers fakes and autograd on the C++ ops)
-if _backends.why_unavailable("triton", "cuda") is None:
-    from .conv_relu_pool_triton import conv2d_relu_pool_triton
+_triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 
-_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
-
-
-def _backend_for(input):
-    device_type = input.device.type
-    backend = _backends.choose(device_type, _PREFERENCE.get(device_type, ()))
-    if backend == "triton" and input.dtype == torch.float64:
-        raise RuntimeError("fastcnn: the triton backend does not support float64; use the cpu or reference backend")
-    return backend
+ROUTES = RouteTable("conv2d_relu_pool", [
+    Route("cuda", device="cuda"),
+    Route("triton", device="cuda"),
+    Route("cpu", device="cpu"),
+], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
 
-def _autocast(*tensors):
-    """Autocast as conv2d does: under an enabled autocast region, floating tensors other than float64 run in the
-    autocast dtype. (Custom ops are invisible to autocast, so the cast happens here, for every backend.)"""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
+    """Validates one call; returns the normalized (stride, padding, dilation, pool_size, pool_stride)."""
+    check_float_tensors(input=input, weight=weight)
+    if input.dim() != 4:
+        raise ValueError(f"fastcnn: input must be 4-D (N, C, H, W), got a {input.dim()}-D tensor of shape "
+                         f"{tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"fastcnn: weight must be 4-D (C_out, C_in / groups, kH, kW), got shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"fastcnn: groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"fastcnn: weight's {weight.shape[0]} output channels are not divisible by groups={groups}")
+    if input.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"fastcnn: input has {input.shape[1]} channels, but weight of shape {tuple(weight.shape)} "
+                         f"with groups={groups} expects {weight.shape[1] * groups}")
+    check_same_device_and_dtype(input, weight=weight, bias=bias)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"fastcnn: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
+    conv_size = conv_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if min(conv_size) < 1:
+        raise ValueError(f"fastcnn: input of spatial size {tuple(input.shape[2:])} with padding {padding} is smaller "
+                         f"than the kernel {tuple(weight.shape[2:])} with dilation {dilation}")
+    if pool not in POOLS:
+        raise ValueError(f"fastcnn: pool must be one of {POOLS}, got {pool!r}")
+    if pool == "none":
+        return stride, padding, dilation, (1, 1), (1, 1)
+    pool_size = pair(pool_size, "pool_size", 1)
+    pool_stride = pool_size if pool_stride is None else pair(pool_stride, "pool_stride", 1)
+    area, limit = pool_size[0] * pool_size[1], 256 if pool == "max" else 8
+    if area > limit:
+        raise ValueError(f"fastcnn: {pool} pooling supports windows of at most {limit} elements, got pool_size "
+                         f"{pool_size}")
+    if conv_size[0] < pool_size[0] or conv_size[1] < pool_size[1]:
+        raise ValueError(f"fastcnn: the convolution output {conv_size} is smaller than pool_size {pool_size}")
+    return stride, padding, dilation, pool_size, pool_stride
 
 
 def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
-    """``pool(relu(conv2d(input, weight, bias, ...)))``; see fastcnn.functional.conv2d_relu_pool for the contract."""
-    input, weight, bias = _autocast(input, weight, bias)
+    """``pool(relu(conv2d(input, weight, bias, ...)))``; see fastcnn.functional.conv2d_relu_pool for the contract.
+
+    Example:
+        >>> conv2d_relu_pool(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 1, 1, 1, 1, "max", 2, None).shape
+        torch.Size([2, 4, 4, 4])
+    """
+    input, weight, bias = autocast(input, weight, bias)
     stride, padding, dilation, pool_size, pool_stride = check_conv_relu_pool(
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride)
-    backend = _backend_for(input)
+    backend = route(ROUTES, input)
     if backend == "reference" or input.numel() == 0:
         return reference.conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size,
                                           pool_stride)
-    op = conv2d_relu_pool_triton if backend == "triton" else torch.ops.fastcnn.conv2d_relu_pool
+    op = _triton.conv2d_relu_pool_triton if backend == "triton" else torch.ops.fastcnn.conv2d_relu_pool
     out, _code = op(input, weight, bias, list(stride), list(padding), list(dilation), groups, pool,
                     list(pool_size), list(pool_stride))
     return out
+
+
+__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool"]

@@ -17,6 +17,8 @@ element, and only when ``not (out <= 0)`` there.
 import torch
 import torch.nn.functional as F
 
+from .._dispatch import accumulation_dtype, memory_format_of
+
 POOLS = ("none", "max", "avg")
 
 
@@ -41,7 +43,7 @@ def bias_relu_pool(conv, bias, pool, pool_size, pool_stride, scale=None):
     """The fused epilogue on a precomputed convolution output, ``pool(relu(conv * scale + bias))`` (scale None: 1,
     bias None: 0) with ``conv * scale + bias`` computed in float32 (float64 for float64) and rounded to conv's dtype
     once: ``(out, code)`` as described in the module doc."""
-    acc = torch.float64 if conv.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(conv.dtype)
     y = conv.to(acc)
     if scale is not None:
         y = y * scale.to(acc).view(1, -1, 1, 1)
@@ -90,13 +92,3 @@ def bias_relu_pool_backward(grad_out, out, code, conv_size, pool, pool_size, poo
             cols = slice(j, j + sw * (pw - 1) + 1, sw)
             grad_conv[:, :, rows, cols] += torch.where(hit, grad, torch.zeros_like(grad))
     return grad_conv.contiguous(memory_format=memory_format_of(grad_out))
-
-
-def memory_format_of(x):
-    """``channels_last`` when ``x`` is laid out NHWC (and not also plainly contiguous), else ``contiguous_format``.
-
-    fastcnn's outputs follow their input's format by this rule, in every backend and in the fake kernels.
-    """
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format

@@ -5,10 +5,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch.library import triton_op
 
-from ..triton_kernels.conv_relu_pool_bwd import conv2d_relu_pool_backward as _launch_backward
-from ..triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward as _launch_forward
-from ._backends import wrap_triton
-from ._conv_outputs import allocate_conv_outputs, allocate_grads, register_conv_autograd
+from ...triton_kernels.conv_relu_pool_bwd import conv2d_relu_pool_backward as _launch_backward
+from ...triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward as _launch_forward
+from .._dispatch import wrap_triton
+from .register import allocate_conv_outputs, allocate_grads, register_conv_autograd
 
 
 @triton_op("fastcnn::conv2d_relu_pool_triton", mutates_args={})

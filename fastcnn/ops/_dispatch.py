@@ -1,0 +1,247 @@
+"""Which backend runs a fastcnn op, decided in this one place, and the helpers every op shares.
+
+Backends: "cuda" (C++/CUDA kernels of fastcnn._C), "triton" (fastcnn.triton_kernels), "cpu" (C++ CPU kernels of
+fastcnn._C) and "reference" (plain PyTorch - stock ATen/cuDNN/oneDNN ops - always available; spelled `STOCK` in a
+route table where fastcnn's own kernel was measured slower than stock).
+
+Every op package declares its `RouteTable` in its ``__init__.py``: ordered `Route` entries keyed by what decides the
+backend (device, dtype, memory layout, mode, size class), each naming the backend that runs and where the
+measurement that put it there is (``measured="benchmarks/results/<file>.json#<row>"``, or ``"unmeasured"``).
+`route(table, x)` returns the backend of the first entry that matches the call and can run here, else "reference".
+`FASTCNN_BACKEND=<name>` or `set_backend(name)` forces one backend for every op; forcing a backend that cannot run a
+call is an error that says why, never a silent fallback.
+
+The stale-build check is the same for every op: a table lists the fastcnn._C ops its cpu/cuda backends call
+(``compiled=``); when the loaded fastcnn._C lacks one (built from older sources), the first call warns once and the
+next entry runs.
+"""
+import contextlib
+import importlib
+import importlib.util
+import os
+import warnings
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .. import _extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+STOCK = "reference"  # plain PyTorch is stock PyTorch: a route to it says "fastcnn is not faster here"
+UNMEASURED = "unmeasured"
+NO_TRITON = "no Triton kernel for this op"
+
+
+def _triton_status():
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if not hasattr(torch.library, "triton_op"):
+        return False, f"torch {torch.__version__} has no torch.library.triton_op"
+    return True, None
+
+
+_TRITON_OK, _TRITON_WHY_NOT = _triton_status()
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_forced = os.environ.get("FASTCNN_BACKEND") or None
+
+
+def why_unavailable(backend, device_type):
+    """None when `backend` can run on `device_type` here (whatever the op), else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return "the cpu backend runs on CPU tensors only"
+        return None if _extension.LOADED else _extension.WHY_NOT_LOADED
+    if backend == "cuda":
+        if device_type != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        if not _extension.LOADED:
+            return _extension.WHY_NOT_LOADED
+        return None if _extension.WITH_CUDA else "fastcnn._C was built without CUDA kernels"
+    if backend == "triton":
+        if not _TRITON_OK:
+            return _TRITON_WHY_NOT
+        if device_type == "cpu" and not TRITON_INTERPRET:
+            return "Triton runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device_type} tensors"
+        return None
+    raise ValueError(f"fastcnn: unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def set_backend(backend):
+    """Forces `backend` for every fastcnn op (None restores automatic choice); returns the previous setting."""
+    global _forced
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"fastcnn.set_backend: backend must be one of {BACKENDS} or None, got {backend!r}")
+    previous, _forced = _forced, backend
+    return previous
+
+
+def forced_backend():
+    """The backend forced by FASTCNN_BACKEND or set_backend, or None."""
+    return _forced
+
+
+@contextlib.contextmanager
+def use_backend(backend):
+    """Context manager form of set_backend."""
+    previous = set_backend(backend)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+class Route(NamedTuple):
+    """One entry of a route table: the calls it serves (None: any) -> the backend and where its timing is.
+
+    Example (a measured CPU entry that sends small float32 inputs to stock PyTorch)::
+
+        Route("reference", measured="benchmarks/results/conv_block_cpu.json#small-fp32", device="cpu",
+              dtypes=(torch.float32,), size="small")
+    """
+    backend: str
+    measured: str = UNMEASURED  # "benchmarks/results/<file>.json#<row>" or "unmeasured"
+    device: Optional[str] = None  # "cpu" | "cuda"
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None
+    layout: Optional[str] = None  # "contiguous" | "channels_last" (memory_format_of the input)
+    mode: Optional[str] = None  # op-defined, e.g. "train" | "eval"
+    size: Optional[str] = None  # op-defined size class (the table's size_class(x))
+
+    def matches(self, device, dtype, layout, mode, size):
+        return ((self.device is None or self.device == device) and (self.dtypes is None or dtype in self.dtypes)
+                and (self.layout is None or self.layout == layout) and (self.mode is None or self.mode == mode)
+                and (self.size is None or self.size == size))
+
+
+TABLES = {}  # op name -> RouteTable, in import order (fastcnn.info walks it)
+
+
+class RouteTable:
+    """How one op is routed: its ordered `Route` entries and what each backend of the op needs.
+
+    Args:
+        op: the op's name (as fastcnn.info prints it).
+        routes: `Route` entries, tried in order; "reference" runs when none matches and can run.
+        compiled: the fastcnn._C ops its cpu and cuda backends call; empty when the op has no C++ backend.
+        triton: None when the op's Triton ops loaded, else why the triton backend cannot serve it (`load_triton`;
+            `NO_TRITON` when the op has no Triton kernel at all).
+        no_float64: backends whose kernels do not take float64.
+        size_class: ``x -> str``, the size class entries key on (None: the op has none).
+    """
+
+    def __init__(self, op, routes, *, compiled=(), triton=NO_TRITON, no_float64=(),
+                 size_class=None):
+        self.op, self.routes, self.compiled = op, tuple(routes), tuple(compiled)
+        self.triton, self.no_float64, self.size_class = triton, tuple(no_float64), size_class
+        self._warned = False
+        # Looked up once here, not per call: torch.compile cannot trace the dispatcher query.
+        self._missing = {backend: [name for name in self.compiled if not _extension.has_kernel(name, backend)]
+                         for backend in ("cpu", "cuda")}
+        TABLES[op] = self
+
+    def why_not(self, backend, device_type, dtype=None):
+        """None when `backend` can run this op on `device_type` tensors (of `dtype`) here, else why not."""
+        if backend in ("cpu", "cuda") and not self.compiled:
+            return f"{self.op} has no {backend} backend (no C++ kernel for this op)"
+        if backend == "triton" and self.triton == NO_TRITON:
+            return f"{self.op} has no triton backend ({NO_TRITON})"
+        reason = why_unavailable(backend, device_type)
+        if reason is not None:
+            return reason
+        if backend in ("cpu", "cuda"):
+            reason = self.stale_build(backend)
+            if reason is not None:
+                return reason
+        if backend == "triton" and self.triton is not None:
+            return self.triton
+        if dtype == torch.float64 and backend in self.no_float64:
+            return f"the {backend} backend does not support float64"
+        return None
+
+    def stale_build(self, backend):
+        """Why the loaded fastcnn._C cannot serve this op on `backend` although it loaded, or None."""
+        missing = self._missing[backend]
+        if not missing:
+            return None
+        return (f"fastcnn._C was built from older sources without a {backend.upper()} kernel for "
+                f"fastcnn::{missing[0]}; rebuild it")
+
+    def choose(self, x, mode=None):
+        """The backend for one call on tensor `x`: the forced one (checked), else the first matching entry that can
+        run here, else "reference"."""
+        device, dtype = x.device.type, x.dtype
+        if _forced is not None:
+            reason = self.why_not(_forced, device, dtype)
+            if reason is not None:
+                raise RuntimeError(f"fastcnn: backend {_forced!r} was forced but cannot run {self.op} here: {reason}")
+            return _forced
+        layout = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
+        size = None if self.size_class is None else self.size_class(x)
+        for entry in self.routes:
+            if not entry.matches(device, dtype, layout, mode, size):
+                continue
+            reason = self.why_not(entry.backend, device, dtype)
+            if reason is None:
+                return entry.backend
+            if entry.backend in ("cpu", "cuda") and _extension.LOADED and not self._warned \
+                    and self.stale_build(entry.backend) == reason:
+                self._warned = True
+                warnings.warn(f"fastcnn: {self.op}: {reason}; using the next backend", RuntimeWarning, stacklevel=3)
+        return "reference"
+
+
+def route(table, x, mode=None):
+    """The backend that runs `table`'s op on `x` (see `RouteTable.choose`)."""
+    return table.choose(x, mode)
+
+
+def load_triton(module, package):
+    """``(module, None)`` with `module` (relative to `package`, the op's register_triton) imported, or ``(None,
+    why not)``: Triton missing, or a kernel module that fails to import - which must not break `import fastcnn`."""
+    reason = why_unavailable("triton", "cuda")
+    if reason is not None:
+        return None, reason
+    try:
+        return importlib.import_module(module, package), None
+    except Exception as error:  # noqa: BLE001 (reported by fastcnn.info and by a forced triton backend)
+        return None, f"the Triton kernels failed to load: {type(error).__name__}: {error}"
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, or ``kernel`` itself when Triton's interpreter runs it: under
+    TRITON_INTERPRET=1 ``triton.jit`` makes an InterpretedFunction, which torch 2.14's wrap_triton hands back as is
+    and torch 2.11's rejects. Pass this as the launchers' ``wrap`` inside a triton_op."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def autocast(*tensors):
+    """Autocast as conv2d does: under an enabled autocast region, floating tensors other than float64 run in the
+    autocast dtype. (Custom ops are invisible to autocast, so the cast happens here, for every backend.)"""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def memory_format_of(x):
+    """``channels_last`` when ``x`` is laid out NHWC (and not also plainly contiguous), else ``contiguous_format``.
+
+    fastcnn's outputs follow their input's format by this rule, in every backend and in the fake kernels.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def accumulation_dtype(dtype):
+    """The dtype fastcnn accumulates `dtype` values in: float64 for float64, float32 for every other float."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
