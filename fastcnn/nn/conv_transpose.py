@@ -3,7 +3,7 @@ and state_dict keys ``weight``/``bias``) whose forward also applies the activati
 import torch.nn as nn
 
 from .. import functional
-from ..reference.conv_transpose import ACTIVATIONS
+from ..ops.conv_transpose import ACTIVATIONS
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):

@@ -4,7 +4,7 @@ import torch
 from _transpose_cases import CASES, assert_exactly_stock, case_id, fused, integer_inputs, stock
 
 import fastcnn
-from fastcnn.reference.conv_transpose import conv_transpose2d_by_phases
+from fastcnn.ops.conv_transpose.reference import conv_transpose2d_by_phases
 
 from _blocks import backends_here, forward_backward
 from _tolerances import assert_close_to_oracle

@@ -32,7 +32,7 @@ def test_opcheck_cpp_ops(device, args, channels_last):
 @pytest.mark.cuda
 def test_opcheck_triton_op():
     x, w, b = (t.cuda().requires_grad_() for t in integer_inputs(2, 4, 4, (5, 4), (4, 4), 2))
-    torch.library.opcheck(fastcnn.ops.conv_transpose.conv_transpose2d_act_triton,
+    torch.library.opcheck(fastcnn.ops.conv_transpose.register_triton.conv_transpose2d_act_triton,
                           (x, w, b, [2, 2], [1, 1], [0, 0], 2, [1, 1], "relu"))
 
 

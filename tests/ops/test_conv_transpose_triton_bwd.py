@@ -85,7 +85,7 @@ def test_backward_op_computes_only_the_requested_gradients(output_mask):
     case = CASES[1]
     x, w, b = _random_inputs(case, (3, 4))
     stride, padding, output_padding, groups, dilation, act = _args(case, "relu")
-    op = fastcnn.ops.conv_transpose.conv_transpose2d_act_triton
+    op = fastcnn.ops.conv_transpose.register_triton.conv_transpose2d_act_triton
     out = op(x, w, b, list(stride), list(padding), list(output_padding), groups, list(dilation), act)
     grad_out = torch.randn_like(out)
     grads = torch.ops.fastcnn.conv_transpose2d_act_triton_backward(

@@ -8,10 +8,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch.library import triton_op
 
-from ..triton_kernels.conv_transpose_bwd import conv_transpose2d_backward as _launch_backward
-from ..triton_kernels.conv_transpose_fwd import conv_transpose2d_forward as _launch_forward
-from ._backends import wrap_triton
-from ._conv_transpose_outputs import allocate_grads, allocate_output, register_transpose_autograd
+from ...triton_kernels.conv_transpose_bwd import conv_transpose2d_backward as _launch_backward
+from ...triton_kernels.conv_transpose_fwd import conv_transpose2d_forward as _launch_forward
+from .._dispatch import wrap_triton
+from .register import allocate_grads, allocate_output, register_transpose_autograd
 
 
 @triton_op("fastcnn::conv_transpose2d_act_triton", mutates_args={})

@@ -1,9 +1,15 @@
-"""Output allocation and autograd wiring shared by the compiled backends of the fused transposed convolution (the
-C++/CUDA op and the Triton op), so their fake kernels, outputs and saved tensors agree exactly."""
+"""The fused transposed convolution's registrations: output allocation and autograd shared by its compiled backends
+(the C++/CUDA op and the Triton op, so their fake kernels, outputs and saved tensors agree exactly), and the fakes
+and autograd of fastcnn._C's ops (schemas in csrc/fastcnn.cpp), registered only when the loaded extension has them
+(a fastcnn._C built before this op existed lacks its schema)."""
 import torch
 
-from ._dispatch import memory_format_of
-from ..reference.conv_transpose import output_size
+from ... import _extension
+from .._dispatch import memory_format_of
+from .reference import output_size
+
+# The fastcnn._C ops the cpu and cuda backends call (the route table's stale-build check).
+COMPILED_OPS = ("conv_transpose2d_act", "conv_transpose2d_act_backward")
 
 
 def allocate_output(input, weight, stride, padding, output_padding, groups, dilation):
@@ -43,3 +49,16 @@ def register_transpose_autograd(forward_op, backward_op):
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 6
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_OPS):
+    @torch.library.register_fake("fastcnn::conv_transpose2d_act")
+    def _conv_transpose2d_act_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, activation):
+        return allocate_output(input, weight, stride, padding, output_padding, groups, dilation)
+
+    @torch.library.register_fake("fastcnn::conv_transpose2d_act_backward")
+    def _conv_transpose2d_act_backward_fake(grad_out, out, input, weight, stride, padding, output_padding, groups,
+                                            dilation, activation, output_mask):
+        return allocate_grads(input, weight, groups, output_mask)
+
+    register_transpose_autograd("fastcnn::conv_transpose2d_act", torch.ops.fastcnn.conv_transpose2d_act_backward)
