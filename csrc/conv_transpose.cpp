@@ -59,6 +59,22 @@ std::tuple<at::Tensor, at::Tensor> relu_epilogue_backward(const at::Tensor& grad
                  bias_grad);
 }
 
+// The kernels read bias[c] for every output channel through a raw pointer on the input's device: check it here, as
+// the op can be called directly through torch.ops (the Python wrapper's friendlier checks run only before it).
+void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& input, const at::Tensor& weight,
+                int64_t groups) {
+  if (!bias.has_value() || !bias->defined()) return;
+  const int64_t c_out = weight.size(1) * groups;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c_out, "fastcnn: conv_transpose2d_act: bias must have shape (",
+              c_out, ") (weight.size(1) * groups output channels), got ", bias->sizes());
+  TORCH_CHECK(bias->device() == input.device(), "fastcnn: conv_transpose2d_act: bias must be on the input's device ",
+              input.device(), ", got ", bias->device());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type() ||
+                  bias->scalar_type() == at::toOpMathType(input.scalar_type()),
+              "fastcnn: conv_transpose2d_act: bias must have the input's dtype ", input.scalar_type(), " or ",
+              at::toOpMathType(input.scalar_type()), ", got ", bias->scalar_type());
+}
+
 bool is_one_tap_per_pixel(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
   return groups == 1 && weight.size(2) == stride[0] && weight.size(3) == stride[1] && dilation[0] == 1 &&
          dilation[1] == 1;
@@ -196,6 +212,8 @@ at::Tensor conv_transpose2d_act(const at::Tensor& input, const at::Tensor& weigh
                                 int64_t groups, at::IntArrayRef dilation, c10::string_view activation) {
   check_floating_4d(input, "input");
   check_floating_4d(weight, "weight");
+  TORCH_CHECK(groups > 0, "fastcnn: conv_transpose2d_act: groups must be positive, got ", groups);
+  check_bias(bias, input, weight, groups);
   const bool relu = parse_activation(activation);
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   if (input.numel() > 0 && stride[0] * stride[1] <= kMaxPhases) {
@@ -207,7 +225,10 @@ at::Tensor conv_transpose2d_act(const at::Tensor& input, const at::Tensor& weigh
     }
   }
   const at::MemoryFormat fmt = memory_format_of(input);
-  at::Tensor conv = at::convolution(input, weight, relu ? c10::optional<at::Tensor>() : bias, stride, padding,
+  // Without the activation ATen adds the bias, in the input's dtype (as eager and autocast do).
+  const c10::optional<at::Tensor> aten_bias =
+      relu || !b.defined() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(b.to(input.scalar_type()));
+  at::Tensor conv = at::convolution(input, weight, aten_bias, stride, padding,
                                     dilation, /*transposed=*/true, output_padding, groups);
   conv = conv.contiguous(fmt);
   return relu ? relu_epilogue(conv, bias) : conv;
