@@ -9,7 +9,9 @@
 //         consecutive pixels of a plane).
 //   NHWC: a block is 32 channels x 8 pixel rows; a warp reads 32 consecutive channels of one pixel.
 // Elementwise kernels (apply; the backward's grad_input = a (dz - b (x - mean) - d)) use grid-stride loops with int64
-// indices.
+// indices. Index math: the channel of an element (and the NCHW reduction's plane offset) comes from 32-bit
+// multiply-shift division (IntDivider<uint32_t>, fastcnn/cuda_index.cuh) when the tensor has < 2^31 elements, from
+// int64 division otherwise. A tensor with no element (C = 0: an empty branch of an Inception block) launches nothing.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +20,7 @@
 #include <torch/library.h>
 
 #include "fastcnn/batch_norm.h"
+#include "fastcnn/cuda_index.cuh"
 
 #include <algorithm>
 
@@ -75,15 +78,19 @@ Geometry geometry(const BnLayout& L) {
   return {L.channels_last, L.N, L.C, L.HW, splits, (m + splits - 1) / splits};
 }
 
-// Offset of element m (0 <= m < N*HW) of channel c.
-__device__ __forceinline__ int64_t offset_of(const Geometry& g, int64_t c, int64_t m) {
-  return g.channels_last ? m * g.C + c : ((m / g.HW) * g.C + c) * g.HW + m % g.HW;
+// Offset of element m (0 <= m < N*HW) of channel c; hw divides by HW (offsets below N*C*HW fit index_t).
+template <typename index_t>
+__device__ __forceinline__ int64_t offset_of(const Geometry& g, const IntDivider<index_t>& hw, int64_t c, int64_t m) {
+  if (g.channels_last) return m * g.C + c;
+  const auto q = hw.divmod(static_cast<index_t>(m));  // (n, pixel)
+  return static_cast<int64_t>((q.div * static_cast<index_t>(g.C) + static_cast<index_t>(c)) * hw.divisor + q.mod);
 }
 
 // Partial reduction: visit(acc, offset) for every element of the block's (channel, split), then a fixed-order tree
 // over the block's threads; partial[split * C + c] receives the result.
-template <typename Acc, typename Visit>
-__global__ void __launch_bounds__(kThreads) partial_kernel(Geometry g, Visit visit, Acc* __restrict__ partial) {
+template <typename Acc, typename index_t, typename Visit>
+__global__ void __launch_bounds__(kThreads)
+    partial_kernel(Geometry g, IntDivider<index_t> hw, Visit visit, Acc* __restrict__ partial) {
   __shared__ Acc shared[kThreads];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int64_t split = blockIdx.y;
@@ -103,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(Geometry g, Visit vis
   Acc acc;
   acc.init();
   if (c < g.C) {
-    for (int64_t m = m0 + lane; m < m1; m += lanes) visit(acc, offset_of(g, c, m), c);
+    for (int64_t m = m0 + lane; m < m1; m += lanes) visit(acc, offset_of(g, hw, c, m), c);
   }
   shared[tid] = acc;
   __syncthreads();
@@ -170,9 +177,12 @@ at::Tensor launch_partial(const Geometry& g, const Visit& visit, const at::Tenso
   at::Tensor partial = at::empty({g.splits * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
   const dim3 block = g.channels_last ? dim3(kTileC, kTileRows) : dim3(kThreads);
   const dim3 grid(g.channels_last ? (g.C + kTileC - 1) / kTileC : g.C, g.splits);
-  partial_kernel<Acc><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g, visit, reinterpret_cast<Acc*>(partial.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_index_type(g.N * g.C * g.HW, [&](auto index) {
+    using index_t = decltype(index);
+    partial_kernel<Acc, index_t><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+        g, divider<index_t>(g.HW), visit, reinterpret_cast<Acc*>(partial.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return partial;
 }
 
@@ -180,17 +190,29 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
 }
 
-__device__ __forceinline__ int64_t channel_of(int64_t i, bool channels_last, int64_t C, int64_t HW) {
-  return channels_last ? i % C : (i / HW) % C;
+// The channel of element i: i mod C (NHWC) or (i div HW) mod C (NCHW).
+template <typename index_t>
+struct ChannelOf {
+  IntDivider<index_t> C, HW;
+  bool channels_last;
+  __device__ __forceinline__ int64_t operator()(int64_t i) const {
+    const index_t j = static_cast<index_t>(i);
+    return static_cast<int64_t>(channels_last ? C.mod(j) : C.mod(HW.div(j)));
+  }
+};
+
+template <typename index_t>
+ChannelOf<index_t> channel_of(const BnLayout& L) {
+  return {divider<index_t>(L.C), divider<index_t>(L.HW), L.channels_last};
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
-                             const acc_t* __restrict__ shift, const scalar_t* __restrict__ residual,
-                             scalar_t* __restrict__ out, uint8_t* __restrict__ mask, int64_t n, bool channels_last,
-                             int64_t C, int64_t HW) {
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                 const scalar_t* __restrict__ residual, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
+                 int64_t n, ChannelOf<index_t> channel_of) {
   GRID_STRIDE_LOOP(i, n) {
-    const int64_t c = channel_of(i, channels_last, C, HW);
+    const int64_t c = channel_of(i);
     acc_t v = static_cast<acc_t>(x[i]) * (scale ? scale[c] : acc_t(1)) + shift[c];
     if (residual) v += static_cast<acc_t>(residual[i]);
     const scalar_t o = static_cast<scalar_t>(v <= acc_t(0) ? acc_t(0) : v);  // NaN propagates
@@ -199,14 +221,14 @@ __global__ void apply_kernel(const scalar_t* __restrict__ x, const acc_t* __rest
   }
 }
 
-template <typename scalar_t, typename gate_t, typename acc_t>
-__global__ void elemt_kernel(const scalar_t* __restrict__ grad_out, const gate_t* __restrict__ gate,
-                             const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                             const acc_t* __restrict__ a, const acc_t* __restrict__ b, const acc_t* __restrict__ d,
-                             scalar_t* __restrict__ grad, scalar_t* __restrict__ dz_out, int64_t n,
-                             bool channels_last, int64_t C, int64_t HW) {
+template <typename scalar_t, typename gate_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    elemt_kernel(const scalar_t* __restrict__ grad_out, const gate_t* __restrict__ gate,
+                 const scalar_t* __restrict__ x, const acc_t* __restrict__ mean, const acc_t* __restrict__ a,
+                 const acc_t* __restrict__ b, const acc_t* __restrict__ d, scalar_t* __restrict__ grad,
+                 scalar_t* __restrict__ dz_out, int64_t n, ChannelOf<index_t> channel_of) {
   GRID_STRIDE_LOOP(i, n) {
-    const int64_t c = channel_of(i, channels_last, C, HW);
+    const int64_t c = channel_of(i);
     const acc_t dz = gated<scalar_t, gate_t, acc_t>(grad_out, gate, i);
     acc_t v = dz;
     if (b) v -= b[c] * (static_cast<acc_t>(x[i]) - (mean ? mean[c] : acc_t(0)));
@@ -227,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
   const at::Tensor x = input.contiguous(L.format());
   at::Tensor mean = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
   at::Tensor var = at::empty_like(mean);
+  if (x.numel() == 0) return {mean, var};  // C = 0 (bn_layout refuses N * H * W = 0)
   const Geometry g = geometry(L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -247,13 +270,18 @@ std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cuda(const at::Tensor& i
                                                              bool save_mask) {
   const c10::cuda::CUDAGuard guard(input.device());
   ApplyCall c = apply_call(input, scale, shift, residual, save_mask);
+  if (c.x.numel() == 0) return {c.out, c.mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.x.scalar_type(), "scale_shift_add_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    apply_kernel<scalar_t, acc_t><<<blocks_for(c.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        c.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(c.scale), c.shift.const_data_ptr<acc_t>(),
-        ptr_or_null<scalar_t>(c.residual), c.out.data_ptr<scalar_t>(),
-        save_mask ? c.mask.data_ptr<uint8_t>() : nullptr, c.x.numel(), c.L.channels_last, c.L.C, c.L.HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(c.x.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      apply_kernel<scalar_t, acc_t, index_t>
+          <<<blocks_for(c.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              c.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(c.scale), c.shift.const_data_ptr<acc_t>(),
+              ptr_or_null<scalar_t>(c.residual), c.out.data_ptr<scalar_t>(),
+              save_mask ? c.mask.data_ptr<uint8_t>() : nullptr, c.x.numel(), channel_of<index_t>(c.L));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {c.out, c.mask};
 }
@@ -264,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const c10::cuda::CUDAGuard guard(input.device());
   ReduceCall c = reduce_call(grad_out, gate, input, mean);
   const BackwardInputs& in = c.in;
+  if (in.x.numel() == 0) return {c.sum_dz, c.sum_dz_xmu};
   const Geometry geo = geometry(in.L);
   dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
     using scalar_t = decltype(s);
@@ -287,17 +316,21 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz);
   const BackwardInputs& in = c.in;
+  if (in.x.numel() == 0) return {c.grad_x, c.dz};
   dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
     using scalar_t = decltype(s);
     using gate_t = decltype(gt);
     using acc_t = at::opmath_type<scalar_t>;
-    elemt_kernel<scalar_t, gate_t, acc_t><<<blocks_for(in.x.numel()), kThreads, 0,
-                                            at::cuda::getCurrentCUDAStream()>>>(
-        in.grad_out.const_data_ptr<scalar_t>(), in.gate.const_data_ptr<gate_t>(), in.x.const_data_ptr<scalar_t>(),
-        ptr_or_null<acc_t>(in.mean), c.a->const_data_ptr<acc_t>(), ptr_or_null<acc_t>(c.b), ptr_or_null<acc_t>(c.d),
-        c.grad_x.data_ptr<scalar_t>(), want_dz ? c.dz.data_ptr<scalar_t>() : nullptr, in.x.numel(),
-        in.L.channels_last, in.L.C, in.L.HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(in.x.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      elemt_kernel<scalar_t, gate_t, acc_t, index_t>
+          <<<blocks_for(in.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              in.grad_out.const_data_ptr<scalar_t>(), in.gate.const_data_ptr<gate_t>(),
+              in.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(in.mean), c.a->const_data_ptr<acc_t>(),
+              ptr_or_null<acc_t>(c.b), ptr_or_null<acc_t>(c.d), c.grad_x.data_ptr<scalar_t>(),
+              want_dz ? c.dz.data_ptr<scalar_t>() : nullptr, in.x.numel(), channel_of<index_t>(in.L));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {c.grad_x, c.dz};
 }

@@ -24,6 +24,7 @@
 
 #include "fastcnn/checks.h"
 #include "fastcnn/cuda_epilogue.cuh"
+#include "fastcnn/cuda_index.cuh"  // with_index_type
 
 #include <algorithm>
 #include <cstdint>
@@ -257,13 +258,6 @@ unsigned int grid_for(int64_t items) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t resident = int64_t(prop->multiProcessorCount) * prop->maxThreadsPerMultiProcessor / kThreads;
   return static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(items, kThreads), 1, resident));
-}
-
-// Calls f(index_t{}): uint32_t (multiply-shift division) when tensors of max_numel elements allow, else int64_t.
-template <typename F>
-void with_index_type(int64_t max_numel, const F& f) {
-  if (max_numel <= std::numeric_limits<int32_t>::max()) return f(uint32_t{});
-  f(int64_t{});
 }
 
 template <typename index_t>
