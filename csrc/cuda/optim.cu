@@ -21,10 +21,11 @@
 // written does not depend on which block is last: the result is deterministic.
 //
 // LARS: launch 1 writes each chunk's float64 partial sums (sum p^2, sum of the gradient term^2) to a compact buffer
-// indexed by work item (a tensor's partials are contiguous); launch 2, over the items in reverse order (the last
-// chunks launch 1 read are still in L2), first re-sums its tensor's partials in a fixed order (thread k sums partials
-// k, k + kBlock, ..., then a fixed block tree) - every block of a tensor gets the same norms bit for bit - forms the
-// trust ratio and applies the update. No float atomics, deterministic.
+// indexed by work item (a tensor's partials are contiguous); launch 2, one block per tensor, sums the tensor's
+// partials once in a fixed order (thread k sums partials k, k + kBlock, ..., then a fixed block tree) and stores the
+// tensor's trust ratio; launch 3, over the items in reverse order (the last chunks launch 1 read are still in L2),
+// applies the update with its tensor's ratio. Each partial is read once (a tensor of c chunks costs O(c), where
+// re-summing in every chunk's block cost O(c^2)). No float atomics, deterministic.
 #ifdef FASTCNN_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -232,25 +233,19 @@ __global__ void __launch_bounds__(kBlock) lars_norms_kernel(mta::View view, Lars
   }
 }
 
-// Launch 2: per item (in reverse order) the tensor's norms from its partials, the trust ratio, the update.
-// kMode: 0 plain, 1 momentum, 2 lr_in_momentum.
-template <typename P, typename S, int kMode>
-__global__ void __launch_bounds__(kBlock) lars_kernel(mta::View view, LarsParams a, const double* partials) {
+// Launch 2: ratios[t] = the trust ratio of tensor t, from its norms summed over its partials (one block per tensor).
+template <typename P>
+__global__ void __launch_bounds__(kBlock)
+    lars_ratio_kernel(mta::View view, int64_t num_tensors, LarsParams a, const double* __restrict__ partials,
+                      double* __restrict__ ratios) {
   using T = at::opmath_type<P>;
-  constexpr int kDepth = kMode != 0 ? 3 : 2;
   if (skip_step(a.common)) return;
-  const double lr = lr_of(a.common), scale = scale_of(a.common);
-  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize;
-  const bool nesterov = a.nesterov, first = a.first_step;
-  const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
+  const double lr = lr_of(a.common);
   __shared__ double scratch[2 * kBlock / 32];
-  __shared__ double ratio;
-  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
-    int tensor;
-    int64_t chunk;
-    const int64_t* rec;
-    decode(view, view.num_items - 1 - w, tensor, chunk, rec);
-    const int64_t first_item = rec[kDepth + mta::kFirstItem], chunks = rec[kDepth + mta::kNumChunks];
+  for (int64_t t = blockIdx.x; t < num_tensors; t += gridDim.x) {
+    const int64_t* rec = view.records + t * view.stride;
+    const int depth = view.stride - mta::kExtraWords;
+    const int64_t first_item = rec[depth + mta::kFirstItem], chunks = rec[depth + mta::kNumChunks];
     double sw = 0, sg = 0;
     for (int64_t k = threadIdx.x; k < chunks; k += kBlock) {
       sw += partials[2 * (first_item + k)];
@@ -258,18 +253,35 @@ __global__ void __launch_bounds__(kBlock) lars_kernel(mta::View view, LarsParams
     }
     mta::block_sum2(sw, sg, scratch);
     if (threadIdx.x == 0) {
-      ratio = static_cast<double>(lars_trust_ratio<T>(T(sqrt_(sw)), T(sqrt_(sg)), T(a.trust_coefficient),
-                                                      T(a.weight_decay), T(a.eps), T(lr), a.update_norm,
-                                                      a.trust_clip));
+      ratios[t] = static_cast<double>(lars_trust_ratio<T>(T(sqrt_(sw)), T(sqrt_(sg)), T(a.trust_coefficient),
+                                                          T(a.weight_decay), T(a.eps), T(lr), a.update_norm,
+                                                          a.trust_clip));
     }
-    __syncthreads();
-    const LarsCoeffs<T> c = make_lars_coeffs<T>(scale, lr, a.momentum, a.dampening, a.weight_decay, ratio);
+  }
+}
+
+// Launch 3: per item (in reverse order) the update with its tensor's trust ratio.
+// kMode: 0 plain, 1 momentum, 2 lr_in_momentum.
+template <typename P, typename S, int kMode>
+__global__ void __launch_bounds__(kBlock) lars_kernel(mta::View view, LarsParams a, const double* ratios) {
+  using T = at::opmath_type<P>;
+  constexpr int kDepth = kMode != 0 ? 3 : 2;
+  if (skip_step(a.common)) return;
+  const double lr = lr_of(a.common), scale = scale_of(a.common);
+  const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize;
+  const bool nesterov = a.nesterov, first = a.first_step;
+  const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
+  for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
+    int tensor;
+    int64_t chunk;
+    const int64_t* rec;
+    decode(view, view.num_items - 1 - w, tensor, chunk, rec);
+    const LarsCoeffs<T> c = make_lars_coeffs<T>(scale, lr, a.momentum, a.dampening, a.weight_decay, ratios[tensor]);
     mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
       T unused = T(0);
       T& b = kMode != 0 ? e[kDepth - 1] : unused;
       lars_update(e[0], e[1], b, kMode == 1, kMode == 2, nesterov, first, unscale, maximize, c);
     });
-    __syncthreads();  // ratio is rewritten by the next item
   }
 }
 
@@ -439,14 +451,20 @@ void lars_cuda(at::TensorList params, at::TensorList grads, at::TensorList momen
       [&](const mta::Table& table, auto* pt, auto* st) {
         using P = std::remove_pointer_t<decltype(pt)>;
         using S = std::remove_pointer_t<decltype(st)>;
-        // The norms kernel reads only params and grads: the same table, whose first two lists they are.
-        const at::Tensor partials = at::empty({2 * table.num_items}, params[0].options().dtype(at::kDouble));
-        launch(lars_norms_kernel<P>, table.num_items, table.view(), a, partials.mutable_data_ptr<double>());
-        const double* sums = partials.const_data_ptr<double>();
+        // The norms kernel reads only params and grads: the same table, whose first two lists they are. One
+        // float64 buffer: 2 partials per work item, then one trust ratio per tensor.
+        const at::Tensor scratch =
+            at::empty({2 * table.num_items + table.num_tensors}, params[0].options().dtype(at::kDouble));
+        double* partials = scratch.mutable_data_ptr<double>();
+        double* ratios = partials + 2 * table.num_items;
+        launch(lars_norms_kernel<P>, table.num_items, table.view(), a, partials);
+        launch(lars_ratio_kernel<P>, table.num_tensors, table.view(), table.num_tensors, a,
+               static_cast<const double*>(partials), ratios);
+        const double* r = ratios;
         switch (mode) {
-          case 0: launch(lars_kernel<P, S, 0>, table.num_items, table.view(), a, sums); break;
-          case 1: launch(lars_kernel<P, S, 1>, table.num_items, table.view(), a, sums); break;
-          default: launch(lars_kernel<P, S, 2>, table.num_items, table.view(), a, sums); break;
+          case 0: launch(lars_kernel<P, S, 0>, table.num_items, table.view(), a, r); break;
+          case 1: launch(lars_kernel<P, S, 1>, table.num_items, table.view(), a, r); break;
+          default: launch(lars_kernel<P, S, 2>, table.num_items, table.view(), a, r); break;
         }
       });
 }

@@ -11,24 +11,38 @@
 // tensor counts the chunks that have read its step (see claim_step in cuda/optim.cu); counters only ever grow.
 //
 // Tables are cached by value: the key is the op, the device, the dtype sizes and every pointer, step pointer and
-// numel, so a hit is exact whatever freed or reallocated memory in between. A table is uploaded once (pinned buffer +
-// async copy on the current stream): steady-state steps do no host-to-device copy and no host sync, and a CUDA graph
-// captured after a warm-up step just reads the cached table. A table first built inside a capture is uploaded by a
-// captured copy (replayed by the graph from its pinned buffer, which the table keeps): it is used only by captures
-// and kept alive for the process lifetime, as is every table a capture used (graphs hold its address). Other tables
-// are dropped when the cache outgrows kMaxTables, outside captures only.
+// numel, so a hit is exact whatever freed or reallocated memory in between. Eviction is least-recently-used, one table
+// at a time beyond kMaxTables, so a steady step over up to kMaxTables distinct tables (param groups x dtype groups,
+// or gradients that alternate between a few addresses) keeps hitting; gradients at new addresses every step still
+// build (and upload) a new table each step.
+//
+// Upload. Outside a capture: pinned buffer + async copy on the current stream (no host sync); steady-state steps do
+// no host-to-device copy. A table is allocated on the stream that built it; when another stream uses it, that stream
+// first waits for the upload (an event) and the table's memory is marked as used by it (record_stream), so evicting
+// the table cannot hand the memory to new work while that stream's kernels may still read it.
+// Inside a CUDA-graph capture: no host allocation at all (no pinned memory). A table first built inside a capture is
+// filled by kernel nodes that carry its words as kernel parameters (kFillWords per node), and every later capture
+// that uses that table records the same fill nodes again, so each graph fills what it reads, whichever graphs are
+// replayed (replaying only the second graph used to read a table only the first graph's copy node filled). Such a
+// table is valid only inside graphs: an eager call builds its own. Tables a capture used are never freed (graphs
+// hold their addresses). A table built eagerly and then used by a capture (the usual warm-up-then-capture) needs no
+// fill node: torch.cuda.graph synchronises the device before capturing.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace fastcnn {
@@ -37,6 +51,7 @@ namespace mta {
 constexpr int kBlock = 256;         // threads per block
 constexpr int64_t kChunk = 32768;   // elements per work item (a multiple of every ILP)
 constexpr size_t kMaxTables = 64;   // cached tables kept (beyond those used by CUDA graphs)
+constexpr int kFillWords = 480;     // table words per fill node (3,840 bytes: within the 4 KB kernel-parameter limit)
 
 // Elements per thread per vector access: 16 bytes of a 2-byte param dtype, else 4 (16 bytes of float32, two 16-byte
 // accesses of float64); float32 state beside a 2-byte param then takes two 16-byte accesses.
@@ -58,18 +73,92 @@ struct View {
 };
 
 struct Table {
-  at::Tensor host;      // pinned copy (the source of the upload; kept while the table lives)
-  at::Tensor device;    // records, then items
-  at::Tensor counters;  // int64 storage used as uint64
+  at::Tensor host;              // pinned copy, the source of an eager upload (kept while the table lives)
+  std::vector<int64_t> words;   // the contents, kept for the fill nodes of capture-built tables
+  at::Tensor device;            // records, then items
+  at::Tensor counters;          // int64 storage used as uint64
   int64_t num_tensors = 0, num_items = 0;
   int stride = 0;
-  bool capture_only = false;     // uploaded by a captured copy: valid only inside graphs
+  bool capture_only = false;     // filled by captured nodes: valid only inside graphs
   bool used_in_capture = false;  // a graph reads it: never freed
+  cudaStream_t home = nullptr;   // the stream that allocated and uploaded it
+  std::shared_ptr<at::cuda::CUDAEvent> uploaded;  // recorded on `home` after the upload
+  std::vector<cudaStream_t> users;                // other streams that used it (recorded, waited)
 
   View view() const {
     const int64_t* words = device.const_data_ptr<int64_t>();
     return View{words, words + num_tensors * stride,
                 reinterpret_cast<unsigned long long*>(counters.mutable_data_ptr<int64_t>()), num_items, stride};
+  }
+};
+
+struct FillWords {
+  int64_t w[kFillWords];
+};
+
+// A fill node: dst[0, count) = words; the first node also zeroes the counters (every graph then starts its replays
+// from zero, a multiple of every chunk count, as claim_step needs).
+static __global__ void __launch_bounds__(kBlock)
+    fill_table_kernel(int64_t* dst, int count, FillWords words, int64_t* counters, int64_t num_counters) {
+  for (int i = threadIdx.x; i < count; i += kBlock) dst[i] = words.w[i];
+  for (int64_t i = threadIdx.x; i < num_counters; i += kBlock) counters[i] = 0;
+}
+
+// Records the fill of a capture-built table into the capture on `stream`.
+inline void record_fill(const Table& table, cudaStream_t stream) {
+  int64_t* dst = const_cast<int64_t*>(table.device.const_data_ptr<int64_t>());
+  int64_t* counters = table.counters.mutable_data_ptr<int64_t>();
+  const int64_t total = static_cast<int64_t>(table.words.size());
+  for (int64_t off = 0; off < total; off += kFillWords) {
+    FillWords payload{};
+    const int count = static_cast<int>(std::min<int64_t>(kFillWords, total - off));
+    std::memcpy(payload.w, table.words.data() + off, count * sizeof(int64_t));
+    fill_table_kernel<<<1, kBlock, 0, stream>>>(dst + off, count, payload, counters, off == 0 ? table.num_tensors : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// An eager table used on `stream`, not the one that uploaded it: that stream waits for the upload, and the table's
+// memory is recorded as used by it (so that freeing the table after an eviction waits for that stream's work).
+inline void note_user(Table& table, cudaStream_t stream) {
+  if (stream == table.home || std::find(table.users.begin(), table.users.end(), stream) != table.users.end()) return;
+  const at::cuda::CUDAStream s = at::cuda::getCurrentCUDAStream();
+  table.uploaded->block(s);
+  table.device.record_stream(s);
+  table.counters.record_stream(s);
+  table.users.push_back(stream);
+}
+
+// The cache: least recently used at the back.
+struct Cache {
+  using Key = std::vector<int64_t>;
+  std::list<std::pair<Key, std::shared_ptr<Table>>> order;
+  std::map<Key, decltype(order)::iterator> index;
+  std::vector<std::shared_ptr<Table>> kept;  // tables a graph may read, no longer in the cache
+
+  std::shared_ptr<Table> find(const Key& key) {
+    auto it = index.find(key);
+    if (it == index.end()) return nullptr;
+    order.splice(order.begin(), order, it->second);  // most recently used
+    return it->second->second;
+  }
+  void erase(const Key& key) {
+    auto it = index.find(key);
+    order.erase(it->second);
+    index.erase(it);
+  }
+  void insert(Key key, std::shared_ptr<Table> table) {
+    order.emplace_front(std::move(key), std::move(table));
+    index.emplace(order.front().first, order.begin());
+  }
+  // Outside captures only: drops least recently used tables beyond kMaxTables (keeping those a graph reads).
+  void evict() {
+    while (order.size() > kMaxTables) {
+      auto& [key, table] = order.back();
+      if (table->used_in_capture) kept.push_back(table);
+      index.erase(key);
+      order.pop_back();
+    }
   }
 };
 
@@ -90,26 +179,30 @@ inline std::shared_ptr<Table> get_table(int op, const std::vector<std::vector<at
   }
 
   static std::mutex mutex;
-  static std::map<std::vector<int64_t>, std::shared_ptr<Table>> cache;
-  static std::vector<std::shared_ptr<Table>> kept;  // tables a graph may read, no longer in the cache
+  static Cache cache;
   // (the op holds CUDA tensors, so the device has a context: the MayInitCtx variant creates none here)
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) {
-    const std::shared_ptr<Table>& hit = it->second;
-    if (capturing || !hit->capture_only) {
-      hit->used_in_capture = hit->used_in_capture || capturing;
+  if (std::shared_ptr<Table> hit = cache.find(key)) {
+    if (capturing) {
+      hit->used_in_capture = true;
+      if (hit->capture_only) record_fill(*hit, stream);  // this graph fills what it reads
       return hit;
     }
-    kept.push_back(hit);  // filled only when its graph replays: eager calls need their own
-    cache.erase(it);
+    if (!hit->capture_only) {
+      note_user(*hit, stream);
+      return hit;
+    }
+    cache.kept.push_back(hit);  // filled only when a graph replays: eager calls need their own
+    cache.erase(key);
   }
 
   auto table = std::make_shared<Table>();
   table->num_tensors = n;
   table->stride = depth + kExtraWords;
+  table->home = stream;
   int64_t items = 0;
   std::vector<int64_t> chunks(n);
   for (int64_t t = 0; t < n; ++t) {
@@ -119,8 +212,8 @@ inline std::shared_ptr<Table> get_table(int op, const std::vector<std::vector<at
   TORCH_CHECK(items < (int64_t(1) << 40), "fastcnn: too many chunks for one optimizer call");
   table->num_items = items;
   const int64_t words = n * table->stride + items;
-  table->host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* w = table->host.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> host(words);
+  int64_t* w = host.data();
   int64_t* item = w + n * table->stride;
   int64_t first = 0;
   for (int64_t t = 0; t < n; ++t) {
@@ -140,27 +233,25 @@ inline std::shared_ptr<Table> get_table(int op, const std::vector<std::vector<at
     first += chunks[t];
   }
   const at::Device device = lists[0][0].device();
-  table->device = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
-  table->counters = at::zeros({n}, at::TensorOptions().dtype(at::kLong).device(device));
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
+  table->device = at::empty({words}, longs);
   if (capturing) {
-    // A captured copy: the graph re-reads the pinned buffer at every replay, and the table keeps it.
-    C10_CUDA_CHECK(cudaMemcpyAsync(table->device.mutable_data_ptr(), table->host.const_data_ptr(),
-                                   words * sizeof(int64_t), cudaMemcpyHostToDevice,
-                                   at::cuda::getCurrentCUDAStream()));
+    // From the graph's private pool; the fill nodes write the words and zero the counters at every replay.
+    table->counters = at::empty({n}, longs);
+    table->words = std::move(host);
     table->capture_only = true;
     table->used_in_capture = true;
+    record_fill(*table, stream);
   } else {
+    table->counters = at::zeros({n}, longs);
+    table->host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::memcpy(table->host.mutable_data_ptr<int64_t>(), host.data(), words * sizeof(int64_t));
     table->device.copy_(table->host, /*non_blocking=*/true);
-    if (cache.size() >= kMaxTables) {
-      for (auto e = cache.begin(); e != cache.end();) {
-        if (e->second->used_in_capture) {
-          kept.push_back(e->second);
-        }
-        e = cache.erase(e);
-      }
-    }
+    table->uploaded = std::make_shared<at::cuda::CUDAEvent>();
+    table->uploaded->record(at::cuda::getCurrentCUDAStream());
   }
-  cache.emplace(std::move(key), table);
+  cache.insert(std::move(key), table);
+  if (!capturing) cache.evict();
   return table;
 }
 
