@@ -34,8 +34,8 @@ def _inception_pair():
 
 
 PAIRS = {
-    "resnet18": lambda: _zoo_pair("resnet18"),
-    "resnet50": lambda: _zoo_pair("resnet50"),
+    "resnet18": lambda: _zoo_pair("resnet18", width=0.25),
+    "resnet50": lambda: _zoo_pair("resnet50", width=0.25),
     "vgg11_bn": lambda: _zoo_pair("vgg11_bn", width=0.25, hidden_features=32),
     "inception": _inception_pair,
 }
