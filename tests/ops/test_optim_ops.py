@@ -1,5 +1,5 @@
 """The fused optimizer ops fastcnn::adam_, sgd_, adagrad_, lars_ (C++ kernels of fastcnn._C, called directly through
-torch.ops) against the plain-PyTorch oracle fastcnn.reference.optim and against torch.optim's fused optimizers.
+torch.ops) against the plain-PyTorch oracle fastcnn.ops.optim.reference and against torch.optim's fused optimizers.
 
 The kernels replicate the oracle's order of operations, one rounding per operation. SGD therefore equals it bit for
 bit in every dtype. Adam and Adagrad take a square root, which the kernels round correctly (IEEE sqrt, as torch's
@@ -13,100 +13,21 @@ import pytest
 import torch
 
 from fastcnn import _extension
-from fastcnn.reference import optim as reference
+from fastcnn.ops.optim import reference
 
-from _tolerances import assert_close_to_oracle, assert_lockstep
+from _optim_cases import (ADAGRAD_OPTIONS, ADAM_OPTIONS, DEVICES, DTYPE_IDS, DTYPE_PAIRS, LARS_OPTIONS, Lists,
+                          SGD_OPTIONS, SIZES, SMALL_SIZES, STEPS, adagrad_step, adam_lists, adam_step, all_ops,
+                          compare, lars_step, sgd_step)
+from _tolerances import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED or not hasattr(torch.ops.fastcnn, "adam_"),
                                 reason="fastcnn._C with the optimizer ops is not built")
 
-SIZES = [(1,), (7,), (3, 5, 7), (1000003,)]
-SMALL_SIZES = [(1,), (7,), (13, 97)]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # (param dtype, state dtype)
-DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
-               (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-DTYPE_IDS = ["f32", "f64", "bf16", "bf16-f32state", "f16-f32state"]
-STEPS = 4
-
-
-def _exact(result, expected, name):
-    torch.testing.assert_close(result, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
-
-
-class Lists:
-    """One set of optimizer lists (params, grads, states, steps) that can be cloned, moved and stepped."""
-
-    def __init__(self, tensors):
-        self.t = tensors  # dict: name -> list of tensors (or None)
-
-    @classmethod
-    def make(cls, sizes, dtype, state_dtype, device, states, steps=False, state_fill=None, positive_states=()):
-        t = {"params": [torch.randn(s, device=device).to(dtype) for s in sizes],
-             "grads": [torch.zeros(s, device=device, dtype=dtype) for s in sizes]}
-        for name in states:
-            make = (lambda s: torch.rand(s, device=device)) if name in positive_states else (
-                lambda s: torch.randn(s, device=device) * 0.1)
-            t[name] = [(torch.full(s, state_fill, device=device) if state_fill is not None else make(s)).to(state_dtype)
-                       for s in sizes]
-        if steps:
-            t["steps"] = [torch.tensor(float(i % 3), device=device) for i in range(len(sizes))]
-        return cls(t)
-
-    def clone(self, dtype=None):
-        def conv(x):
-            return x.clone() if dtype is None or x.dim() == 0 else x.to(dtype).clone()
-        return Lists({k: [conv(x) for x in v] for k, v in self.t.items()})
-
-    def new_grads(self, scale=1.0):
-        for g in self.t["grads"]:
-            g.copy_(torch.randn(g.shape, device=g.device) * scale)
-
-    def copy_grads_from(self, other):
-        for g, h in zip(self.t["grads"], other.t["grads"]):
-            g.copy_(h)
-
-
-def _compare(fused, oracle, exact, names=None):
-    """exact: bit for bit; else within OPTIM_LOCKSTEP_ULPS (steps always exact)."""
-    for name in names or fused.t:
-        for i, (a, b) in enumerate(zip(fused.t[name], oracle.t[name])):
-            if exact or name == "steps":
-                _exact(a, b, f"{name}[{i}]")
-            else:
-                assert_lockstep(a, b, f"{name}[{i}]")
-
-
-def _run(op, lists, *args):
-    op(*lists, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Adam / AdamW / AMSGrad
-ADAM_OPTIONS = [
-    dict(amsgrad=False, maximize=False, decoupled=False, wd=0.0),
-    dict(amsgrad=False, maximize=False, decoupled=False, wd=0.1),
-    dict(amsgrad=False, maximize=True, decoupled=True, wd=0.1),
-    dict(amsgrad=True, maximize=False, decoupled=True, wd=0.01),
-    dict(amsgrad=True, maximize=True, decoupled=False, wd=0.0),
-]
-
-
-def _adam_args(lists, amsgrad):
-    t = lists.t
-    return [t["params"], t["grads"], t["exp_avgs"], t["exp_avg_sqs"], t["max_exp_avg_sqs"] if amsgrad else [],
-            t["steps"]]
-
-
-def _adam_step(fn, lists, o, lr=1e-3, lr_tensor=None, grad_scale=None, found_inf=None):
-    fn(*_adam_args(lists, o["amsgrad"]), lr, lr_tensor, 0.9, 0.999, o["wd"], 1e-8, o["amsgrad"], o["maximize"],
-       o["decoupled"], grad_scale, found_inf)
-
-
-def _adam_lists(sizes, dtype, state_dtype, device):
-    lists = Lists.make(sizes, dtype, state_dtype, device, ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"], steps=True,
-                       positive_states=("exp_avg_sqs", "max_exp_avg_sqs"))
-    return lists
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,34 +35,20 @@ def _adam_lists(sizes, dtype, state_dtype, device):
 @pytest.mark.parametrize("o", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_adam_equals_oracle(device, dtypes, o):
     sizes = SIZES if dtypes[0] == torch.float32 and o is ADAM_OPTIONS[2] else SMALL_SIZES
-    fused = _adam_lists(sizes, *dtypes, device)
+    fused = adam_lists(sizes, *dtypes, device)
     oracle = fused.clone()
     for step in range(STEPS):
         fused.new_grads()
         oracle.copy_grads_from(fused)
-        _adam_step(torch.ops.fastcnn.adam_, fused, o)
-        _adam_step(reference.adam_, oracle, o)
+        adam_step(torch.ops.fastcnn.adam_, fused, o)
+        adam_step(reference.adam_, oracle, o)
         if step == 0:
-            _compare(fused, oracle, exact=True, names=["grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"])
-    _compare(fused, oracle, exact=False)
+            compare(fused, oracle, exact=True, names=["grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"])
+    compare(fused, oracle, exact=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # SGD
-SGD_OPTIONS = [
-    dict(momentum=0.0, dampening=0.0, wd=0.0, nesterov=False, maximize=False),
-    dict(momentum=0.0, dampening=0.0, wd=1e-2, nesterov=False, maximize=True),
-    dict(momentum=0.9, dampening=0.0, wd=1e-4, nesterov=False, maximize=False),
-    dict(momentum=0.9, dampening=0.0, wd=0.0, nesterov=True, maximize=False),
-    dict(momentum=0.5, dampening=0.3, wd=1e-3, nesterov=False, maximize=True),
-]
-
-
-def _sgd_step(fn, lists, o, first, lr=0.05, lr_tensor=None, grad_scale=None, found_inf=None):
-    t = lists.t
-    bufs = t["momentum_buffers"] if o["momentum"] != 0 else []
-    fn(t["params"], t["grads"], bufs, lr, lr_tensor, o["momentum"], o["dampening"], o["wd"], o["nesterov"],
-       o["maximize"], first, grad_scale, found_inf)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,20 +62,13 @@ def test_sgd_equals_oracle(device, dtypes, o):
     for step in range(STEPS):
         fused.new_grads()
         oracle.copy_grads_from(fused)
-        _sgd_step(torch.ops.fastcnn.sgd_, fused, o, step == 0)
-        _sgd_step(reference.sgd_, oracle, o, step == 0)
-    _compare(fused, oracle, exact=True)
+        sgd_step(torch.ops.fastcnn.sgd_, fused, o, step == 0)
+        sgd_step(reference.sgd_, oracle, o, step == 0)
+    compare(fused, oracle, exact=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Adagrad
-ADAGRAD_OPTIONS = [dict(lr_decay=0.0, wd=0.0, maximize=False), dict(lr_decay=0.01, wd=0.1, maximize=True)]
-
-
-def _adagrad_step(fn, lists, o, lr=0.1, lr_tensor=None, grad_scale=None, found_inf=None):
-    t = lists.t
-    fn(t["params"], t["grads"], t["state_sums"], t["steps"], lr, lr_tensor, o["lr_decay"], o["wd"], 1e-10,
-       o["maximize"], grad_scale, found_inf)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -181,35 +81,15 @@ def test_adagrad_equals_oracle(device, dtypes, o):
     for step in range(STEPS):
         fused.new_grads()
         oracle.copy_grads_from(fused)
-        _adagrad_step(torch.ops.fastcnn.adagrad_, fused, o)
-        _adagrad_step(reference.adagrad_, oracle, o)
+        adagrad_step(torch.ops.fastcnn.adagrad_, fused, o)
+        adagrad_step(reference.adagrad_, oracle, o)
         if step == 0:
-            _compare(fused, oracle, exact=True, names=["grads", "state_sums", "steps"])
-    _compare(fused, oracle, exact=False)
+            compare(fused, oracle, exact=True, names=["grads", "state_sums", "steps"])
+    compare(fused, oracle, exact=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # LARS: held to the tolerance table against a float64 run of the oracle (the norms sum in another order).
-LARS_OPTIONS = [
-    dict(momentum=0.9, dampening=0.0, wd=1e-4, nesterov=False, maximize=False, trust_clip=False, update_norm=False,
-         lr_in_momentum=False),
-    dict(momentum=0.9, dampening=0.1, wd=5e-4, nesterov=True, maximize=True, trust_clip=True, update_norm=False,
-         lr_in_momentum=False),
-    dict(momentum=0.9, dampening=0.0, wd=1e-4, nesterov=False, maximize=True, trust_clip=False, update_norm=True,
-         lr_in_momentum=True),
-    dict(momentum=0.9, dampening=0.0, wd=1e-4, nesterov=True, maximize=False, trust_clip=True, update_norm=True,
-         lr_in_momentum=True),
-    dict(momentum=0.0, dampening=0.0, wd=0.0, nesterov=False, maximize=False, trust_clip=False, update_norm=False,
-         lr_in_momentum=False),
-]
-
-
-def _lars_step(fn, lists, o, first, lr=0.5, lr_tensor=None, grad_scale=None, found_inf=None):
-    t = lists.t
-    bufs = t["momentum_buffers"] if o["momentum"] != 0 or o["lr_in_momentum"] else []
-    fn(t["params"], t["grads"], bufs, lr, lr_tensor, o["momentum"], o["dampening"], o["wd"], 1e-3, 1e-8,
-       o["nesterov"], o["maximize"], o["trust_clip"], o["update_norm"], o["lr_in_momentum"], first, grad_scale,
-       found_inf)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -226,9 +106,9 @@ def test_lars_close_to_oracle(device, dtypes, o):
         fused.new_grads()
         stock.copy_grads_from(fused)
         oracle.copy_grads_from(fused)
-        _lars_step(torch.ops.fastcnn.lars_, fused, o, step == 0)
-        _lars_step(reference.lars_, stock, o, step == 0)
-        _lars_step(reference.lars_, oracle, o, step == 0)
+        lars_step(torch.ops.fastcnn.lars_, fused, o, step == 0)
+        lars_step(reference.lars_, stock, o, step == 0)
+        lars_step(reference.lars_, oracle, o, step == 0)
         # Keep the three on the same trajectory (low precision drifts apart otherwise): restart all from the result.
         for name in ("params", "momentum_buffers"):
             for a, b, c in zip(fused.t[name], stock.t[name], oracle.t[name]):
@@ -248,35 +128,21 @@ def test_lars_is_deterministic_across_thread_counts():
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
             lists = base.clone()
-            _lars_step(torch.ops.fastcnn.lars_, lists, o, False)
+            lars_step(torch.ops.fastcnn.lars_, lists, o, False)
             results.append(lists)
     finally:
         torch.set_num_threads(threads)
-    _compare(results[0], results[1], exact=True)
+    compare(results[0], results[1], exact=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # lr_tensor, grad_scale, found_inf on every op
-def _all_ops(device, dtype=torch.float32):
-    """(name, fused lists, oracle lists, step(fn, lists, **kw)) for one configuration of each op."""
-    sizes = [(7,), (4099,)]
-    adam_o, sgd_o, ada_o, lars_o = ADAM_OPTIONS[3], SGD_OPTIONS[4], ADAGRAD_OPTIONS[1], LARS_OPTIONS[1]
-    cases = [
-        ("adam_", _adam_lists(sizes, dtype, dtype, device), lambda fn, ls, **kw: _adam_step(fn, ls, adam_o, **kw)),
-        ("sgd_", Lists.make(sizes, dtype, dtype, device, ["momentum_buffers"]),
-         lambda fn, ls, **kw: _sgd_step(fn, ls, sgd_o, False, **kw)),
-        ("adagrad_", Lists.make(sizes, dtype, dtype, device, ["state_sums"], steps=True, state_fill=0.1),
-         lambda fn, ls, **kw: _adagrad_step(fn, ls, ada_o, **kw)),
-        ("lars_", Lists.make(sizes, dtype, dtype, device, ["momentum_buffers"]),
-         lambda fn, ls, **kw: _lars_step(fn, ls, lars_o, False, **kw)),
-    ]
-    return cases
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["adam_", "sgd_", "adagrad_", "lars_"])
 def test_lr_tensor_and_grad_scale(device, op):
-    name, fused, step = next(c for c in _all_ops(device) if c[0] == op)
+    name, fused, step = next(c for c in all_ops(device) if c[0] == op)
     oracle = fused.clone()
     for k in range(STEPS):
         fused.new_grads(scale=1024.0)
@@ -287,19 +153,19 @@ def test_lr_tensor_and_grad_scale(device, op):
         step(getattr(torch.ops.fastcnn, op), fused, **kw)
         step(getattr(reference, op), oracle, **kw)
     # the unscaled gradients written back are exact; the rest as in the per-op tests
-    _compare(fused, oracle, exact=True, names=["grads"])
-    _compare(fused, oracle, exact=op == "sgd_", names=[k for k in fused.t if k != "grads"])
+    compare(fused, oracle, exact=True, names=["grads"])
+    compare(fused, oracle, exact=op == "sgd_", names=[k for k in fused.t if k != "grads"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["adam_", "sgd_", "adagrad_", "lars_"])
 def test_found_inf_changes_nothing(device, op):
-    name, fused, step = next(c for c in _all_ops(device) if c[0] == op)
+    name, fused, step = next(c for c in all_ops(device) if c[0] == op)
     fused.new_grads()
     before = fused.clone()
     step(getattr(torch.ops.fastcnn, op), fused, grad_scale=torch.tensor(4.0, device=device),
          found_inf=torch.tensor(1.0, device=device))
-    _compare(fused, before, exact=True)
+    compare(fused, before, exact=True)
     # found_inf = 0 steps normally
     step(getattr(torch.ops.fastcnn, op), fused, found_inf=torch.tensor(0.0, device=device))
     assert not torch.equal(fused.t["params"][1], before.t["params"][1])
@@ -311,7 +177,7 @@ def test_found_inf_changes_nothing(device, op):
 def test_channels_last_and_empty_tensors(device):
     o = ADAM_OPTIONS[1]
     sizes = [(2, 3, 5, 7), (0,), (4, 0, 3)]
-    fused = _adam_lists(sizes, torch.float32, torch.float32, device)
+    fused = adam_lists(sizes, torch.float32, torch.float32, device)
     for k in fused.t:
         if k != "steps":
             fused.t[k][0] = fused.t[k][0].contiguous(memory_format=torch.channels_last)
@@ -319,9 +185,9 @@ def test_channels_last_and_empty_tensors(device):
     for _ in range(2):
         fused.new_grads()
         oracle.copy_grads_from(fused)
-        _adam_step(torch.ops.fastcnn.adam_, fused, o)
-        _adam_step(reference.adam_, oracle, o)
-    _compare(fused, oracle, exact=False)
+        adam_step(torch.ops.fastcnn.adam_, fused, o)
+        adam_step(reference.adam_, oracle, o)
+    compare(fused, oracle, exact=False)
     assert fused.t["params"][0].is_contiguous(memory_format=torch.channels_last)
     assert [s.item() for s in fused.t["steps"]] == [2.0, 3.0, 4.0]  # empty tensors still count their steps
 
@@ -338,14 +204,14 @@ def test_empty_lists_are_a_no_op():
 
 def test_step_in_float64_and_large_step():
     o = ADAM_OPTIONS[0]
-    fused = _adam_lists([(33,)], torch.float32, torch.float32, "cpu")
+    fused = adam_lists([(33,)], torch.float32, torch.float32, "cpu")
     fused.t["steps"] = [torch.tensor(12345.0, dtype=torch.float64)]
     oracle = fused.clone()
     fused.new_grads()
     oracle.copy_grads_from(fused)
-    _adam_step(torch.ops.fastcnn.adam_, fused, o)
-    _adam_step(reference.adam_, oracle, o)
-    _compare(fused, oracle, exact=False)
+    adam_step(torch.ops.fastcnn.adam_, fused, o)
+    adam_step(reference.adam_, oracle, o)
+    compare(fused, oracle, exact=False)
     assert fused.t["steps"][0].dtype == torch.float64 and fused.t["steps"][0].item() == 12346.0
 
 

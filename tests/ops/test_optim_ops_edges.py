@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fastcnn import _extension
-from fastcnn.reference import optim as reference
+from fastcnn.ops.optim import reference
 
-from test_optim_ops import ADAM_OPTIONS, DTYPE_PAIRS, STEPS, Lists, _adam_lists, _adam_step, _all_ops, _compare
+from _optim_cases import ADAM_OPTIONS, DTYPE_PAIRS, STEPS, Lists, adam_lists, adam_step, all_ops, compare
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED or not hasattr(torch.ops.fastcnn, "adam_"),
                                 reason="fastcnn._C with the optimizer ops is not built")
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not _extension.LOADED or not hasattr(torch.ops.f
 # The baseline (non-AVX2) loops, selected by ATEN_CPU_CAPABILITY=default in a fresh process.
 _BASELINE_SCRIPT = r"""
 import torch, fastcnn
-from fastcnn.reference import optim as ref
+from fastcnn.ops.optim import reference as ref
 torch.manual_seed(0)
 def make(n, dt, st, k):
     return [[torch.randn(n).to(dt)], [torch.randn(n).to(dt)]] + [[torch.rand(n).to(st)] for _ in range(k)]
@@ -112,21 +112,21 @@ def test_state_dtype_rules():
 @pytest.mark.cuda
 def test_cuda_mixed_dtypes_in_one_call():
     o = ADAM_OPTIONS[3]
-    parts = [_adam_lists([(7,), (70001,)], dt, st, "cuda") for dt, st in DTYPE_PAIRS]
+    parts = [adam_lists([(7,), (70001,)], dt, st, "cuda") for dt, st in DTYPE_PAIRS]
     fused = Lists({k: [x for p in parts for x in p.t[k]] for k in parts[0].t})
     oracle = fused.clone()
     for _ in range(STEPS):
         fused.new_grads()
         oracle.copy_grads_from(fused)
-        _adam_step(torch.ops.fastcnn.adam_, fused, o)
-        _adam_step(reference.adam_, oracle, o)
-    _compare(fused, oracle, exact=False)
+        adam_step(torch.ops.fastcnn.adam_, fused, o)
+        adam_step(reference.adam_, oracle, o)
+    compare(fused, oracle, exact=False)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("op", ["adam_", "sgd_", "adagrad_", "lars_"])
 def test_cuda_graph_capture(op):
-    name, fused, step = next(c for c in _all_ops("cuda") if c[0] == op)
+    name, fused, step = next(c for c in all_ops("cuda") if c[0] == op)
     lr, found_inf = torch.tensor(0.01, device="cuda"), torch.zeros((), device="cuda")
     fused.new_grads()
     oracle = fused.clone()
@@ -144,9 +144,9 @@ def test_cuda_graph_capture(op):
         graph.replay()
         step(getattr(reference, op), oracle, lr_tensor=lr, found_inf=found_inf)
     torch.cuda.synchronize()
-    _compare(fused, oracle, exact=op == "sgd_")
+    compare(fused, oracle, exact=op == "sgd_")
     before = fused.clone()
     found_inf.fill_(1.0)
     graph.replay()
     torch.cuda.synchronize()
-    _compare(fused, before, exact=True)
+    compare(fused, before, exact=True)

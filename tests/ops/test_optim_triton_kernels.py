@@ -2,7 +2,7 @@
 
 The launchers are called directly, on CPU tensors under Triton's interpreter (tests/conftest.py turns it on for
 GPU-less machines) or on CUDA tensors where a GPU is present. Every case runs a few steps on tensors of odd sizes in
-lockstep with fastcnn.reference.optim and compares params, gradients (written back when unscaled) and every state
+lockstep with fastcnn.ops.optim.reference and compares params, gradients (written back when unscaled) and every state
 tensor with the project's table (tests/_tolerances.py):
   * assert_close_to_oracle: the error against a float64 run of the reference is at most twice the same-precision
     reference's error plus the dtype's floor;
@@ -24,7 +24,7 @@ if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from fastcnn.reference import optim as ref  # noqa: E402
+from fastcnn.ops.optim import reference as ref  # noqa: E402
 from fastcnn.triton_kernels import optim as tk  # noqa: E402
 from fastcnn.triton_kernels import optim_common  # noqa: E402
 from tests._tolerances import assert_close_to_oracle, assert_lockstep  # noqa: E402

@@ -1,15 +1,16 @@
 """The Triton backend of the fused optimizer steps as torch.library.triton_op's (fastcnn::adam_triton_, ...), so
-torch.compile sees into the kernels. Imported by fastcnn.ops.optim only when Triton is installed and
-fastcnn.triton_kernels.optim exists; the launchers there take the schema's arguments plus ``wrap``."""
+torch.compile sees into the kernels. Imported by fastcnn.ops.optim only when Triton is installed (a kernel module
+that fails to import leaves the triton backend unavailable, saying why); the launchers in fastcnn.triton_kernels.optim
+take the schema's arguments plus ``wrap``."""
 import inspect
 from typing import Optional
 
 import torch
 from torch.library import triton_op
 
-from ..triton_kernels import optim as _kernels
-from ._backends import wrap_triton
-from .optim import OPS, SCHEMAS, mutated_args
+from ...triton_kernels import optim as _kernels
+from .._dispatch import wrap_triton
+from .register import OPS, SCHEMAS, mutated_args
 
 # Python annotations of the schema types the optimizer steps use, as torch.library.infer_schema reads them.
 _ANNOTATIONS = {"List[Tensor]": list[torch.Tensor], "Optional[Tensor]": Optional[torch.Tensor], "float": float,
