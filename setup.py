@@ -97,6 +97,9 @@ build_info = {
     "cuda_home": cuda_home if with_cuda else None,
     "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
     "cuda_skipped_because": reason or None,
+    # The op schemas this build compiled: fastcnn.info lists them, and an op newer than the build is reported as a
+    # stale build (one warning, then the next backend) rather than failing.
+    "ops": sorted(re.findall(r'm\.def\("(\w+)\(', open(os.path.join(ROOT, "csrc", "fastcnn.cpp")).read())),
 }
 
 

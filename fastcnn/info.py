@@ -4,23 +4,29 @@ import platform
 import torch
 
 from . import _extension
-from .ops import BACKENDS, why_unavailable
-from .ops import optim as optim_ops
+from .ops import BACKENDS, TABLES, why_unavailable
 
-OPS = ("conv2d_relu_pool", "conv_transpose2d_act", "batch_norm_add_relu", "batch_norm_relu_conv2d",
-       "scale_shift_add_relu", "scale_shift_relu_out", "adam_", "sgd_", "adagrad_", "lars_")
-BATCH_NORM_OPS = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu")
+# Ops that still choose their backend inside their own module, without a route table (issue 13 moves them).
+_WITHOUT_ROUTE_TABLE = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu",
+                        "scale_shift_relu_out")
 
 
 def _why_unavailable(op, backend, device):
+    if op in TABLES:
+        return TABLES[op].why_not(backend, device)
     if op == "scale_shift_relu_out" and backend == "triton":
         return "no Triton kernel for this op (a plain strided store; the cpu/cuda kernels and the reference cover it)"
-    if op in optim_ops.OPS:
-        return optim_ops.why_unavailable(op, backend, device)
-    if op in BATCH_NORM_OPS + ("conv_transpose2d_act", "scale_shift_relu_out") and backend in ("cpu", "cuda") \
-            and _extension.LOADED and not hasattr(torch.ops.fastcnn, op):
+    if backend in ("cpu", "cuda") and _extension.LOADED and not hasattr(torch.ops.fastcnn, op):
         return "fastcnn._C was built from older sources without this op; rebuild it"
     return why_unavailable(backend, device)
+
+
+def _routes(table, device):
+    """The route table's entries for `device` tensors, in order: 'backend [measured]'."""
+    entries = [f"{r.backend} [{r.measured}]" + "".join(f" {k}={v}" for k, v in r._asdict().items()
+                                                       if k not in ("backend", "measured", "device") and v)
+               for r in table.routes if r.device in (None, device)]
+    return " -> ".join(entries + ["reference"])
 
 
 def report():
@@ -36,9 +42,14 @@ def report():
         cuda = f"yes, archs {info['cuda_archs']}" if info["cuda"] else f"no ({info['cuda_skipped_because']})"
         lines.append(f"build: torch {info['torch']}, python {info['python']}, {info['platform']}; CUDA kernels: {cuda}")
     lines.append(f"fastcnn._C: {'loaded' if _extension.LOADED else _extension.WHY_NOT_LOADED}")
-    for op in OPS:
+    compiled = _extension.compiled_ops()
+    if compiled is not None:
+        lines.append(f"compiled ops: {', '.join(compiled)}")
+    for op in (*TABLES, *_WITHOUT_ROUTE_TABLE):
         lines.append(f"\n{op} (backends for CPU and CUDA tensors):")
         for device in ("cpu", "cuda"):
+            if op in TABLES:
+                lines.append(f"  {device:4} route: {_routes(TABLES[op], device)}")
             for backend in BACKENDS:
                 reason = _why_unavailable(op, backend, device)
                 lines.append(f"  {device:4} {backend:9} {'available' if reason is None else 'unavailable: ' + reason}")
