@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _batch_norm_cases import bn_inputs, compare_with_stock
 
 import fastcnn
-from fastcnn.ops import _backends, why_unavailable
+from fastcnn.ops import _dispatch, why_unavailable
 from fastcnn.ops import batch_norm as ops
 from fastcnn.reference import batch_norm as reference
 
@@ -124,7 +124,7 @@ def test_reductions_are_deterministic(channels_last):
 
 def test_triton_is_never_chosen_for_cpu_tensors_unless_forced(monkeypatch):
     assert ops._backend_for(torch.randn(1, 2, 2, 2))[0] != "triton"
-    monkeypatch.setattr(_backends, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
     with fastcnn.use_backend("triton"), pytest.raises(RuntimeError, match="only under its interpreter"):
         ops.scale_shift_add_relu(torch.randn(1, 2, 2, 2), None, torch.zeros(2))
 
