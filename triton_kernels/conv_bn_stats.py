@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import batch_norm_reduce
-from ._conv_common import conv_out_size, conv_tile, dot_flags, gemm_blocks, identity
+from ._conv_common import _pixel_tile, _tile_of, check_grid, conv_out_size, conv_tile, dot_flags, gemm_blocks, identity
 
 
 @triton.jit
@@ -29,26 +29,19 @@ def _conv_stats_kernel(
     sy_n, sy_c, sy_h, sy_w,
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    n = (offs_m // (OW * OH)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < COG
+    m_mask, ow, oh, n = _pixel_tile(pid_m, M, OW, OH, BLOCK_M)
+    offs_n, n_mask = _tile_of(tl.program_id(1), COG, BLOCK_N)
     co = g * COG + offs_n
     x_row = x_ptr + n * sx_n + (g * CIG).to(tl.int64) * sx_c
     w_col = w_ptr + co.to(tl.int64) * sw_o
     acc = conv_tile(x_row, w_col, oh, ow, m_mask, n_mask, tl.arange(0, BLOCK_K), H, W, CIG, sx_c, sx_h, sx_w,
                     sw_i, sw_h, sw_w, ST_H, ST_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, UPCAST, IEEE,
-                    BLOCK_M, BLOCK_N, BLOCK_K)
+                    TF32, BLOCK_M, BLOCK_N, BLOCK_K)
 
     y = acc.to(y_ptr.dtype.element_ty)
     mask = m_mask[:, None] & n_mask[None, :]
@@ -87,11 +80,12 @@ def conv2d_batch_stats(x, weight, stride, padding, dilation, groups, y, mean, va
     cfg = gemm_blocks(m, cog, cig)
     m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
     count_part, mean_part, m2_part = torch.empty(3, m_tiles, c_out, dtype=mean.dtype, device=x.device).unbind(0)
-    wrap(_conv_stats_kernel)[(m_tiles, triton.cdiv(cog, cfg["BLOCK_N"]), groups)](
+    grid = check_grid((m_tiles, triton.cdiv(cog, cfg["BLOCK_N"]), groups), "conv2d + batch statistics")
+    wrap(_conv_stats_kernel)[grid](
         x, weight, y, count_part, mean_part, m2_part,
         m, h, w, oh, ow, c_out, cig, cog,
         *x.stride(), *weight.stride(), *y.stride(),
         ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw, **dot_flags(x.dtype), **cfg,
+        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw, **dot_flags(x), **cfg,
     )
     batch_norm_reduce.merge_partial_stats(count_part, mean_part, m2_part, mean, var, wrap=wrap)

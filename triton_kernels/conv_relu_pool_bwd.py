@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_common import POOL_IDS, _mma, conv_out_size, dot_flags, gemm_blocks, identity, pooled_size
+from ._conv_common import (POOL_IDS, _load_kn, _mma, _pixel_tile, _pixels, _store_tile, _tap_channels, _tile_of,
+                           _wgrad_program, check_grid, conv_out_size, dot_flags, gemm_blocks, identity, pooled_size)
 
 
 # dy[n, c, oh, ow] for pooled gradient gp, pooled output o and code (window t = i*PKW + j, window (ph, pw) covers
@@ -16,6 +17,7 @@ from ._conv_common import POOL_IDS, _mma, conv_out_size, dot_flags, gemm_blocks,
 #   none: gp[n, c, oh, ow]                     where not (o <= 0)
 #   max:  sum over windows covering (oh, ow) of gp[ph, pw] where code[ph, pw] == t and not (o[ph, pw] <= 0)
 #   avg:  sum over windows covering (oh, ow) of gp[ph, pw] / (PKH*PKW) where bit t of code[ph, pw] is set
+#         (each quotient correctly rounded, as ATen's avg_pool2d_backward divides)
 # The covering windows are ph = oh // PSH - q for q < cdiv(PKH, PSH) (then i = oh - ph*PSH), and likewise in w.
 # Index tensors broadcast to mask's shape; n and c are int64; positions outside ``mask`` give 0.
 @triton.jit
@@ -46,7 +48,7 @@ def _pooled_dy(g_ptr, o_ptr, c_ptr, n, c, oh, ow, mask, PH, PW,
                     o = tl.load(o_base + ph * so_h + pw * so_w, mask=ok, other=0.0)
                     dy += tl.where((code == t) & ~(o <= 0), gp, 0.0)
                 else:
-                    dy += tl.where(((code >> t) & 1) != 0, gp / (PKH * PKW), 0.0)
+                    dy += tl.where(((code >> t) & 1) != 0, tl.math.div_rn(gp, PKH * PKW * 1.0), 0.0)
     return dy
 
 
@@ -62,51 +64,41 @@ def _dgrad_kernel(
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    n = (offs_m // (W * H)).to(tl.int64)
-    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = ci < CIG
+    m_mask, iw, ih, n = _pixel_tile(tl.program_id(0), M, W, H, BLOCK_M)
+    ci, n_mask = _tile_of(tl.program_id(1), CIG, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    w_col = w_ptr + ci * sw_i + (g * COG).to(tl.int64) * sw_o  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_tiles = tl.cdiv(COG, BLOCK_K)
     for kk in range(KH * KW * k_tiles):
-        rs = kk // k_tiles
-        co = g * COG + (kk - rs * k_tiles) * BLOCK_K + offs_k
-        k_mask = co < (g + 1) * COG
-        r = rs // KW
-        s = rs % KW
+        r, s, co = _tap_channels(kk, k_tiles, offs_k, KW, BLOCK_K)
+        k_mask = co < COG
         th = ih + PAD_H - r * DIL_H
         tw = iw + PAD_W - s * DIL_W
         oh = th // ST_H
         ow = tw // ST_W
         ok = m_mask & (th >= 0) & (tw >= 0) & (th % ST_H == 0) & (tw % ST_W == 0) & (oh < OH) & (ow < OW)
-        dy = _pooled_dy(g_ptr, o_ptr, c_ptr, n[:, None], co.to(tl.int64)[None, :], oh[:, None], ow[:, None],
-                        ok[:, None] & k_mask[None, :], PH, PW,
+        dy = _pooled_dy(g_ptr, o_ptr, c_ptr, n[:, None], (g * COG + co).to(tl.int64)[None, :], oh[:, None],
+                        ow[:, None], ok[:, None] & k_mask[None, :], PH, PW,
                         sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
                         POOL, PKH, PKW, PSH, PSW)
-        b = tl.load(w_ptr + co.to(tl.int64)[:, None] * sw_o + ci[None, :] * sw_i + r * sw_h + s * sw_w,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(dy.to(w_ptr.dtype.element_ty), b, acc, UPCAST, IEEE)
+        b = _load_kn(w_col, co.to(tl.int64) * sw_o + r * sw_h + s * sw_w, k_mask, n_mask)
+        acc = _mma(dy.to(w_ptr.dtype.element_ty), b, acc, UPCAST, IEEE, TF32)
 
-    d_row = n * sd_n + ih.to(tl.int64) * sd_h + iw.to(tl.int64) * sd_w
-    d_off = d_row[:, None] + (g * CIG + ci).to(tl.int64)[None, :] * sd_c
-    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_tile(dx_ptr, n * sd_n + ih.to(tl.int64) * sd_h + iw.to(tl.int64) * sd_w,
+                (g * CIG + ci).to(tl.int64) * sd_c, m_mask, n_mask, acc)
 
 
 # part[split, g*Cog + co, ci, r, s] = sum over conv pixels p = (n, oh, ow) of this split's range of
 #   dy[n, g*Cog + co, oh, ow] * x[n, g*Cig + ci, oh*st - pad + r*dil, ow*st - pad + s*dil]   (0 outside the image)
 # Only the OHC x OWC conv pixels that some pool window covers are visited. A GEMM
-# [BLOCK_M out-ch, BLOCK_K pixels] x [BLOCK_K, BLOCK_N in-ch] per program; grid = (ch tiles, taps x groups, splits).
+# [BLOCK_M out-ch, BLOCK_K pixels] x [BLOCK_K, BLOCK_N in-ch] per program; grid = (groups x taps x ch tiles, splits)
+# (_wgrad_program).
 @triton.jit
 def _wgrad_kernel(
     g_ptr, o_ptr, c_ptr, x_ptr, part_ptr,
@@ -116,31 +108,19 @@ def _wgrad_kernel(
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    n_tiles = tl.cdiv(CIG, BLOCK_N)
-    pid_m = tl.program_id(0) // n_tiles
-    pid_n = tl.program_id(0) % n_tiles
-    g = tl.program_id(1) // (KH * KW)
-    rs = tl.program_id(1) % (KH * KW)
-    split = tl.program_id(2)
-    r = rs // KW
-    s = rs % KW
-    co = g * COG + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = co < (g + 1) * COG
-    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = ci < CIG
+    pid_m, pid_n, g, r, s, split = _wgrad_program(COG, CIG, KH, KW, BLOCK_M, BLOCK_N)
+    co, m_mask = _tile_of(pid_m, COG, BLOCK_M)
+    co += g * COG
+    ci, n_mask = _tile_of(pid_n, CIG, BLOCK_N)
     x_ch = (g * CIG + ci).to(tl.int64) * sx_c
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kk in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, K_ITERS)):
-        p = kk * BLOCK_K + offs_k
-        p_mask = p < P
-        ow = p % OWC
-        oh = (p // OWC) % OHC
-        n = (p // (OWC * OHC)).to(tl.int64)
+        p_mask, ow, oh, n = _pixel_tile(kk, P, OWC, OHC, BLOCK_K)
         dy = _pooled_dy(g_ptr, o_ptr, c_ptr, n[None, :], co.to(tl.int64)[:, None], oh[None, :], ow[None, :],
                         m_mask[:, None] & p_mask[None, :], PH, PW,
                         sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
@@ -150,40 +130,38 @@ def _wgrad_kernel(
         x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_off = n * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
         xv = tl.load(x_ptr + x_off[:, None] + x_ch[None, :], mask=x_ok[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(dy.to(x_ptr.dtype.element_ty), xv, acc, UPCAST, IEEE)
+        acc = _mma(dy.to(x_ptr.dtype.element_ty), xv, acc, UPCAST, IEEE, TF32)
 
     part_row = (split * C_OUT + co).to(tl.int64) * CIG
-    p_off = (part_row[:, None] + ci[None, :]) * (KH * KW) + rs
+    p_off = (part_row[:, None] + ci[None, :]) * (KH * KW) + r * KW + s
     tl.store(part_ptr + p_off, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 # part[split, c] = sum over this split's pooled pixels (n, ph, pw) of
-#   none / max: gp where not (o <= 0);   avg: gp / (PKH*PKW) * popcount(code)
-# which is sum_{n, oh, ow} dy[n, c, oh, ow] (each set bit of an avg code is one conv pixel that receives gp / k).
+#   none / max: gp where not (o <= 0);   avg: (gp / (PKH*PKW)) * popcount(code)
+# which is sum_{n, oh, ow} dy[n, c, oh, ow] (each set bit of an avg code is one conv pixel that receives gp / k, the
+# quotient correctly rounded as in _pooled_dy).
 @triton.jit
 def _dbias_kernel(
     g_ptr, o_ptr, c_ptr, part_ptr, M, PH, PW, C_OUT, M_ITERS, ITERS_PER_SPLIT,
     sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
     POOL: tl.constexpr, NWIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = ch < C_OUT
+    ch, c_mask = _tile_of(tl.program_id(0), C_OUT, BLOCK_C)
     c64 = ch.to(tl.int64)[None, :]
     split = tl.program_id(1)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for it in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, M_ITERS)):
-        m = it * BLOCK_M + tl.arange(0, BLOCK_M)
-        pw = (m % PW)[:, None]
-        ph = ((m // PW) % PH)[:, None]
-        n = (m // (PW * PH)).to(tl.int64)[:, None]
-        mask = (m < M)[:, None] & c_mask[None, :]
+        m_mask, pw, ph, n = _pixel_tile(it, M, PW, PH, BLOCK_M)
+        pw, ph, n = pw[:, None], ph[:, None], n[:, None]
+        mask = m_mask[:, None] & c_mask[None, :]
         gp = tl.load(g_ptr + n * sg_n + c64 * sg_c + ph * sg_h + pw * sg_w, mask=mask, other=0.0).to(tl.float32)
         if POOL == 2:
             code = tl.load(c_ptr + n * sc_n + c64 * sc_c + ph * sc_h + pw * sc_w, mask=mask, other=0).to(tl.int32)
             cnt = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
             for t in tl.static_range(NWIN):
                 cnt += (code >> t) & 1
-            acc += gp * cnt.to(tl.float32) / NWIN
+            acc += tl.math.div_rn(gp, NWIN * 1.0) * cnt.to(tl.float32)
         else:
             o = tl.load(o_ptr + n * so_n + c64 * so_c + ph * so_h + pw * so_w, mask=mask, other=0.0)
             acc += tl.where(o <= 0, 0.0, gp)
@@ -193,17 +171,15 @@ def _dbias_kernel(
 # out[i0, i1, i2, i3] (through its strides) = sum_{split} part[split, ((i0*D1 + i1)*D2 + i2)*D3 + i3], in split order.
 @triton.jit
 def _split_sum_kernel(part_ptr, out_ptr, L, SPLIT, D1, D2, D3, s0, s1, s2, s3, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
+    offs, mask = _tile_of(tl.program_id(0), L, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     ptrs = part_ptr + offs
     for _ in range(SPLIT):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += L  # 64-bit pointer arithmetic
-    i3 = offs % D3
-    i2 = (offs // D3) % D2
-    i1 = (offs // (D3 * D2)) % D1
-    i0 = (offs // (D3 * D2 * D1)).to(tl.int64)
+    i3, i2, rest = _pixels(offs, D3, D2)
+    i1 = rest % D1
+    i0 = rest // D1
     tl.store(out_ptr + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -219,6 +195,32 @@ def _split_sum(part, splits, out, wrap, sizes=(1, 1, 1)):
     total = part.numel() // splits
     strides = list(out.stride()) + [0] * (4 - out.dim())
     wrap(_split_sum_kernel)[(triton.cdiv(total, 256),)](part, out, total, splits, *sizes, *strides, BLOCK=256)
+
+
+# Shared memory the gathered dy operand of one pipelined loop iteration may take (bytes): Triton's pipeliner stages
+# every window's gathers (gp, code and, for max, o) of every covering window, so their size scales with the windows
+# covering a conv pixel.
+_GATHER_BYTES = 96 * 1024
+
+
+def pooled_gather_config(cfg, rows, cols, pool, pool_size, pool_stride, itemsize):
+    """Tiles and pipeline depth of a backward GEMM whose [rows, cols] operand tile is gathered through
+    ``_pooled_dy`` (dgrad: rows = BLOCK_M pixels, cols = BLOCK_K channels; wgrad: rows = BLOCK_M channels,
+    cols = BLOCK_K pixels). With overlapping windows a conv pixel has several covering windows, each gathered:
+    there the tile is halved (cols first, down to 16) until the windows' gathers fit ``_GATHER_BYTES``, and the loop
+    is pipelined two deep, not three (one stage of gathers in flight). The sm_90a compile check
+    (tests/triton/sm90_compile.py) proves each case fits Hopper's 232,448 B."""
+    if pool == "none":
+        return cfg
+    windows = triton.cdiv(pool_size[0], pool_stride[0]) * triton.cdiv(pool_size[1], pool_stride[1])
+    if windows == 1:
+        return cfg
+    per_elem = windows * (itemsize + 1 + (itemsize if pool == "max" else 0))  # gp, code (+ o for max)
+    cfg = dict(cfg, num_stages=2)
+    for key in (cols, rows):
+        while cfg[key] > 16 and cfg["BLOCK_M"] * cfg["BLOCK_K"] * per_elem > _GATHER_BYTES:
+            cfg[key] //= 2
+    return cfg
 
 
 def conv2d_relu_pool_backward(grad_out, out, code, x, weight, stride, padding, dilation, groups, pool, pool_size,
@@ -241,23 +243,26 @@ def conv2d_relu_pool_backward(grad_out, out, code, x, weight, stride, padding, d
     pooled = (grad_out, out, code_t, *grad_out.stride(), *out.stride(), *code_t.stride())
     geom = dict(ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1], DIL_H=dilation[0],
                 DIL_W=dilation[1], KH=kh, KW=kw, POOL=POOL_IDS[pool], PKH=pkh, PKW=pkw, PSH=psh, PSW=psw,
-                **dot_flags(x.dtype))
+                **dot_flags(x))
     if grad_x is not None and grad_x.numel():
         m = n * h * w
-        cfg = gemm_blocks(m, cig, cog)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cig, cfg["BLOCK_N"]), groups)
+        cfg = pooled_gather_config(gemm_blocks(m, cig, cog), "BLOCK_M", "BLOCK_K", pool, (pkh, pkw), (psh, psw),
+                                   x.element_size())
+        grid = check_grid((triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cig, cfg["BLOCK_N"]), groups),
+                          "conv2d input gradient")
         wrap(_dgrad_kernel)[grid](*pooled[:3], weight, grad_x, m, h, w, oh, ow, ph, pw, cig, cog, *pooled[3:],
                                   *weight.stride(), *grad_x.stride(), **geom, **cfg)
     if grad_weight is not None and grad_weight.numel():
         # conv rows/cols that some pool window covers (floor mode may leave the last ones unused)
         ohc, owc = (oh, ow) if pool == "none" else ((ph - 1) * psh + pkh, (pw - 1) * psw + pkw)
         p = n * ohc * owc if ph * pw > 0 else 0
-        cfg = gemm_blocks(cog, cig, p, max_k=64)  # K runs over pixels: long
-        tiles = triton.cdiv(cog, cfg["BLOCK_M"]) * triton.cdiv(cig, cfg["BLOCK_N"])
+        cfg = pooled_gather_config(gemm_blocks(cog, cig, p, max_k=64), "BLOCK_M", "BLOCK_K", pool, (pkh, pkw),
+                                   (psh, psw), x.element_size())  # K runs over pixels: long
+        programs = triton.cdiv(cog, cfg["BLOCK_M"]) * triton.cdiv(cig, cfg["BLOCK_N"]) * kh * kw * groups
         k_iters = triton.cdiv(p, cfg["BLOCK_K"])
-        splits, per = split_count(tiles * kh * kw * groups, k_iters)
+        splits, per = split_count(programs, k_iters)
         part = torch.empty((splits, c_out, cig, kh, kw), device=x.device, dtype=torch.float32)
-        wrap(_wgrad_kernel)[(tiles, kh * kw * groups, splits)](
+        wrap(_wgrad_kernel)[check_grid((programs, splits), "conv2d weight gradient")](
             *pooled[:3], x, part, p, h, w, ohc, owc, ph, pw, cig, cog, c_out, k_iters, per, *pooled[3:],
             *x.stride(), **geom, **cfg)
         _split_sum(part, splits, grad_weight, wrap, sizes=(cig, kh, kw))

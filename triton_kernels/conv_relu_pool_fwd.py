@@ -6,7 +6,8 @@ full-resolution convolution output never does.
 import triton
 import triton.language as tl
 
-from ._conv_common import POOL_IDS, conv_out_size, conv_tile, dot_flags, gemm_blocks, identity, pooled_size
+from ._conv_common import (POOL_IDS, _pixel_tile, _tile_of, check_grid, conv_out_size, conv_tile, dot_flags,
+                           gemm_blocks, identity, pooled_size)
 
 
 # For pooled pixel m = (n, ph, pw) and output channel co of group g (Cig / Cog channels per group):
@@ -15,7 +16,7 @@ from ._conv_common import POOL_IDS, conv_out_size, conv_tile, dot_flags, gemm_bl
 #   v = relu(y), NaN kept: v = 0 where y <= 0, else y.
 # The program scans the pool window t = i*PKW + j row-major, at conv pixel (oh, ow) = (ph*PSH + i, pw*PSW + j):
 #   max:  best, code <- v, t  where  v > best or isnan(v)    (first of equal maxima wins, last NaN wins)
-#   avg:  out = sum_t v / (PKH*PKW),  bit t of code = not (y <= 0)
+#   avg:  out = (sum_t v) / (PKH*PKW) correctly rounded (not the ~2 ulp fast '/'),  bit t of code = not (y <= 0)
 #   none: a 1x1 window of stride 1, no code.
 # Each window element is one implicit-GEMM tile (_conv_common.conv_tile). y is rounded to the
 # output dtype before the ReLU and the comparisons, as the unfused ops see it; accumulation is fp32.
@@ -30,20 +31,12 @@ def _conv_relu_pool_fwd_kernel(
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr, PSW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    pw = offs_m % PW
-    ph = (offs_m // PW) % PH
-    n = (offs_m // (PW * PH)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < COG
+    m_mask, pw, ph, n = _pixel_tile(tl.program_id(0), M, PW, PH, BLOCK_M)
+    offs_n, n_mask = _tile_of(tl.program_id(1), COG, BLOCK_N)
     co = g * COG + offs_n
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -61,7 +54,8 @@ def _conv_relu_pool_fwd_kernel(
         oh = ph * PSH + t // PKW
         ow = pw * PSW + t % PKW
         acc = conv_tile(x_row, w_col, oh, ow, m_mask, n_mask, offs_k, H, W, CIG, sx_c, sx_h, sx_w, sw_i, sw_h, sw_w,
-                        ST_H, ST_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                        ST_H, ST_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, UPCAST, IEEE, TF32, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
         if HAS_BIAS:
             acc += bias[None, :]
         y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -75,7 +69,7 @@ def _conv_relu_pool_fwd_kernel(
             code = tl.where(take, t, code)
 
     if POOL == 2:
-        best = best / (PKH * PKW)
+        best = tl.math.div_rn(best, PKH * PKW * 1.0)  # IEEE division, as ATen's avg_pool2d (aveval / divide_factor)
     mask = m_mask[:, None] & n_mask[None, :]
     sp = ph.to(tl.int64)
     spw = pw.to(tl.int64)
@@ -110,7 +104,7 @@ def conv2d_relu_pool_forward(x, weight, bias, stride, padding, dilation, groups,
         return
     code_t = out if pool == "none" else code  # never stored to when pool == "none"
     cfg = gemm_blocks(m, cog, cig)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cog, cfg["BLOCK_N"]), groups)
+    grid = check_grid((triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cog, cfg["BLOCK_N"]), groups), "conv2d forward")
     wrap(_conv_relu_pool_fwd_kernel)[grid](
         x, weight, x if bias is None else bias, out, code_t,
         m, h, w, ph, pw, cig, cog,
@@ -118,5 +112,5 @@ def conv2d_relu_pool_forward(x, weight, bias, stride, padding, dilation, groups,
         ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
         POOL=POOL_IDS[pool], PKH=pkh, PKW=pkw, PSH=psh, PSW=psw,
-        HAS_BIAS=bias is not None, **dot_flags(x.dtype), **cfg,
+        HAS_BIAS=bias is not None, **dot_flags(x), **cfg,
     )

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_common import POOL_IDS, _mma, dot_flags, gemm_blocks, identity
+from ._conv_common import (POOL_IDS, _load_kn, _mma, _pixel_tile, _store_tile, _tap_channels, _tile_of, _wgrad_program,
+                           check_grid, dot_flags, gemm_blocks, identity)
 from .conv_relu_pool_bwd import _dbias_kernel, _split_sum, split_count
 
 _ACT_IDS = {"none": 0, "relu": 1}
@@ -46,46 +47,35 @@ def _dgrad_kernel(
     sw_i, sw_o, sw_h, sw_w, sd_n, sd_c, sd_h, sd_w,
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ix = offs_m % W
-    iy = (offs_m // W) % H
-    n = (offs_m // (W * H)).to(tl.int64)
-    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = ci < CIG
+    m_mask, ix, iy, n = _pixel_tile(tl.program_id(0), M, W, H, BLOCK_M)
+    ci, n_mask = _tile_of(tl.program_id(1), CIG, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_row = w_ptr + (g * CIG + ci).to(tl.int64) * sw_i  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_tiles = tl.cdiv(COG, BLOCK_K)
     for kk in range(KH * KW * k_tiles):
-        tap = kk // k_tiles
-        co = (kk - tap * k_tiles) * BLOCK_K + offs_k
+        ky, kx, co = _tap_channels(kk, k_tiles, offs_k, KW, BLOCK_K)
         k_mask = co < COG
-        ky = tap // KW
-        kx = tap % KW
         oy = iy * ST_H - PAD_H + ky * DIL_H
         ox = ix * ST_W - PAD_W + kx * DIL_W
         ok = m_mask & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
         dy = _masked_dy(g_ptr, o_ptr, n[:, None], (g * COG + co).to(tl.int64)[None, :], oy[:, None], ox[:, None],
                         ok[:, None] & k_mask[None, :], sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, ACT)
-        wb = tl.load(w_row[None, :] + co[:, None] * sw_o + ky * sw_h + kx * sw_w,
-                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(dy.to(w_ptr.dtype.element_ty), wb, acc, UPCAST, IEEE)
+        wb = _load_kn(w_row, co * sw_o + ky * sw_h + kx * sw_w, k_mask, n_mask)
+        acc = _mma(dy.to(w_ptr.dtype.element_ty), wb, acc, UPCAST, IEEE, TF32)
 
-    d_row = n * sd_n + iy.to(tl.int64) * sd_h + ix.to(tl.int64) * sd_w
-    d_off = d_row[:, None] + (g * CIG + ci).to(tl.int64)[None, :] * sd_c
-    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_tile(dx_ptr, n * sd_n + iy.to(tl.int64) * sd_h + ix.to(tl.int64) * sd_w,
+                (g * CIG + ci).to(tl.int64) * sd_c, m_mask, n_mask, acc)
 
 
 # part[split, g*Cig + ci, co, ky, kx] = this split's share of dw: a GEMM [BLOCK_M in-ch, BLOCK_K input pixels] x
-# [BLOCK_K, BLOCK_N out-ch] per program. Grid: (channel tiles, taps x groups, splits of the pixel range).
+# [BLOCK_K, BLOCK_N out-ch] per program. Grid: (groups x taps x channel tiles, splits of the pixel range), as
+# _wgrad_program decodes it.
 @triton.jit
 def _wgrad_kernel(
     x_ptr, g_ptr, o_ptr, part_ptr,
@@ -93,32 +83,20 @@ def _wgrad_kernel(
     sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    n_tiles = tl.cdiv(COG, BLOCK_N)
-    pid_m = tl.program_id(0) // n_tiles
-    pid_n = tl.program_id(0) % n_tiles
-    g = tl.program_id(1) // (KH * KW)
-    tap = tl.program_id(1) % (KH * KW)
-    split = tl.program_id(2)
-    ky = tap // KW
-    kx = tap % KW
-    ci = g * CIG + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = ci < (g + 1) * CIG
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = co < COG
+    pid_m, pid_n, g, ky, kx, split = _wgrad_program(CIG, COG, KH, KW, BLOCK_M, BLOCK_N)
+    ci, m_mask = _tile_of(pid_m, CIG, BLOCK_M)
+    ci += g * CIG
+    co, n_mask = _tile_of(pid_n, COG, BLOCK_N)
     x_ch = ci.to(tl.int64) * sx_c
     g_ch = (g * COG + co).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kk in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, K_ITERS)):
-        p = kk * BLOCK_K + offs_k
-        p_mask = p < P
-        ix = p % W
-        iy = (p // W) % H
-        n = (p // (W * H)).to(tl.int64)
+        p_mask, ix, iy, n = _pixel_tile(kk, P, W, H, BLOCK_K)
         x_off = n * sx_n + iy.to(tl.int64) * sx_h + ix.to(tl.int64) * sx_w
         xa = tl.load(x_ptr + x_ch[:, None] + x_off[None, :], mask=m_mask[:, None] & p_mask[None, :], other=0.0)
         oy = iy * ST_H - PAD_H + ky * DIL_H
@@ -126,10 +104,10 @@ def _wgrad_kernel(
         ok = p_mask & (oy >= 0) & (oy < OH) & (ox >= 0) & (ox < OW)
         dy = _masked_dy(g_ptr, o_ptr, n[:, None], g_ch[None, :], oy[:, None], ox[:, None],
                         ok[:, None] & n_mask[None, :], sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, ACT)
-        acc = _mma(xa, dy.to(x_ptr.dtype.element_ty), acc, UPCAST, IEEE)
+        acc = _mma(xa, dy.to(x_ptr.dtype.element_ty), acc, UPCAST, IEEE, TF32)
 
     part_row = (split * C_IN + ci).to(tl.int64) * COG
-    p_off = (part_row[:, None] + co[None, :]) * (KH * KW) + tap
+    p_off = (part_row[:, None] + co[None, :]) * (KH * KW) + ky * KW + kx
     tl.store(part_ptr + p_off, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -151,21 +129,22 @@ def conv_transpose2d_backward(grad_out, out, x, weight, stride, padding, dilatio
     act = _ACT_IDS[activation]
     dy = (grad_out, out, *grad_out.stride(), *out.stride())
     geom = dict(ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1], DIL_H=dilation[0],
-                DIL_W=dilation[1], KH=kh, KW=kw, ACT=act, **dot_flags(x.dtype))
+                DIL_W=dilation[1], KH=kh, KW=kw, ACT=act, **dot_flags(x))
     if grad_x is not None and grad_x.numel():
         m = n * h * w
         cfg = gemm_blocks(m, cig, cog)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cig, cfg["BLOCK_N"]), groups)
+        grid = check_grid((triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cig, cfg["BLOCK_N"]), groups),
+                          "conv_transpose2d input gradient")
         wrap(_dgrad_kernel)[grid](*dy[:2], weight, grad_x, m, h, w, oh, ow, cig, cog, *dy[2:], *weight.stride(),
                                   *grad_x.stride(), **geom, **cfg)
     if grad_weight is not None and grad_weight.numel():
         p = n * h * w
         cfg = gemm_blocks(cig, cog, p, max_k=64)  # K runs over pixels: long
-        tiles = triton.cdiv(cig, cfg["BLOCK_M"]) * triton.cdiv(cog, cfg["BLOCK_N"])
+        programs = triton.cdiv(cig, cfg["BLOCK_M"]) * triton.cdiv(cog, cfg["BLOCK_N"]) * kh * kw * groups
         k_iters = triton.cdiv(p, cfg["BLOCK_K"])
-        splits, per = split_count(tiles * kh * kw * groups, k_iters)
+        splits, per = split_count(programs, k_iters)
         part = x.new_empty((splits, c_in, cog, kh, kw), dtype=torch.float32)
-        wrap(_wgrad_kernel)[(tiles, kh * kw * groups, splits)](
+        wrap(_wgrad_kernel)[check_grid((programs, splits), "conv_transpose2d weight gradient")](
             x, *dy[:2], part, p, h, w, oh, ow, cig, cog, c_in, k_iters, per, *x.stride(), *dy[2:], **geom, **cfg)
         _split_sum(part, splits, grad_weight, wrap, sizes=(cog, kh, kw))
     if grad_bias is not None and grad_bias.numel():

@@ -7,7 +7,8 @@ import math
 import triton
 import triton.language as tl
 
-from ._conv_common import _mma, dot_flags, gemm_blocks, identity
+from ._conv_common import (_load_kn, _load_pixels, _mma, _pixel_tile, _tile_of, check_grid, dot_flags, gemm_blocks,
+                           identity)
 
 
 @triton.jit
@@ -38,11 +39,9 @@ def _conv_transpose_fwd_kernel(
     ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STEP_H: tl.constexpr, STEP_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
     g = pid_z // (ST_H * ST_W)
     a = (pid_z // ST_W) % ST_H
@@ -50,13 +49,8 @@ def _conv_transpose_fwd_kernel(
     th = (OH - a + ST_H - 1) // ST_H  # rows and columns of this phase
     tw = (OW - b + ST_W - 1) // ST_W
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < N_IMG * th * tw
-    u = offs_m % tw
-    t = (offs_m // tw) % th
-    n = (offs_m // (tw * th)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < COG
+    m_mask, u, t, n = _pixel_tile(tl.program_id(0), N_IMG * th * tw, tw, th, BLOCK_M)
+    offs_n, n_mask = _tile_of(tl.program_id(1), COG, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
     ky0 = _first_tap(a, PAD_H, ST_H, DIL_H, KH)
@@ -75,13 +69,10 @@ def _conv_transpose_fwd_kernel(
         kx = kx0 + (tap % taps_w) * STEP_W
         iy = t + (a + PAD_H - ky * DIL_H) // ST_H  # an exact division, so its rounding mode does not matter
         ix = u + (b + PAD_W - kx * DIL_W) // ST_W
-        a_mask = m_mask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         k_mask = ci < CIG
-        a_ptrs = x_row + iy.to(tl.int64) * sx_h + ix.to(tl.int64) * sx_w
-        xa = tl.load(a_ptrs[:, None] + ci[None, :] * sx_c, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-        wb = tl.load(w_col[None, :] + ci[:, None] * sw_i + ky * sw_h + kx * sw_w,
-                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(xa, wb, acc, UPCAST, IEEE)
+        xa = _load_pixels(x_row, iy, ix, ci, m_mask, k_mask, H, W, sx_c, sx_h, sx_w)
+        wb = _load_kn(w_col, ci * sw_i + ky * sw_h + kx * sw_w, k_mask, n_mask)
+        acc = _mma(xa, wb, acc, UPCAST, IEEE, TF32)
 
     co = g * COG + offs_n
     if HAS_BIAS:
@@ -112,8 +103,8 @@ def conv_transpose2d_forward(x, weight, bias, stride, padding, dilation, groups,
     if out.numel() == 0:
         return
     cfg = gemm_blocks(n * th * tw, cog, cig)
-    grid = (triton.cdiv(n * th * tw, cfg["BLOCK_M"]), triton.cdiv(cog, cfg["BLOCK_N"]),
-            groups * stride[0] * stride[1])
+    grid = check_grid((triton.cdiv(n * th * tw, cfg["BLOCK_M"]), triton.cdiv(cog, cfg["BLOCK_N"]),
+                       groups * stride[0] * stride[1]), "conv_transpose2d forward")
     wrap(_conv_transpose_fwd_kernel)[grid](
         x, weight, x if bias is None else bias, out,
         n, h, w, oh, ow, cig, cog,
@@ -121,6 +112,6 @@ def conv_transpose2d_forward(x, weight, bias, stride, padding, dilation, groups,
         ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
         STEP_H=stride[0] // math.gcd(stride[0], dilation[0]), STEP_W=stride[1] // math.gcd(stride[1], dilation[1]),
-        HAS_BIAS=bias is not None, ACT=1 if activation == "relu" else 0, **dot_flags(x.dtype), **cfg,
+        HAS_BIAS=bias is not None, ACT=1 if activation == "relu" else 0, **dot_flags(x), **cfg,
     )
 

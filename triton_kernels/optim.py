@@ -32,6 +32,23 @@ def _optional(dummy, lr_tensor, grad_scale, found_inf):
     return scalar_or(lr_tensor, dummy), scalar_or(grad_scale, dummy), scalar_or(found_inf, dummy)
 
 
+def _prepare(rows, names, lr_tensor, grad_scale, found_inf, max_parts=None):
+    """(cfg, chunk, launch groups, optional scalars) of one call; no groups when there is nothing to step."""
+    cfg = config()
+    chunk = chunk_size(cfg, rows, max_parts)
+    grps = groups(rows, names, chunk)
+    optional = _optional(rows[0][0], lr_tensor, grad_scale, found_inf) if grps else ((None, False),) * 3
+    return cfg, chunk, grps, optional
+
+
+def _with_buffer(grps, has_buf):
+    """(group, params, grads, momentum buffers or params) for each group with work, for SGD and LARS."""
+    for grp in grps:
+        if grp.grid:
+            p, g = grp.tensors[:2]
+            yield grp, p, g, grp.tensors[2] if has_buf else p
+
+
 def _step_inc(wrap, grp, steps_row, found, has_inf):
     wrap(_step_inc_kernel)[(1,)](grp.tensors[steps_row - 2], grp.tab, steps_row, grp.n_tensors, found,
                                  HAS_INF=has_inf, TABLE=grp.table, BLOCK=256)
@@ -51,12 +68,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_t
     wrap = wrap or identity
     rows = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"][:len(rows)]
-    cfg = config()
-    chunk = cfg["CHUNK"]
-    grps = groups(rows, names, chunk)
-    if not grps:
-        return
-    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = _optional(params[0], lr_tensor, grad_scale, found_inf)
+    cfg, chunk, grps, optional = _prepare(rows, names, lr_tensor, grad_scale, found_inf)
+    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = optional
     for grp in grps:
         p, g, m, v, step = grp.tensors[:5]
         vmax = grp.tensors[5] if amsgrad else p
@@ -79,17 +92,10 @@ def sgd_(params, grads, momentum_buffers, lr, lr_tensor, momentum, dampening, we
     wrap = wrap or identity
     has_mom = momentum != 0
     rows = [params, grads] + ([momentum_buffers] if has_mom else [])
-    cfg = config()
-    chunk = cfg["CHUNK"]
-    grps = groups(rows, ["params", "grads", "momentum_buffers"][:len(rows)], chunk)
-    if not grps:
-        return
-    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = _optional(params[0], lr_tensor, grad_scale, found_inf)
-    for grp in grps:
-        if not grp.grid:
-            continue
-        p, g = grp.tensors[:2]
-        buf = grp.tensors[2] if has_mom else p
+    cfg, chunk, grps, optional = _prepare(rows, ["params", "grads", "momentum_buffers"][:len(rows)], lr_tensor,
+                                          grad_scale, found_inf)
+    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = optional
+    for grp, p, g, buf in _with_buffer(grps, has_mom):
         wrap(_sgd_kernel)[(grp.grid,)](
             p, g, buf, grp.tab, grp.work, grp.n_tensors, grp.numel, chunk, lr_t, scale, found,
             bits(lr), bits(weight_decay), bits(momentum), bits(dampening),
@@ -103,12 +109,9 @@ def adagrad_(params, grads, state_sums, steps, lr, lr_tensor, lr_decay, weight_d
     """Adagrad, in place; see fastcnn.reference.optim.adagrad_. ``steps`` (0-dim float tensors) are incremented."""
     wrap = wrap or identity
     rows = [params, grads, state_sums, steps]
-    cfg = config()
-    chunk = cfg["CHUNK"]
-    grps = groups(rows, ["params", "grads", "state_sums", "steps"], chunk)
-    if not grps:
-        return
-    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = _optional(params[0], lr_tensor, grad_scale, found_inf)
+    cfg, chunk, grps, optional = _prepare(rows, ["params", "grads", "state_sums", "steps"], lr_tensor, grad_scale,
+                                          found_inf)
+    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = optional
     for grp in grps:
         p, g, s, step = grp.tensors
         if grp.grid:
@@ -133,17 +136,10 @@ def lars_(params, grads, momentum_buffers, lr, lr_tensor, momentum, dampening, w
     has_mom = momentum != 0
     has_buf = has_mom or bool(lr_in_momentum)
     rows = [params, grads] + ([momentum_buffers] if has_buf else [])
-    cfg = config()
-    chunk = chunk_size(cfg, rows, LARS_MAX_PARTS)
-    grps = groups(rows, ["params", "grads", "momentum_buffers"][:len(rows)], chunk)
-    if not grps:
-        return
-    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = _optional(params[0], lr_tensor, grad_scale, found_inf)
-    for grp in grps:
-        if not grp.grid:
-            continue
-        p, g = grp.tensors[:2]
-        buf = grp.tensors[2] if has_buf else p
+    cfg, chunk, grps, optional = _prepare(rows, ["params", "grads", "momentum_buffers"][:len(rows)], lr_tensor,
+                                          grad_scale, found_inf, LARS_MAX_PARTS)
+    (lr_t, has_lr), (scale, has_scale), (found, has_inf) = optional
+    for grp, p, g, buf in _with_buffer(grps, has_buf):
         parts = partials_buffer(grp, p)
         wrap(_lars_norms_kernel)[(grp.grid,)](
             p, g, parts, grp.tab, grp.work, grp.n_tensors, grp.numel, chunk, scale, found, bits(weight_decay),

@@ -162,6 +162,30 @@ def _row_ptr(tab_ptr, row, n_tensors, tid, witness, ALIGNED: tl.constexpr):
     return ptr
 
 
+@triton.jit
+def _param_grad_ptrs(tab_ptr, n_tensors, tid, p_ptr, g_ptr, ALIGNED: tl.constexpr):
+    # Tensor `tid`'s param and grad base pointers (table rows 2 and 3; every optimizer's first two lists).
+    return _row_ptr(tab_ptr, 2, n_tensors, tid, p_ptr, ALIGNED), _row_ptr(tab_ptr, 3, n_tensors, tid, g_ptr, ALIGNED)
+
+
+@triton.jit
+def _grad_scale(scale_ptr, HAS_SCALE: tl.constexpr, F64: tl.constexpr):
+    # The gradient scale in opmath (0.0, never read, without one).
+    scale = 0.0
+    if HAS_SCALE:
+        scale = _om(tl.load(scale_ptr).to(tl.float64), F64)
+    return scale
+
+
+@triton.jit
+def _whole_tile(it, BLOCK: tl.constexpr):
+    # Offsets and mask of the whole tile starting at `it`: declared BLOCK-aligned, and the mask's bound a multiple of
+    # BLOCK, so its accesses vectorise.
+    base = tl.multiple_of(it, BLOCK)
+    offs = base + tl.arange(0, BLOCK)
+    return offs, offs < base + BLOCK
+
+
 def _is_dense(t):
     dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
     expected = 1

@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from ._rounding import _store
-from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _powi, _row_ptr, _sqrt, _work
+from .optim_common import (_div, _grad, _grad_scale, _heavy_ball, _hp, _lr, _om, _param_grad_ptrs, _powi, _row_ptr,
+                           _sqrt, _whole_tile, _work)
 
 _ADAM_HP = ["lr_bits", "beta1_bits", "beta2_bits", "wd_bits", "eps_bits"]
 
@@ -52,8 +53,7 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, tab_ptr, work_p
                  ALIGNED: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     tid, start, end, n = _work(tl.program_id(0), work_ptr, tab_ptr, numel, chunk, inf_ptr, HAS_INF, TABLE)
     if TABLE:
-        p_ptr = _row_ptr(tab_ptr, 2, n_tensors, tid, p_ptr, ALIGNED)
-        g_ptr = _row_ptr(tab_ptr, 3, n_tensors, tid, g_ptr, ALIGNED)
+        p_ptr, g_ptr = _param_grad_ptrs(tab_ptr, n_tensors, tid, p_ptr, g_ptr, ALIGNED)
         m_ptr = _row_ptr(tab_ptr, 4, n_tensors, tid, m_ptr, ALIGNED)
         v_ptr = _row_ptr(tab_ptr, 5, n_tensors, tid, v_ptr, ALIGNED)
         step_ptr = _row_ptr(tab_ptr, 6, n_tensors, tid, step_ptr, False)
@@ -74,15 +74,12 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, step_ptr, tab_ptr, work_p
     wd = _om(wd, F64)
     b1 = _om(b1, F64)
     b2 = _om(b2, F64)
-    scale = 0.0
-    if HAS_SCALE:
-        scale = _om(tl.load(scale_ptr).to(tl.float64), F64)
+    scale = _grad_scale(scale_ptr, HAS_SCALE, F64)
     # Full tiles (their mask bound is a multiple of BLOCK, so loads and stores vectorise), then the tail.
     full_end = start + (end - start) // BLOCK * BLOCK
     for it in range(start, full_end, BLOCK):
-        base = tl.multiple_of(it, BLOCK)
-        offs = base + tl.arange(0, BLOCK)
-        _adam_tile(offs, offs < base + BLOCK, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, scale, lr_wd, wd, b1, omb1, b2,
+        offs, whole = _whole_tile(it, BLOCK)
+        _adam_tile(offs, whole, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, scale, lr_wd, wd, b1, omb1, b2,
                    omb2, step_size, bc2s, eps, HAS_SCALE, HAS_WD, AMSGRAD, MAXIMIZE, DECOUPLED, F64)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
@@ -115,13 +112,10 @@ def _sgd_kernel(p_ptr, g_ptr, b_ptr, tab_ptr, work_ptr, n_tensors, numel, chunk,
                 TABLE: tl.constexpr, ALIGNED: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     tid, start, end, n = _work(tl.program_id(0), work_ptr, tab_ptr, numel, chunk, inf_ptr, HAS_INF, TABLE)
     if TABLE:
-        p_ptr = _row_ptr(tab_ptr, 2, n_tensors, tid, p_ptr, ALIGNED)
-        g_ptr = _row_ptr(tab_ptr, 3, n_tensors, tid, g_ptr, ALIGNED)
+        p_ptr, g_ptr = _param_grad_ptrs(tab_ptr, n_tensors, tid, p_ptr, g_ptr, ALIGNED)
         if HAS_MOM:
             b_ptr = _row_ptr(tab_ptr, 4, n_tensors, tid, b_ptr, ALIGNED)
-    scale = 0.0
-    if HAS_SCALE:
-        scale = _om(tl.load(scale_ptr).to(tl.float64), F64)
+    scale = _grad_scale(scale_ptr, HAS_SCALE, F64)
     lr = _om(_lr(lr_ptr, lr_bits, HAS_LR_T), F64)
     wd = _om(_hp(wd_bits), F64)
     mom = _om(_hp(mom_bits), F64)
@@ -129,9 +123,8 @@ def _sgd_kernel(p_ptr, g_ptr, b_ptr, tab_ptr, work_ptr, n_tensors, numel, chunk,
     # Full tiles (their mask bound is a multiple of BLOCK, so loads and stores vectorise), then the tail.
     full_end = start + (end - start) // BLOCK * BLOCK
     for it in range(start, full_end, BLOCK):
-        base = tl.multiple_of(it, BLOCK)
-        offs = base + tl.arange(0, BLOCK)
-        _sgd_tile(offs, offs < base + BLOCK, p_ptr, g_ptr, b_ptr, scale, lr, wd, mom, omd,
+        offs, whole = _whole_tile(it, BLOCK)
+        _sgd_tile(offs, whole, p_ptr, g_ptr, b_ptr, scale, lr, wd, mom, omd,
                   HAS_SCALE, HAS_WD, HAS_MOM, NESTEROV, MAXIMIZE, FIRST, F64)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
@@ -163,24 +156,20 @@ def _adagrad_kernel(p_ptr, g_ptr, s_ptr, step_ptr, tab_ptr, work_ptr, n_tensors,
                     BLOCK: tl.constexpr):
     tid, start, end, n = _work(tl.program_id(0), work_ptr, tab_ptr, numel, chunk, inf_ptr, HAS_INF, TABLE)
     if TABLE:
-        p_ptr = _row_ptr(tab_ptr, 2, n_tensors, tid, p_ptr, ALIGNED)
-        g_ptr = _row_ptr(tab_ptr, 3, n_tensors, tid, g_ptr, ALIGNED)
+        p_ptr, g_ptr = _param_grad_ptrs(tab_ptr, n_tensors, tid, p_ptr, g_ptr, ALIGNED)
         s_ptr = _row_ptr(tab_ptr, 4, n_tensors, tid, s_ptr, ALIGNED)
         step_ptr = _row_ptr(tab_ptr, 5, n_tensors, tid, step_ptr, False)
     t = (tl.load(step_ptr) + 1).to(tl.float64)
     clr = _lr(lr_ptr, lr_bits, HAS_LR_T) / (1.0 + (t - 1.0) * _hp(decay_bits))
-    scale = 0.0
-    if HAS_SCALE:
-        scale = _om(tl.load(scale_ptr).to(tl.float64), F64)
+    scale = _grad_scale(scale_ptr, HAS_SCALE, F64)
     clr = _om(clr, F64)
     wd = _om(_hp(wd_bits), F64)
     eps = _om(_hp(eps_bits), F64)
     # Full tiles (their mask bound is a multiple of BLOCK, so loads and stores vectorise), then the tail.
     full_end = start + (end - start) // BLOCK * BLOCK
     for it in range(start, full_end, BLOCK):
-        base = tl.multiple_of(it, BLOCK)
-        offs = base + tl.arange(0, BLOCK)
-        _adagrad_tile(offs, offs < base + BLOCK, p_ptr, g_ptr, s_ptr, scale, clr, wd, eps, HAS_SCALE, HAS_WD,
+        offs, whole = _whole_tile(it, BLOCK)
+        _adagrad_tile(offs, whole, p_ptr, g_ptr, s_ptr, scale, clr, wd, eps, HAS_SCALE, HAS_WD,
                       MAXIMIZE, F64)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)

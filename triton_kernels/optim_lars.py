@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ._rounding import _store
-from .optim_common import _div, _grad, _heavy_ball, _hp, _lr, _om, _row_ptr, _sqrt, _work
+from .optim_common import (_div, _grad, _grad_scale, _heavy_ball, _hp, _lr, _om, _param_grad_ptrs, _row_ptr, _sqrt,
+                           _whole_tile, _work)
 
 
 @triton.jit
@@ -35,20 +36,16 @@ def _lars_norms_kernel(p_ptr, g_ptr, part_ptr, tab_ptr, work_ptr, n_tensors, num
     pid = tl.program_id(0)
     tid, start, end, n = _work(pid, work_ptr, tab_ptr, numel, chunk, inf_ptr, HAS_INF, TABLE)
     if TABLE:
-        p_ptr = _row_ptr(tab_ptr, 2, n_tensors, tid, p_ptr, ALIGNED)
-        g_ptr = _row_ptr(tab_ptr, 3, n_tensors, tid, g_ptr, ALIGNED)
+        p_ptr, g_ptr = _param_grad_ptrs(tab_ptr, n_tensors, tid, p_ptr, g_ptr, ALIGNED)
     wd = _om(_hp(wd_bits), F64)
-    scale = 0.0
-    if HAS_SCALE:
-        scale = _om(tl.load(scale_ptr).to(tl.float64), F64)
+    scale = _grad_scale(scale_ptr, HAS_SCALE, F64)
     acc_w = tl.zeros([BLOCK], wd.dtype)
     acc_g = tl.zeros([BLOCK], wd.dtype)
     # Full tiles (their mask bound is a multiple of BLOCK, so loads and stores vectorise), then the tail.
     full_end = start + (end - start) // BLOCK * BLOCK
     for it in range(start, full_end, BLOCK):
-        base = tl.multiple_of(it, BLOCK)
-        offs = base + tl.arange(0, BLOCK)
-        acc_w, acc_g = _lars_sq_tile(offs, offs < base + BLOCK, p_ptr, g_ptr, scale, wd, acc_w, acc_g,
+        offs, whole = _whole_tile(it, BLOCK)
+        acc_w, acc_g = _lars_sq_tile(offs, whole, p_ptr, g_ptr, scale, wd, acc_w, acc_g,
                                      HAS_SCALE, MAXIMIZE, UPDATE_NORM, F64)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
@@ -102,8 +99,7 @@ def _lars_kernel(p_ptr, g_ptr, b_ptr, part_ptr, tab_ptr, work_ptr, n_tensors, nu
     first = tid * 0
     if TABLE:
         first = tl.load(tab_ptr + n_tensors + tid)
-        p_ptr = _row_ptr(tab_ptr, 2, n_tensors, tid, p_ptr, ALIGNED)
-        g_ptr = _row_ptr(tab_ptr, 3, n_tensors, tid, g_ptr, ALIGNED)
+        p_ptr, g_ptr = _param_grad_ptrs(tab_ptr, n_tensors, tid, p_ptr, g_ptr, ALIGNED)
         if HAS_MOM or LR_IN_MOM:
             b_ptr = _row_ptr(tab_ptr, 4, n_tensors, tid, b_ptr, ALIGNED)
     lr = _om(_lr(lr_ptr, lr_bits, HAS_LR_T), F64)
@@ -130,15 +126,12 @@ def _lars_kernel(p_ptr, g_ptr, b_ptr, part_ptr, tab_ptr, work_ptr, n_tensors, nu
         ratio = tl.minimum(_div(ratio, lr, F64), 1.0)
     mom = _om(_hp(mom_bits), F64)
     omd = _om(1.0 - _hp(damp_bits), F64)
-    scale = 0.0
-    if HAS_SCALE:
-        scale = _om(tl.load(scale_ptr).to(tl.float64), F64)
+    scale = _grad_scale(scale_ptr, HAS_SCALE, F64)
     # Full tiles (their mask bound is a multiple of BLOCK, so loads and stores vectorise), then the tail.
     full_end = start + (end - start) // BLOCK * BLOCK
     for it in range(start, full_end, BLOCK):
-        base = tl.multiple_of(it, BLOCK)
-        offs = base + tl.arange(0, BLOCK)
-        _lars_tile(offs, offs < base + BLOCK, p_ptr, g_ptr, b_ptr, scale, ratio, lr, wd, mom, omd,
+        offs, whole = _whole_tile(it, BLOCK)
+        _lars_tile(offs, whole, p_ptr, g_ptr, b_ptr, scale, ratio, lr, wd, mom, omd,
                    HAS_SCALE, HAS_MOM, NESTEROV, MAXIMIZE, LR_IN_MOM, FIRST, F64)
     if full_end < end:
         offs = full_end + tl.arange(0, BLOCK)
