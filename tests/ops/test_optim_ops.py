@@ -15,9 +15,9 @@ import torch
 from fastcnn import _extension
 from fastcnn.ops.optim import reference
 
-from _optim_cases import (ADAGRAD_OPTIONS, ADAM_OPTIONS, DEVICES, DTYPE_IDS, DTYPE_PAIRS, LARS_OPTIONS, Lists,
-                          SGD_OPTIONS, SIZES, SMALL_SIZES, STEPS, adagrad_step, adam_lists, adam_step, all_ops,
-                          compare, lars_step, sgd_step)
+from _optim_op_cases import (ADAGRAD_OPTIONS, ADAM_OPTIONS, DEVICES, DTYPE_IDS, DTYPE_PAIRS, LARS_OPTIONS, Lists,
+                             SGD_OPTIONS, SIZES, SMALL_SIZES, STEPS, adagrad_step, adam_lists, adam_step, all_ops,
+                             compare, lars_step, sgd_step)
 from _tolerances import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED or not hasattr(torch.ops.fastcnn, "adam_"),

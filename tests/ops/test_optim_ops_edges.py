@@ -10,7 +10,7 @@ import torch
 from fastcnn import _extension
 from fastcnn.ops.optim import reference
 
-from _optim_cases import ADAM_OPTIONS, DTYPE_PAIRS, STEPS, Lists, adam_lists, adam_step, all_ops, compare
+from _optim_op_cases import ADAM_OPTIONS, DTYPE_PAIRS, STEPS, Lists, adam_lists, adam_step, all_ops, compare
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED or not hasattr(torch.ops.fastcnn, "adam_"),
                                 reason="fastcnn._C with the optimizer ops is not built")
