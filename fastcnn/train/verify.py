@@ -1,24 +1,27 @@
 """Parity verification: a fused model and its stock twin, the same weights, the same batches, fastcnn's optimizer
-and torch.optim's, stepped in lockstep; a report of how far apart they drift and how fast each runs.
+and torch.optim's, in a teacher-forced lockstep; a report of how far apart each step takes them, how their evaluation
+outputs compare and how fast each runs.
 
-Per step, both models run forward (under the same autocast), the loss, backward and their optimizer's step on the
-same batch, each from the same RNG state (so dropout masks agree); so does a control (a copy of the stock model run in
-the other memory format - the same math through other kernels, as the fused model is - whose weights are also
-perturbed by one unit roundoff after every step) that measures how far rounding alone carries the run. The
-per-step loss difference, the final parameter difference and each side's throughput are reported, with pass/fail by
-the rule and per-dtype floors of :mod:`fastcnn.train.tolerances`.
+The stock model trains. Before every step the fused model and a control (a copy of the stock model in the other
+memory format: the same math through other kernels, as the fused model is) are given the stock model's exact state;
+then all three run the step (forward under the same autocast, loss, backward, their optimizer's step) on the same
+batch from the same RNG state (so dropout masks agree). Per step the fused model's and the control's differences
+from the stock model are recorded: the loss, the BatchNorm running statistics after the step, the parameters after
+the step. At two checkpoints (half way and at the end) the fused model's evaluation outputs on the validation set
+are compared with those of a stock copy given the fused model's own state (the control, given the same state, again
+measures rounding), with the validation metrics. Pass/fail by the rule of :mod:`fastcnn.train.tolerances`.
 """
 import copy
+import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .log import ProgressBar
 from .metrics import EpochMetrics
 from .schedules import build_scheduler
-from .tolerances import PARITY_FACTOR, PARITY_FLOOR, PARITY_WINDOW, PRECISION_DTYPES, parity_bound
+from .tolerances import PARITY_FACTOR, PARITY_FLOOR, PARITY_WINDOW, PRECISION_DTYPES, STEP_STATISTIC, parity_bound
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 
@@ -53,110 +56,117 @@ def model_pair(model, **model_kwargs):
 
 
 @dataclass
-class ParityReport:
-    """What :func:`verify` measured; ``passed`` applies the rule of :mod:`fastcnn.train.tolerances` over the
-    lockstep window (the first ``window`` steps).
+class Check:
+    """One comparison of the report: the fused model's difference, the control's, and the bound they give."""
 
-    ``loss_differences[t]`` / ``control_differences[t]``: relative loss difference of the fused model / the control
-    from the stock model at step t (every step of the run); ``window_parameter_differences``: (fused, control)
-    parameter differences after the window's last step; ``final_parameter_difference``: the fused model's after the
-    run (reported; beyond the window training chaos, not the kernels, decides its size).
-    """
-
-    dtype: torch.dtype
-    window: int
-    loss_differences: list
-    control_differences: list
-    window_parameter_differences: tuple
-    final_parameter_difference: float
-    worst_parameter: str
-    seconds: dict
-    images: int
-    val_accuracy: dict = field(default_factory=dict)
-    train_loss: dict = field(default_factory=dict)
-
-    def bounds(self):
-        """The allowed loss difference at each step of the window (from the control's largest drift so far)."""
-        envelope, bounds = 0.0, []
-        for drift in self.control_differences[:self.window]:
-            envelope = max(envelope, drift)
-            bounds.append(parity_bound(envelope, self.dtype))
-        return bounds
-
-    @property
-    def first_failing_step(self):
-        """1-based step of the window where the fused loss left its bound, or None."""
-        return next((t + 1 for t, (d, b) in enumerate(zip(self.loss_differences, self.bounds())) if d > b), None)
-
-    @property
-    def parameter_bound(self):
-        return parity_bound(self.window_parameter_differences[1], self.dtype)
+    name: str
+    fused: float
+    control: float
+    bound: float
 
     @property
     def passed(self):
-        return self.first_failing_step is None and self.window_parameter_differences[0] <= self.parameter_bound
+        return self.fused <= self.bound
+
+    def format(self):
+        return (f"  {self.name:<36} fused {self.fused:9.3g}  control {self.control:9.3g}  bound {self.bound:9.3g}  "
+                f"{'ok' if self.passed else 'FAIL'}")
+
+
+@dataclass
+class ParityReport:
+    """What :func:`verify` measured. ``steps[q] = (fused, control)``: per-step differences from the stock model of
+    quantity q (``loss``, ``buffers``, ``updates``; see :mod:`fastcnn.train.tolerances`); ``evaluations``: the
+    checkpoint ``Check``s; ``validation``: per side the final validation metrics (``fused``: the fused model,
+    ``fused in stock``: a stock copy with the fused model's state, ``stock``: the stock model)."""
+
+    dtype: torch.dtype
+    window: int
+    steps: dict
+    evaluations: list
+    seconds: dict
+    images: int
+    train_loss: dict
+    validation: dict = field(default_factory=dict)
+    fewest_batch_norm_values: tuple = None
+
+    @property
+    def loss_differences(self):
+        return self.steps["loss"][0]
+
+    @property
+    def control_differences(self):
+        return self.steps["loss"][1]
+
+    @property
+    def val_accuracy(self):
+        return {side: metrics["accuracy"] for side, metrics in self.validation.items()}
+
+    def checks(self):
+        """The per-step checks (over the first ``window`` steps) followed by the evaluation checks."""
+        step_checks = []
+        for quantity, (fused, control) in self.steps.items():
+            fused, control = fused[:self.window], control[:self.window]
+            pick = max if STEP_STATISTIC[quantity] == "max" else statistics.median
+            fused_value, control_value = pick(fused), pick(control)
+            step_checks.append(Check(f"{quantity} ({STEP_STATISTIC[quantity]} over steps)", fused_value,
+                                     control_value, parity_bound(control_value, self.dtype)))
+        return step_checks + list(self.evaluations)
+
+    @property
+    def passed(self):
+        return all(check.passed for check in self.checks())
 
     def throughput(self, side):
         return self.images / self.seconds[side]
 
     def format(self):
-        """The report as text: parity verdict, drift against its bound, accuracy and speed of each side."""
-        window = min(self.window, len(self.loss_differences))
-        failing = self.first_failing_step
-        lines = [
-            f"parity ({self.dtype}; over the first {window} steps: drift <= {PARITY_FACTOR:g} x control drift + "
-            f"{PARITY_FLOOR[self.dtype]:g}): {'PASS' if self.passed else 'FAIL'}",
-            f"  loss difference, steps 1-{window}: {max(self.loss_differences[:window], default=0.0):.3g} at most "
-            f"(control {max(self.control_differences[:window], default=0.0):.3g})"
-            + (f"; out of bounds from step {failing}" if failing else ""),
-            f"  parameter difference after step {window}: {self.window_parameter_differences[0]:.3g} "
-            f"(bound {self.parameter_bound:.3g}; control {self.window_parameter_differences[1]:.3g})",
-            f"  whole run, {len(self.loss_differences)} steps: largest loss difference "
-            f"{max(self.loss_differences, default=0.0):.3g} (control {max(self.control_differences, default=0.0):.3g})"
-            f", final parameter difference {self.final_parameter_difference:.3g} (in {self.worst_parameter})",
-        ]
+        """The report as text: verdict, every check against its bound, validation metrics and speed."""
+        judged = min(self.window, len(self.loss_differences))
+        lines = [f"parity ({self.dtype}, teacher-forced lockstep, {judged} steps judged of "
+                 f"{len(self.loss_differences)}; fused <= {PARITY_FACTOR:g} x control + {PARITY_FLOOR[self.dtype]:g}"
+                 f"): {'PASS' if self.passed else 'FAIL'}"]
+        lines += [check.format() for check in self.checks()]
+        updates = self.steps["updates"]
+        worst = max(range(len(updates[0])), key=updates[0].__getitem__)
+        lines.append(f"  largest one-step parameter difference: fused {updates[0][worst]:.3g} at step {worst + 1}, "
+                     f"control {max(updates[1]):.3g} (a step's can be large: see fastcnn.train.tolerances)")
+        if self.fewest_batch_norm_values:
+            count, name = self.fewest_batch_norm_values
+            lines.append(f"  fewest values per BatchNorm channel in training: {count} ({name})")
+        for side, metrics in self.validation.items():
+            lines.append(f"  {side}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
         for side in ("fused", "stock"):
-            accuracy = self.val_accuracy.get(side)
-            shown = f", validation accuracy {accuracy:.4f}" if accuracy is not None else ""
-            lines.append(f"  {side}: {self.throughput(side):.1f} images/s training, "
-                         f"final train loss {self.train_loss.get(side, float('nan')):.4f}{shown}")
+            lines.append(f"  {side}: {self.throughput(side):.1f} images/s training, final train loss "
+                         f"{self.train_loss[side]:.4f}")
         lines.append(f"  speed: fused is {self.seconds['stock'] / self.seconds['fused']:.2f}x stock "
                      "(training steps: forward, backward, optimizer)")
         return "\n".join(lines)
 
 
-def parameter_difference(fused, stock):
-    """max over parameters of max|a − b| / max(1, max|b|), and the name of the worst parameter."""
-    worst, name = 0.0, ""
-    stock_params = dict(stock.named_parameters())
-    for key, value in fused.named_parameters():
-        reference = stock_params[key].detach().double()
-        difference = (value.detach().double() - reference).abs().max().item() / max(1.0, reference.abs().max().item())
-        if difference > worst or not name:
-            worst, name = difference, key
-    return worst, name
+def _relative(value, reference):
+    """max|value - reference| / max(1, max|reference|), NaN where both are NaN counting as equal and NaN in one as
+    infinitely far; integer tensors: 0 if equal, else inf."""
+    value, reference = torch.as_tensor(value).detach(), torch.as_tensor(reference).detach()
+    if not reference.numel():
+        return 0.0
+    if not reference.is_floating_point():
+        return 0.0 if torch.equal(value, reference) else float("inf")
+    value, reference = value.double(), reference.double()
+    both_nan = torch.isnan(value) & torch.isnan(reference)
+    difference = torch.where(both_nan, 0.0, (value - reference).abs()).nan_to_num(nan=float("inf"))
+    return difference.max().item() / max(1.0, reference.nan_to_num().abs().max().item())
 
 
-class RoundingNoise:
-    """Scales floating-point parameters by (1 ± u), u the unit roundoff of ``dtype``, signs drawn from a private
-    generator (the global RNG is not touched): the size of difference one correctly rounded kernel may have from
-    another, injected into the control after every step."""
-
-    def __init__(self, dtype, seed=0):
-        self.unit_roundoff = torch.finfo(dtype).eps / 2
-        self.generator = torch.Generator().manual_seed(seed)
-
-    @torch.no_grad()
-    def __call__(self, model):
-        for parameter in model.parameters():
-            if parameter.is_floating_point():
-                signs = torch.randint(0, 2, parameter.shape, generator=self.generator).to(parameter) * 2 - 1
-                parameter.mul_(1 + self.unit_roundoff * signs)
-        return model
+def state_difference(model, reference, kind="parameters"):
+    """max over named parameters (or buffers) of their `_relative` difference from ``reference``'s."""
+    references = dict(getattr(reference, f"named_{kind}")())
+    return max((_relative(value, references[name]) for name, value in getattr(model, f"named_{kind}")()),
+               default=0.0)
 
 
 class _Side:
-    """One model of the pair with its optimizer, timing its steps."""
+    """One model with its optimizer (None for the evaluation-only twin), timing its training steps."""
 
     def __init__(self, model, optimizer, device, dtype, channels_last):
         self.model, self.optimizer, self.device = model.to(device), optimizer, device
@@ -166,10 +176,13 @@ class _Side:
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         self.seconds, self.last_loss = 0.0, float("nan")
 
+    def __call__(self, inputs):
+        with self.autocast:
+            return self.model(inputs.to(memory_format=self.memory_format))
+
     def step(self, inputs, targets, loss_fn):
         start = time.perf_counter()
-        with self.autocast:
-            loss = loss_fn(self.model(inputs.to(memory_format=self.memory_format)), targets)
+        loss = loss_fn(self(inputs), targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -177,45 +190,120 @@ class _Side:
         self.seconds += time.perf_counter() - start
         return self.last_loss
 
-    @torch.no_grad()
-    def accuracy(self, loader, loss_fn):
-        self.model.eval()
-        metrics = EpochMetrics()
-        for inputs, targets in loader:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self.autocast:
-                outputs = self.model(inputs.to(memory_format=self.memory_format))
-            metrics.update(loss_fn(outputs.float(), targets), outputs, targets)
-        self.model.train()
-        return metrics.compute()["accuracy"]
+    def take_state(self, source):
+        """Parameters, buffers and optimizer state copied from ``source`` (in place: each side keeps its layouts)."""
+        self.model.load_state_dict(source.model.state_dict())
+        sources = dict(source.model.named_parameters())
+        for name, param in self.model.named_parameters():
+            state, source_state = self.optimizer.state[param], source.optimizer.state.get(sources[name], {})
+            for key in set(state) - set(source_state):
+                del state[key]
+            for key, value in source_state.items():
+                if torch.is_tensor(value) and torch.is_tensor(state.get(key)) and state[key].shape == value.shape:
+                    state[key].copy_(value)
+                else:
+                    state[key] = value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+
+
+def _fewest_batch_norm_values(model):
+    """Hooks recording the fewest values per channel any train-mode BatchNorm of ``model`` normalises, and their
+    remover. Returns (record, remove); ``record`` holds [(count, name)] after a forward."""
+    record, handles = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            def hook(module, inputs, name=name):
+                if module.training and inputs[0].dim() > 1:
+                    record.append((inputs[0].numel() // inputs[0].shape[1], name))
+            handles.append(module.register_forward_pre_hook(hook))
+
+    def remove():
+        for handle in handles:
+            handle.remove()
+
+    return record, remove
+
+
+@torch.no_grad()
+def _evaluate(step, sides, batches, loss_fn, dtype, bar):
+    """Eval-mode outputs of the fused model against ``fused in stock`` (a stock copy given the fused model's state),
+    the control (given the same state) measuring rounding; returns (checks, metrics per side)."""
+    state = sides["fused"].model.state_dict()
+    for name in ("fused in stock", "control"):
+        sides[name].model.load_state_dict(state)
+    modes = [(module, module.training) for side in sides.values() for module in side.model.modules()]
+    for side in sides.values():
+        side.model.eval()
+    metrics = {name: EpochMetrics() for name in sides}
+    largest, scale, margins = {"fused": 0.0, "control": 0.0}, 0.0, []
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(sides["fused"].device), targets.to(sides["fused"].device)
+        outputs = {name: side(inputs).float() for name, side in sides.items()}
+        for name, output in outputs.items():
+            metrics[name].update(loss_fn(output, targets), output, targets)
+        reference = outputs["fused in stock"]
+        for name in largest:
+            largest[name] = max(largest[name], (outputs[name] - reference).abs().max().item())
+        scale = max(scale, reference.abs().max().item())
+        if reference.dim() == 2 and reference.shape[1] > 1:  # stock's top-two margins where the predictions differ
+            differ = outputs["fused"].argmax(1) != reference.argmax(1)
+            top2 = reference[differ].topk(2, dim=1).values
+            margins += (top2[:, 0] - top2[:, 1]).tolist()
+        bar.update(1)
+    for module, training in modes:
+        module.train(training)
+    scale = max(1.0, scale)
+    fused, control = largest["fused"] / scale, largest["control"] / scale
+    bound = parity_bound(control, dtype)
+    # Outputs within `bound * scale` of stock's can change a prediction only where stock's top two are within
+    # twice that; any other changed prediction is a real difference.
+    beyond = sum(margin > 2 * bound * scale for margin in margins)
+    checks = [Check(f"eval outputs at step {step}", fused, control, bound),
+              Check(f"eval predictions at step {step} (count)", float(beyond), 0.0, 0.0)]
+    return checks, {name: metric.compute() for name, metric in metrics.items() if name != "control"}
+
+
+class _NoBar:
+    def update(self, *args, **kwargs):
+        pass
+
+    set_postfix = close = update
+
+
+def _progress_bar(enabled, **options):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(**options)
 
 
 def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", precision="32", device="cpu",
            channels_last=False, window=PARITY_WINDOW, max_steps=None, schedule=None, loss_fn=None, progress=True,
            model_kwargs=None, **optimizer_kwargs):
-    """Train a fused model and its stock twin in lockstep and report how they compare.
+    """Train a fused model and its stock twin in a teacher-forced lockstep and report how they compare.
 
     Args:
         model: a zoo name (``"vgg11"``: built with ``fused=True`` and ``fused=False``, stock weights copied into the
             fused one), a stock ``nn.Module`` (converted with ``fastcnn.convert``; the module itself is the stock
-            side), or a ``(fused, stock)`` pair.
-        train_loader, val_loader: batches of ``(images, labels)``; val_loader may be None.
+            side), or a ``(fused, stock)`` pair. The fused model ends with its own last step's state.
+        train_loader, val_loader: batches of ``(images, labels)``; without val_loader the evaluation checks use the
+            first training batch.
         epochs (int): passes over train_loader.
         optimizer (str): ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"adagrad"``: fastcnn.optim's on the fused side,
             torch.optim's on the stock side, both with ``optimizer_kwargs`` (e.g. ``lr=0.05, momentum=0.9``).
         precision (str): ``"32"`` or ``"bf16-mixed"``; selects the floor of the bound.
         device: where the models run.
-        channels_last (bool): models and inputs in channels_last.
-        window (int): the steps over which parity is judged (see :mod:`fastcnn.train.tolerances`).
+        channels_last (bool): models and inputs in channels_last (the control then runs NCHW).
+        window (int or None): judge the first ``window`` steps only (None: every step).
         max_steps (int or None): stop after this many steps.
         schedule (str or None): a :mod:`fastcnn.train.schedules` name (``"cosine"``, ``"step"``, ...), applied alike to
             the three optimizers per step over the whole run; None: constant lr.
         loss_fn: default ``nn.CrossEntropyLoss()``.
-        progress (bool): show a progress bar.
+        progress (bool): tqdm progress bars (training steps, evaluation batches); False: none.
         model_kwargs (dict): arguments of the zoo factory (e.g. ``num_classes=10``).
 
     Returns:
-        ParityReport: ``.passed``, ``.format()``, the per-step loss differences, throughputs and accuracies.
+        ParityReport: ``.passed``, ``.format()``, ``.checks()``, the per-step differences, metrics and speeds.
 
     Example:
         >>> train, val = fastcnn.data.digits()
@@ -225,16 +313,15 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
     """
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be one of {tuple(PRECISION_DTYPES)}, got {precision!r}")
-    if not (isinstance(window, int) and window >= 1):
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if not (window is None or (isinstance(window, int) and window >= 1)):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
     device, dtype = torch.device(device), PRECISION_DTYPES[precision]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     fused_model, stock_model = model_pair(model, **(model_kwargs or {}))
     if fused_model is stock_model:
         raise ValueError("the fused and the stock model must be two different modules")
     fused_model.load_state_dict(copy.deepcopy(stock_model.state_dict()))
-    noise = RoundingNoise(dtype)
-    control_model = noise(copy.deepcopy(stock_model))
+    control_model = copy.deepcopy(stock_model)
     fused_optimizer, stock_optimizer = optimizer_pair(optimizer, fused_model.parameters(), stock_model.parameters(),
                                                       **optimizer_kwargs)
     control_optimizer = type(stock_optimizer)(control_model.parameters(), **optimizer_kwargs)
@@ -242,41 +329,52 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
              "stock": _Side(stock_model, stock_optimizer, device, dtype, channels_last),
              # the other memory format: other kernels, other rounding (see fastcnn.train.tolerances)
              "control": _Side(control_model, control_optimizer, device, dtype, not channels_last)}
+    twin = _Side(copy.deepcopy(stock_model), None, device, dtype, channels_last)
     total = len(train_loader) * epochs if max_steps is None else min(max_steps, len(train_loader) * epochs)
     schedulers = [build_scheduler(side.optimizer, schedule, total=total, step_size=max(1, total // 3))
                   for side in sides.values()] if schedule else []
-    bar = ProgressBar(total, "verify fused vs stock", enabled=progress)
-    differences, control_differences, images, at_window = [], [], 0, None
+    checkpoints = {max(1, (total + 1) // 2), total}  # a second evaluation catches state the first left stale
+    steps = {quantity: ([], []) for quantity in STEP_STATISTIC}
+    evaluations, validation, images, probe = [], {}, 0, None
+    bn_record, remove_hooks = _fewest_batch_norm_values(stock_model)
+    bar = _progress_bar(progress, total=total, desc="verify fused vs stock", unit="step")
     for _ in range(epochs):
         for inputs, targets in train_loader:
-            if len(differences) == total:
+            if len(steps["loss"][0]) == total:
                 break
             inputs, targets = inputs.to(device), targets.to(device)
+            probe = probe or [(inputs, targets)]
+            for name in ("fused", "control"):  # every step starts from the stock model's exact state
+                sides[name].take_state(sides["stock"])
             snapshot, losses = _rng_snapshot(device), {}
             for name, side in sides.items():  # all sides draw the same dropout masks
                 _restore_rng(snapshot, device)
                 losses[name] = side.step(inputs, targets, loss_fn)
-            noise(control_model)
+            if remove_hooks is not None:  # the first step's forward has recorded the BatchNorm sizes
+                remove_hooks = remove_hooks()
             for scheduler in schedulers:
                 scheduler.step()
-            scale = max(1.0, abs(losses["stock"]))
-            differences.append(abs(losses["fused"] - losses["stock"]) / scale)
-            control_differences.append(abs(losses["control"] - losses["stock"]) / scale)
+            for index, name in enumerate(("fused", "control")):
+                steps["loss"][index].append(_relative(losses[name], losses["stock"]))
+                for quantity, kind in (("buffers", "buffers"), ("updates", "parameters")):
+                    steps[quantity][index].append(state_difference(sides[name].model, stock_model, kind))
             images += len(inputs)
-            if len(differences) == min(window, total):
-                at_window = (parameter_difference(fused_model, stock_model)[0],
-                             parameter_difference(control_model, stock_model)[0])
-            bar.update(loss=losses["stock"], diff=differences[-1])
+            bar.set_postfix(loss=f"{losses['stock']:.4g}", diff=f"{steps['loss'][0][-1]:.2g}", refresh=False)
+            bar.update(1)
+            if len(steps["loss"][0]) in checkpoints:
+                batches = val_loader if val_loader is not None else probe
+                eval_sides = {"fused": sides["fused"], "fused in stock": twin, "control": sides["control"]}
+                if len(steps["loss"][0]) == total:
+                    eval_sides["stock"] = sides["stock"]
+                eval_bar = _progress_bar(progress, total=len(batches), desc="evaluate", unit="batch", leave=False)
+                checks, validation = _evaluate(len(steps["loss"][0]), eval_sides, batches, loss_fn, dtype, eval_bar)
+                eval_bar.close()
+                evaluations += checks
     bar.close()
-    if at_window is None:
+    if not steps["loss"][0]:
         raise ValueError("train_loader gave no batches")
-    final, worst_name = parameter_difference(fused_model, stock_model)
-    report = ParityReport(dtype, window, differences, control_differences, at_window, final, worst_name,
-                          {n: s.seconds for n, s in sides.items()}, images,
-                          train_loss={n: s.last_loss for n, s in sides.items()})
-    if val_loader is not None:
-        report.val_accuracy = {name: sides[name].accuracy(val_loader, loss_fn) for name in ("fused", "stock")}
-    return report
+    return ParityReport(dtype, window or total, steps, evaluations, {n: s.seconds for n, s in sides.items()}, images,
+                        {n: s.last_loss for n, s in sides.items()}, validation, min(bn_record, default=None))
 
 
 def _rng_snapshot(device):

@@ -7,7 +7,8 @@ import torchvision
 from fastcnn import models
 from fastcnn.models.vgg import VGG, make_layers
 
-from _parity import assert_step_parity, param_count, parity_twins, shapes, torchvision_model
+from _parity import (assert_step_parity, param_count, parity_input_shape, parity_twins, shapes,
+                     torchvision_model)
 from _tolerances import assert_close_to_oracle
 
 TORCHVISION_MODELS = ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
@@ -63,27 +64,31 @@ def test_init_weights_false_keeps_default_init(fused):
     assert all(torch.equal(model.features.state_dict()[key], value) for key, value in stock.items())
 
 
-# (name, input size, fused, train), grouped by name so each seeded torchvision state_dict is built once. The
-# unfused vgg11_bn is vgg11's stock layers plus stock BatchNorms, and the Bottleneck net's unfused eval mode adds
-# nothing that resnet18's does not check. The Bottleneck net in training mode is checked in float64 below instead.
-PARITY_CASES = [(name, 32, fused, train) for name in ("vgg11", "vgg11_bn", "resnet18", "resnet50")
+# (name, batch, input size, fused, train), grouped by name so each seeded torchvision state_dict is built once;
+# training inputs give every BatchNorm >= 16 values per channel (see _parity). The unfused vgg11_bn is vgg11's stock
+# layers plus stock BatchNorms, and the Bottleneck net's unfused eval mode adds nothing that resnet18's does not
+# check. The fused Bottleneck net in training mode is checked in float64 below instead.
+PARITY_CASES = [(name, *parity_input_shape(name, train), fused, train)
+                for name in ("vgg11", "vgg11_bn", "resnet18", "resnet50")
                 for fused in (True, False) for train in (False, True)
                 if (name, fused, train) not in {("resnet50", False, False), ("resnet50", True, True),
                                                 ("vgg11_bn", False, False)}]
 
 
-@pytest.mark.parametrize("name, size, fused, train", PARITY_CASES)
-def test_forward_backward_parity_fp32(name, size, fused, train):
+@pytest.mark.parametrize("name, batch, size, fused, train", PARITY_CASES)
+def test_forward_backward_parity_fp32(name, batch, size, fused, train):
     ours, stock, oracle = parity_twins(name, NUM_CLASSES, fused)
-    assert_step_parity(ours, stock, oracle, torch.randn(2, 3, size, size), train)
+    assert_step_parity(ours, stock, oracle, torch.randn(batch, 3, size, size), train)
 
 
 def test_bottleneck_net_training_parity_float64():
-    """ResNet-50 in training mode is too ill-conditioned for a float32 comparison: with batch 2, stock fp32's own
-    input gradient is 1-3% off the float64 oracle (train-mode BatchNorm over a few values per channel in layer3-4),
-    so "2x stock's error" measures noise. In float64 the fused blocks must match the oracle to the float64 floor."""
+    """ResNet-50 in training mode is too ill-conditioned for a float32 comparison even with 16 values per BatchNorm
+    channel: at batch 4, 64 px, stock fp32's own weight gradients are 13% off the float64 oracle (layer3.5.conv2,
+    under AVX-512 and AVX2 alike; 50 layers of train-mode BatchNorm and ReLU amplify rounding), so "2x stock's error"
+    measures noise. In float64 the fused blocks must match the oracle to the float64 floor."""
     ours, stock, oracle = parity_twins("resnet50", NUM_CLASSES, fused=True, dtype=torch.float64)
-    assert_step_parity(ours, stock, oracle, torch.randn(2, 3, 64, 64), train=True)
+    batch, size = parity_input_shape("resnet50", train=True)
+    assert_step_parity(ours, stock, oracle, torch.randn(batch, 3, size, size), train=True)
 
 
 # No bfloat16 training case of vgg11_bn: with batch 2 its deep BatchNorms normalise over 8-32 values per channel,
@@ -124,16 +129,17 @@ def test_fused_vgg_bn_layout():
 
 
 def test_vgg_bn_inference_matches_torchvision():
-    """Under no_grad in eval mode every BatchNorm is folded into its fused conv (the parity cases above, with
-    gradients, run eval-mode BatchNorm unfolded)."""
+    """Under no_grad in eval mode every BatchNorm is applied as a per-channel scale/shift after its fused conv (the
+    parity cases above, with gradients, run eval-mode BatchNorm unfused), computed from the live running statistics:
+    an edit through ``.data``, which bumps no version counter, shows in the next output."""
     ours, stock, oracle = parity_twins("vgg11_bn", NUM_CLASSES, fused=True)
-    with torch.no_grad():  # random running statistics, so that folding them matters
-        for model in (ours, stock, oracle):
-            for key, value in model.state_dict().items():
-                if key.endswith("running_mean") or key.endswith("running_var"):
-                    value.copy_(torch.rand(value.shape, generator=torch.Generator().manual_seed(len(key))) + 0.5)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        result, expected, exact = ours.eval()(x), stock.eval()(x), oracle.eval()(x.double())
-    assert all("_fold_cache" in m.__dict__ for m in ours.features if isinstance(m, torch.nn.Conv2d))
-    assert_close_to_oracle(result, expected, exact, "output")
+    for seed in (0, 1):
+        with torch.no_grad():  # random running statistics, so that applying them matters
+            for model in (ours, stock, oracle):
+                for key, value in model.state_dict().items():
+                    if key.endswith("running_mean") or key.endswith("running_var"):
+                        generator = torch.Generator().manual_seed(len(key) + seed)
+                        value.data.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+            result, expected, exact = ours.eval()(x), stock.eval()(x), oracle.eval()(x.double())
+        assert_close_to_oracle(result, expected, exact, f"output {seed}")
