@@ -1,8 +1,8 @@
 """Fused Conv2d 3x3 + BatchNorm2d + ReLU + 2x2 max-pool (fastcnn.nn.ConvBNReLUPool2d with its FusedBatchNorm2d)
 against torchvision's VGG-16-BN layers, on the conv that ends each VGG-16 block.
 
-Modes: "infer" = eval-mode forward under torch.no_grad (BatchNorm folded into the convolution, one fused
-conv + bias + ReLU + pool); "train" = train-mode forward + backward (batch statistics, running-statistics update,
+Modes: "infer" = eval-mode forward under torch.no_grad (the convolution, then BatchNorm as a per-channel
+map computed at every forward + ReLU in one pass, then the pool); "train" = train-mode forward + backward (batch statistics, running-statistics update,
 gradients of the input and every parameter). Providers: the stock ``Sequential(Conv2d, BatchNorm2d, ReLU(inplace),
 MaxPool2d)`` eager (cudnn.benchmark on GPU), torch.compile of it (default mode), and the fused layers (same
 state_dict) on each compiled backend that runs on the device. Every provider is checked against a float64 copy in

@@ -1,7 +1,7 @@
 """Fused Inception block (fastcnn.nn.InceptionBlock, branches stored straight into the concatenated output) against
 torchvision's GoogLeNet Inception, on GoogLeNet's inception3a shape (192 -> 64 + 128 + 32 + 32 channels at 28x28).
 
-Modes: "infer" = eval-mode forward under torch.no_grad (BatchNorm folded into the convolutions); "train" =
+Modes: "infer" = eval-mode forward under torch.no_grad (each BatchNorm a per-channel map computed at every forward, applied in the pass after its convolution); "train" =
 train-mode forward + backward (batch statistics, running-statistics update, gradients of the input and every
 parameter). Providers: torchvision's Inception eager (cudnn.benchmark on GPU), torch.compile of it (default mode),
 and fastcnn's InceptionBlock (same state_dict) on each compiled backend that runs on the device. Every provider is

@@ -1,6 +1,6 @@
 """Fused ResNet Bottleneck blocks (fastcnn.nn.Bottleneck) against torchvision's, on ResNet-50's layer1/layer2 shapes.
 
-Modes: "infer" = eval-mode forward under torch.no_grad (BatchNorm folded into the convolutions); "train" =
+Modes: "infer" = eval-mode forward under torch.no_grad (each BatchNorm a per-channel map computed at every forward, applied in the pass after its convolution); "train" =
 train-mode forward + backward (batch statistics, running-statistics update, gradients of the input and every
 parameter). Providers: torchvision's Bottleneck eager (cudnn.benchmark on GPU), torch.compile of it (default mode),
 and fastcnn's Bottleneck (same state_dict) on each compiled backend that runs on the device. Every provider is
