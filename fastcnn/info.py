@@ -11,6 +11,9 @@ _WITHOUT_ROUTE_TABLE = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_
                         "scale_shift_relu_out")
 
 
+OPS = (*TABLES, *_WITHOUT_ROUTE_TABLE)  # every op the report covers, route tables first
+
+
 def _why_unavailable(op, backend, device):
     if op in TABLES:
         return TABLES[op].why_not(backend, device)
@@ -45,7 +48,7 @@ def report():
     compiled = _extension.compiled_ops()
     if compiled is not None:
         lines.append(f"compiled ops: {', '.join(compiled)}")
-    for op in (*TABLES, *_WITHOUT_ROUTE_TABLE):
+    for op in OPS:
         lines.append(f"\n{op} (backends for CPU and CUDA tensors):")
         for device in ("cpu", "cuda"):
             if op in TABLES:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.channel_slice import BranchEpilogue, concat_branches
-from ..reference.batch_norm import memory_format_of
+from ..ops import memory_format_of
 from ._batch_norm_fusion import norm_relu_conv2d, running_scale_shift, update_running_statistics, uses_batch_statistics
 from .unfused import is_unfused
 
