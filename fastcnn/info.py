@@ -7,8 +7,7 @@ from . import _extension
 from .ops import BACKENDS, TABLES, why_unavailable
 
 # Ops that still choose their backend inside their own module, without a route table (issue 13 moves them).
-_WITHOUT_ROUTE_TABLE = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu",
-                        "scale_shift_relu_out")
+_WITHOUT_ROUTE_TABLE = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu")
 
 
 OPS = (*TABLES, *_WITHOUT_ROUTE_TABLE)  # every op the report covers, route tables first
@@ -17,8 +16,6 @@ OPS = (*TABLES, *_WITHOUT_ROUTE_TABLE)  # every op the report covers, route tabl
 def _why_unavailable(op, backend, device):
     if op in TABLES:
         return TABLES[op].why_not(backend, device)
-    if op == "scale_shift_relu_out" and backend == "triton":
-        return "no Triton kernel for this op (a plain strided store; the cpu/cuda kernels and the reference cover it)"
     if backend in ("cpu", "cuda") and _extension.LOADED and not hasattr(torch.ops.fastcnn, op):
         return "fastcnn._C was built from older sources without this op; rebuild it"
     return why_unavailable(backend, device)

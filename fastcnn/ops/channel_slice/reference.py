@@ -13,9 +13,26 @@ slice ``out[:, offset_i : offset_i + C_i]`` (a strided view).
   either by an affine map ``y * scale + shift`` (eval-mode BatchNorm, or BatchNorm folded away: ``scale=None``) or
   by training-mode BatchNorm with batch statistics.
 """
+from typing import NamedTuple, Optional
+
 import torch
 
-from .batch_norm import accumulation_dtype, batch_norm_add_relu, scale_shift_add_relu
+from ...reference.batch_norm import batch_norm_add_relu, scale_shift_add_relu
+from .._dispatch import accumulation_dtype
+
+
+class BranchEpilogue(NamedTuple):
+    """One branch's last stage, ``relu(norm(input))``, stored into its channel slice.
+
+    ``eps`` None: ``norm`` is the affine map ``input * weight + bias`` (``weight`` None means 1) - an eval-mode
+    BatchNorm, or a BatchNorm folded into the convolution before it (then only the shift remains). ``eps`` a float:
+    training-mode BatchNorm with the batch statistics of ``input``, ``gamma = weight`` and ``beta = bias`` (None: 1
+    and 0).
+    """
+    input: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: Optional[float] = None
 
 
 def scale_shift_relu_out(x, scale, shift, out):
