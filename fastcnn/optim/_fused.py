@@ -11,17 +11,37 @@ import torch
 _STEP_DTYPE = torch.float32  # torch.optim's fused/capturable paths keep `step` as a float32 0-dim device tensor
 
 
-def scalar(value):
-    """A Python float of an optimizer hyper-parameter that may be a 1-element tensor (lr, betas, weight decay)."""
-    return value.item() if isinstance(value, torch.Tensor) else value
+def _capturing():
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def scalar(value, name="a hyper-parameter"):
+    """A Python float of an optimizer hyper-parameter that may be a 1-element tensor (betas, weight decay, ...).
+
+    Reading a tensor is a host synchronisation, which a CUDA-graph capture cannot record: during a capture a tensor
+    hyper-parameter is refused with a clear error instead of breaking the capture (only lr may be a tensor there)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if _capturing():
+        raise RuntimeError(f"fastcnn.optim: {name} is a tensor, which a CUDA-graph capture cannot read on the host; "
+                           "give it as a Python float (only lr may be a tensor during a capture)")
+    return value.item()
 
 
 def lr_arguments(lr, device):
     """The ops' ``(lr, lr_tensor)`` pair: a tensor lr travels as a 0-dim float32 tensor on ``device`` (no host
-    read, so the step stays sync-free and capturable); a float travels as itself."""
-    if isinstance(lr, torch.Tensor):
-        return 0.0, lr.detach().reshape(()).to(device=device, dtype=torch.float32)
-    return float(lr), None
+    read, so the step stays sync-free and capturable); a float travels as itself. A float32 lr already on ``device``
+    is passed as a view (no copy); any other tensor lr is copied, which a CUDA-graph capture cannot record, so during
+    a capture it is refused with a clear error."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr), None
+    lr = lr.detach().reshape(())
+    if lr.device == torch.device(device) and lr.dtype == torch.float32:
+        return 0.0, lr
+    if _capturing():
+        raise RuntimeError(f"fastcnn.optim: lr is a {lr.dtype} tensor on {lr.device}; for a CUDA-graph capture give "
+                           f"it as a float32 tensor on {device}, where the step reads it without a copy")
+    return 0.0, lr.to(device=device, dtype=torch.float32)
 
 
 class AmpArguments:

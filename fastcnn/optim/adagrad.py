@@ -43,10 +43,11 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
             state["sum"] = self._zeros_like(p).fill_(self.defaults["initial_accumulator_value"])
 
     def _step_group(self, group, buckets, amp):
+        lr_decay, weight_decay = scalar(group["lr_decay"], "lr_decay"), scalar(group["weight_decay"], "weight_decay")
         for (device, _, _), params in buckets.items():
             states = [self.state[p] for p in params]
             lr, lr_tensor = lr_arguments(group["lr"], device)
             grad_scale, found_inf = amp.on(device)
             ops.adagrad_(params, [p.grad for p in params], [s["sum"] for s in states], [s["step"] for s in states],
-                         lr, lr_tensor, scalar(group["lr_decay"]), scalar(group["weight_decay"]), group["eps"],
+                         lr, lr_tensor, lr_decay, weight_decay, group["eps"],
                          group["maximize"], grad_scale, found_inf)

@@ -19,7 +19,8 @@ class _AdamStep(FusedOptimizer):
             state["max_exp_avg_sq"] = self._zeros_like(p)
 
     def _step_group(self, group, buckets, amp):
-        beta1, beta2 = (scalar(b) for b in group["betas"])
+        beta1, beta2 = (scalar(b, "betas") for b in group["betas"])
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
         amsgrad = group["amsgrad"]
         decoupled = self._always_decoupled or group.get("decoupled_weight_decay", False)
         for (device, _, _), params in buckets.items():
@@ -28,7 +29,7 @@ class _AdamStep(FusedOptimizer):
             grad_scale, found_inf = amp.on(device)
             ops.adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                       [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-                      [s["step"] for s in states], lr, lr_tensor, beta1, beta2, scalar(group["weight_decay"]),
+                      [s["step"] for s in states], lr, lr_tensor, beta1, beta2, weight_decay,
                       group["eps"], amsgrad, group["maximize"], decoupled,
                       grad_scale, found_inf)
 

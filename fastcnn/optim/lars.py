@@ -86,7 +86,8 @@ class LARS(FusedOptimizer, torch.optim.Optimizer):
         pass  # the momentum buffer is made by split_first_step
 
     def _step_group(self, group, buckets, amp):
-        momentum, dampening = scalar(group["momentum"]), scalar(group["dampening"])
+        momentum, dampening = scalar(group["momentum"], "momentum"), scalar(group["dampening"], "dampening")
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
         lr_in_momentum = group["lr_in_momentum"]
         for (device, _, _), params in buckets.items():
             lr, lr_tensor = lr_arguments(group["lr"], device)
@@ -97,7 +98,7 @@ class LARS(FusedOptimizer, torch.optim.Optimizer):
             buffered = momentum != 0 or lr_in_momentum
             for is_first_step, part in split_first_step(self, adapted, buffered):
                 ops.lars_(part, [p.grad for p in part], self._buffers(part, buffered), lr, lr_tensor, momentum,
-                          dampening, scalar(group["weight_decay"]), group["trust_coefficient"], group["eps"],
+                          dampening, weight_decay, group["trust_coefficient"], group["eps"],
                           group["nesterov"], group["maximize"], group["trust_clip"], group["trust_norm"] == "update",
                           lr_in_momentum, is_first_step, grad_scale, found_inf)
             for is_first_step, part in split_first_step(self, excluded, momentum != 0):

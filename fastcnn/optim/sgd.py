@@ -50,12 +50,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         pass  # the momentum buffer is made by split_first_step
 
     def _step_group(self, group, buckets, amp):
-        momentum = scalar(group["momentum"])
+        momentum, dampening = scalar(group["momentum"], "momentum"), scalar(group["dampening"], "dampening")
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
         for (device, _, _), params in buckets.items():
             lr, lr_tensor = lr_arguments(group["lr"], device)
             grad_scale, found_inf = amp.on(device)
             for is_first_step, part in split_first_step(self, params, momentum != 0):
                 buffers = [self.state[p]["momentum_buffer"] for p in part] if momentum != 0 else []
-                ops.sgd_(part, [p.grad for p in part], buffers, lr, lr_tensor, momentum, scalar(group["dampening"]),
-                         scalar(group["weight_decay"]), group["nesterov"], group["maximize"], is_first_step,
+                ops.sgd_(part, [p.grad for p in part], buffers, lr, lr_tensor, momentum, dampening,
+                         weight_decay, group["nesterov"], group["maximize"], is_first_step,
                          grad_scale, found_inf)

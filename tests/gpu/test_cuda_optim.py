@@ -206,3 +206,35 @@ def test_a_table_used_from_another_stream_then_evicted():
         _sgd(ps, [torch.ones_like(ps[0])])
     torch.cuda.synchronize()
     torch.testing.assert_close(params[0], torch.full_like(params[0], -0.5 * 21), rtol=0, atol=0)
+
+
+def _captured_adam_step(**kwargs):
+    """One fastcnn.optim.Adam step captured into a CUDA graph (after an eager warm-up step that makes the state)."""
+    params = [torch.nn.Parameter(torch.randn(5, 3, device="cuda"))]
+    params[0].grad = torch.randn_like(params[0])
+    optimizer = fastcnn.optim.Adam(params, **kwargs)
+    optimizer.step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    return params[0], graph
+
+
+def test_a_device_lr_tensor_is_read_by_the_captured_step_without_a_copy():
+    lr = torch.tensor(1e-2, device="cuda")
+    param, graph = _captured_adam_step(lr=lr)
+    before = param.detach().clone()
+    lr.fill_(0.0)  # the graph reads lr where it lies: a zero lr leaves the parameter unchanged
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(param.detach(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=torch.tensor(1e-2)), "for a CUDA-graph capture give it as a float32 tensor on cuda"),
+    (dict(lr=1e-2, betas=(torch.tensor(0.9), 0.999)), "betas is a tensor, which a CUDA-graph capture cannot read"),
+])
+def test_capture_refuses_what_it_cannot_record_with_a_clear_error(kwargs, message):
+    with pytest.raises(RuntimeError, match=message):
+        _captured_adam_step(**kwargs)

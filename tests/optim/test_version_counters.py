@@ -6,6 +6,7 @@ from _lockstep import backend_params
 
 import fastcnn
 from fastcnn.ops.channel_slice import scale_shift_relu_out
+from fastcnn.optim._fused import lr_arguments
 
 OPTIMIZERS = {
     "adam_": lambda params: fastcnn.optim.Adam(params, lr=1e-2, amsgrad=True),
@@ -53,3 +54,9 @@ def test_store_into_a_channel_slice_increments_the_output_version():
     version = out._version
     scale_shift_relu_out(torch.randn(2, 2, 3, 3), None, torch.zeros(2), out.narrow(1, 1, 2))
     assert out._version > version
+
+
+def test_a_float32_lr_tensor_on_the_params_device_is_passed_without_a_copy():
+    lr = torch.tensor([0.5])
+    assert lr_arguments(lr, torch.device("cpu"))[1].data_ptr() == lr.data_ptr()
+    assert lr_arguments(lr.double(), torch.device("cpu"))[1].dtype == torch.float32
