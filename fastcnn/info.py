@@ -4,21 +4,9 @@ import platform
 import torch
 
 from . import _extension
-from .ops import BACKENDS, TABLES, why_unavailable
+from .ops import BACKENDS, TABLES
 
-# Ops that still choose their backend inside their own module, without a route table (issue 13 moves them).
-_WITHOUT_ROUTE_TABLE = ("batch_norm_add_relu", "batch_norm_relu_conv2d", "scale_shift_add_relu")
-
-
-OPS = (*TABLES, *_WITHOUT_ROUTE_TABLE)  # every op the report covers, route tables first
-
-
-def _why_unavailable(op, backend, device):
-    if op in TABLES:
-        return TABLES[op].why_not(backend, device)
-    if backend in ("cpu", "cuda") and _extension.LOADED and not hasattr(torch.ops.fastcnn, op):
-        return "fastcnn._C was built from older sources without this op; rebuild it"
-    return why_unavailable(backend, device)
+OPS = tuple(TABLES)  # every op the report covers: one per route table
 
 
 def _routes(table, device):
@@ -48,10 +36,9 @@ def report():
     for op in OPS:
         lines.append(f"\n{op} (backends for CPU and CUDA tensors):")
         for device in ("cpu", "cuda"):
-            if op in TABLES:
-                lines.append(f"  {device:4} route: {_routes(TABLES[op], device)}")
+            lines.append(f"  {device:4} route: {_routes(TABLES[op], device)}")
             for backend in BACKENDS:
-                reason = _why_unavailable(op, backend, device)
+                reason = TABLES[op].why_not(backend, device)
                 lines.append(f"  {device:4} {backend:9} {'available' if reason is None else 'unavailable: ' + reason}")
     if not torch.cuda.is_available():
         lines.append("(no CUDA device here: the cuda rows say what CUDA tensors would get on a GPU machine)")

@@ -1,8 +1,8 @@
 """BatchNorm2d as a per-channel affine map ``y * scale + shift`` for the fused residual blocks.
 
-* Batch statistics (training, or a BatchNorm without running statistics) come from fastcnn's fused ops - on the
-  triton backend reduced in the epilogue of the convolution that produces the BatchNorm's input (`conv_statistics`,
-  `norm_relu_conv2d_statistics`), elsewhere by the BatchNorm op itself, since ATen's convolutions (oneDNN, cuDNN)
+* Batch statistics (training, or a BatchNorm without running statistics) come from fastcnn's fused ops - where
+  fastcnn.ops runs a convolution that can, reduced in its epilogue (`conv_statistics`,
+  `norm_relu_conv2d_statistics`; the triton backend), elsewhere by the BatchNorm op itself, since ATen's convolutions (oneDNN, cuDNN)
   cannot take the reduction and a separate pass costs the same wherever it runs; the running statistics are then
   updated exactly as ``nn.BatchNorm2d`` does (momentum, or the cumulative average when momentum
   is None; the unbiased variance).
@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import batch_norm as bn_ops
-from ..ops.conv_batch_stats import conv2d_batch_stats, statistics_backend
 
 
 def uses_batch_statistics(bn):
@@ -70,30 +69,21 @@ def norm_relu_conv2d(y, norm, conv):
     return F.conv2d(activation, conv.weight.to(y.dtype), None, *args)
 
 
-def _fuses_statistics(x):
-    return statistics_backend(x) == "triton"
-
-
 def conv_statistics(x, conv):
     """``(conv(x), stats)`` for a bias-free conv: stats are the output's batch statistics ``(mean, var)`` when the
-    convolution's epilogue reduced them (triton backend), else None (the BatchNorm op then reduces them)."""
-    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    if not _fuses_statistics(x):
-        return F.conv2d(x, conv.weight, None, *args), None
-    y, mean, var = conv2d_batch_stats(x, conv.weight, *args)
-    return y, (mean, var)
+    convolution's epilogue reduced them, else None (the BatchNorm op then reduces them); fastcnn.ops decides."""
+    return bn_ops.conv2d_epilogue_stats(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def norm_relu_conv2d_statistics(y, stats, norm, conv):
     """`norm_relu_conv2d` taking y's batch statistics ``stats`` (or None) and returning ``(out, out_stats)`` as
     `conv_statistics` does."""
-    if not _fuses_statistics(y):
-        return norm_relu_conv2d(y, norm, conv), None
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     if not uses_batch_statistics(norm):
-        return conv_statistics(bn_ops.scale_shift_add_relu(y, *running_scale_shift(norm, y.dtype)), conv)
+        activation = bn_ops.scale_shift_add_relu(y, *running_scale_shift(norm, y.dtype))
+        return bn_ops.conv2d_epilogue_stats(activation, conv.weight.to(y.dtype), *args)
     count = y.numel() // y.shape[1]
-    out, mean, var, out_mean, out_var = bn_ops.batch_norm_relu_conv2d_stats(
-        y, norm.weight, norm.bias, norm.eps, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups,
-        stats=stats)
+    out, mean, var, out_stats = bn_ops.batch_norm_relu_conv2d_epilogue_stats(
+        y, norm.weight, norm.bias, norm.eps, conv.weight, *args, stats=stats)
     update_running_statistics(norm, mean, var, count)
-    return out, (out_mean, out_var)
+    return out, out_stats

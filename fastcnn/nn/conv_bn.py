@@ -12,7 +12,7 @@ Forward, with the BatchNorm's ``gamma, beta, eps``:
 
 * batch statistics (training, or ``track_running_stats=False``): ``y = conv(x)`` without the conv bias, then
   ``pool(relu(batch_norm(y)))`` in one op that saves ``y``, the pooled output and one byte per pooled element
-  (see ``fastcnn.ops.batch_norm_relu_pool``). The conv bias ``b`` cancels in the normalisation
+  (see ``fastcnn.ops.batch_norm.batch_norm_relu_pool``). The conv bias ``b`` cancels in the normalisation
   (``y + b - mean(y + b) = y - mean(y)``), so it is added only to the batch mean that updates ``running_mean``, and
   its gradient is exactly zero. Running statistics are updated as ``nn.BatchNorm2d`` does (momentum or cumulative
   average, unbiased variance, ``num_batches_tracked``).
@@ -28,8 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.batch_norm import scale_shift_add_relu
-from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
+from ..ops.batch_norm import batch_norm_relu_pool, scale_shift_add_relu
 from ._batch_norm_fusion import running_scale_shift, update_running_statistics, uses_batch_statistics
 from .conv import _FusedConv2d, pool_module_options, pool_options
 from .unfused import in_stock_slot

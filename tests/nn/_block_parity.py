@@ -5,7 +5,7 @@ import copy
 import torch
 
 import fastcnn
-from fastcnn.reference.batch_norm import memory_format_of
+from fastcnn.ops import memory_format_of
 
 from _tolerances import assert_close_to_oracle
 

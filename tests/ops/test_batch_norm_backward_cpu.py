@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastcnn import _extension
-from fastcnn.reference import batch_norm as reference
+from fastcnn.ops.batch_norm import reference
 
 from _tolerances import assert_close_to_oracle
 

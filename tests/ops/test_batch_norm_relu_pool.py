@@ -1,12 +1,12 @@
-"""fastcnn.ops.batch_norm_relu_pool (training-mode BatchNorm + ReLU + pool on a conv output) against stock PyTorch:
+"""fastcnn.ops.batch_norm.batch_norm_relu_pool (training-mode BatchNorm + ReLU + pool on a conv output) against stock PyTorch:
 every backend here, dtypes, memory formats, odd sizes, pools; the conv bias's zero gradient; float64 gradcheck,
 opcheck and argument errors."""
 import pytest
 import torch
 
 import fastcnn
-from fastcnn.ops.batch_norm_relu_pool import batch_norm_relu_pool
-from fastcnn.reference.batch_norm_relu_pool import batch_norm_relu_pool as stock
+from fastcnn.ops.batch_norm import batch_norm_relu_pool
+from fastcnn.ops.batch_norm.reference import batch_norm_relu_pool as stock
 
 from _blocks import backends_here
 from _tolerances import assert_close_to_oracle

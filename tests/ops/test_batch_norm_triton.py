@@ -10,7 +10,7 @@ from _batch_norm_cases import bn_inputs, compare_with_stock
 import fastcnn
 from fastcnn.ops import _dispatch, why_unavailable
 from fastcnn.ops import batch_norm as ops
-from fastcnn.reference import batch_norm as reference
+from fastcnn.ops.batch_norm import reference
 
 from _tolerances import assert_close_to_oracle
 
@@ -24,7 +24,7 @@ FORMATS = [pytest.param(False, id="nchw"), pytest.param(True, id="nhwc")]
 
 
 def _kernels():
-    from fastcnn.ops.batch_norm_triton import KERNELS
+    from fastcnn.ops.batch_norm.register_triton import KERNELS
     return KERNELS
 
 
@@ -123,7 +123,7 @@ def test_reductions_are_deterministic(channels_last):
 
 
 def test_triton_is_never_chosen_for_cpu_tensors_unless_forced(monkeypatch):
-    assert ops._backend_for(torch.randn(1, 2, 2, 2))[0] != "triton"
+    assert _dispatch.route(ops.ROUTES, torch.randn(1, 2, 2, 2)) != "triton"
     monkeypatch.setattr(_dispatch, "TRITON_INTERPRET", False)
     with fastcnn.use_backend("triton"), pytest.raises(RuntimeError, match="only under its interpreter"):
         ops.scale_shift_add_relu(torch.randn(1, 2, 2, 2), None, torch.zeros(2))
@@ -145,7 +145,7 @@ def test_bad_arguments_are_named(call, message):
 def test_opcheck_add_relu():
     """The training op's registered fake and autograd (its fake-tensor and AOT tests never run the kernels, so they
     pass under the interpreter too; the Triton ops themselves are opchecked on the GPU below)."""
-    from fastcnn.ops import batch_norm_triton as triton_ops
+    from fastcnn.ops.batch_norm import register_triton as triton_ops
     y, weight, bias = bn_inputs(torch.float32, True, (2, 3, 5, 4))
     leaves = [t.float().requires_grad_() for t in (y, weight, bias, torch.randn(y.shape))]
     torch.library.opcheck(triton_ops.TRAINING.batch_norm_add_relu, (*leaves, 1e-5))
@@ -154,7 +154,7 @@ def test_opcheck_add_relu():
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels_last", FORMATS)
 def test_opcheck_and_compile_cuda(channels_last):
-    from fastcnn.ops import batch_norm_triton as triton_ops
+    from fastcnn.ops.batch_norm import register_triton as triton_ops
     y, weight, bias = (t.cuda().float() for t in bn_inputs(torch.float32, channels_last, (4, 16, 9, 11)))
     residual, conv_weight = torch.randn_like(y), torch.randn(8, 16, 3, 3, device="cuda")
     gate = (torch.rand_like(y) > 0.5).to(torch.uint8)

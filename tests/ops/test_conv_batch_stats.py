@@ -10,8 +10,7 @@ import torch.nn.functional as F
 import fastcnn
 from fastcnn.ops import batch_norm as bn_ops
 from fastcnn.ops import why_unavailable
-from fastcnn.ops.conv_batch_stats import conv2d_batch_stats
-from fastcnn.reference import batch_norm as reference
+from fastcnn.ops.batch_norm import conv2d_batch_stats, reference
 
 from _tolerances import assert_close_to_oracle
 
@@ -169,7 +168,7 @@ def test_gpu_fused_statistics_not_slower_than_cudnn_plus_separate_pass():
     3x3 shape, bf16 channels_last); recorded, and guarded against pathological slowness (2x)."""
     from triton.testing import do_bench
 
-    from fastcnn.ops.batch_norm_triton import KERNELS
+    from fastcnn.ops.batch_norm.register_triton import KERNELS
     x = torch.randn(32, 128, 28, 28, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = torch.randn(128, 128, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     op = torch.ops.fastcnn.conv2d_batch_stats_triton.default

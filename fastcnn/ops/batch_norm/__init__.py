@@ -15,38 +15,45 @@ batch_norm_relu_conv2d_stats), so they are not reduced again. They must be exact
 compiled backends' backward re-derives their gradient from ``y``, and the reference recomputes them from ``y``
 (to differentiate through them) and ignores the given ones.
 
-Backends: on CPU tensors "cpu" (C++ kernels of fastcnn._C); on CUDA tensors "cuda" (CUDA kernels of fastcnn._C),
-then "triton" (fastcnn.triton_kernels; on CPU tensors only when forced under TRITON_INTERPRET=1); "reference" (plain
-PyTorch, differentiated by autograd) everywhere. The compiled backends share one autograd (batch_norm_autograd.py); in
-batch_norm_relu_conv2d the convolution is ATen's for every backend.
+``batch_norm_relu_pool(y, y_bias, weight, bias, eps, pool, ...)`` -> ``(pool(relu(batch_norm(y + y_bias))), mean,
+var)`` saving only the pooled output; ``conv2d_batch_stats(x, w, ...)`` -> ``(conv2d(x, w), mean, var)`` and
+``conv2d_epilogue_stats(x, w, ...)`` -> ``(conv2d(x, w), (mean, var) or None)``, the statistics of a convolution
+output for the BatchNorm after it.
+
+Backends, in the order tried (`ROUTES`, one table for the residual blocks' ops and conv2d_batch_stats): on CPU
+tensors "cpu" (C++ kernels of fastcnn._C); on CUDA tensors "cuda" (CUDA kernels of fastcnn._C), then "triton"
+(fastcnn.triton_kernels; on CPU tensors only when forced under TRITON_INTERPRET=1); "reference" (plain PyTorch,
+differentiated by autograd) everywhere. The compiled backends share one autograd (_training.py); in
+batch_norm_relu_conv2d the convolution is ATen's for every backend. ``batch_norm_relu_pool`` has its own table
+(`POOL_ROUTES`: cpu, cuda; no Triton kernel).
 """
 import torch
+import torch.nn.functional as F
 
-from .. import _extension
-from ..reference import batch_norm as reference
-from . import _backends
+from .._args import pair
+from .._dispatch import Route, RouteTable, accumulation_dtype, autocast, load_triton, memory_format_of, route
+from . import reference
+from . import register
+from ..conv_relu_pool import check_conv_relu_pool
 
-# A fastcnn._C built from older sources lacks these ops: the compiled backends are then unavailable for them.
-_COMPILED = _extension.LOADED and hasattr(torch.ops.fastcnn, "scale_shift_add_relu")
-IMPLEMENTATIONS = {}  # backend -> module with KERNELS (the primitive ops) and TRAINING (the training ops)
-if _COMPILED:
-    from . import batch_norm_train
-    IMPLEMENTATIONS.update(cpu=batch_norm_train, cuda=batch_norm_train)
-if _backends.why_unavailable("triton", "cuda") is None:
-    from . import batch_norm_triton
-    IMPLEMENTATIONS["triton"] = batch_norm_triton
+_triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 
-_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+ROUTES = RouteTable("batch_norm", [
+    Route("cuda", device="cuda"),
+    Route("triton", device="cuda"),
+    Route("cpu", device="cpu"),
+], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT)
+
+
+def implementation(backend):
+    """The module whose KERNELS (the primitive ops), TRAINING (the training ops) and CONV_STATS run on `backend`."""
+    return _triton if backend == "triton" else register
 
 
 def _backend_for(x):
-    """(backend name, its module or None for "reference") for a call on x."""
-    preference = [b for b in _PREFERENCE.get(x.device.type, ()) if b in IMPLEMENTATIONS]
-    backend = _backends.choose(x.device.type, preference)
-    if backend in ("cpu", "cuda") and not _COMPILED:
-        raise RuntimeError(f"fastcnn: backend {backend!r} was forced but fastcnn._C has no BatchNorm ops (it was "
-                           "built from older sources); rebuild it")
-    return backend, IMPLEMENTATIONS.get(backend)
+    """(backend name, its implementation or None for "reference") for a call on x."""
+    backend = route(ROUTES, x)
+    return backend, None if backend == "reference" else implementation(backend)
 
 
 def _check_input(x, name="input"):
@@ -64,12 +71,12 @@ def _per_channel(t, x, name):
     if t.shape != (x.shape[1],):
         raise ValueError(f"fastcnn: {name} must have shape ({x.shape[1]},) (one value per channel of the input), "
                          f"got {tuple(t.shape)}")
-    return t.to(reference.accumulation_dtype(x.dtype))
+    return t.to(accumulation_dtype(x.dtype))
 
 
 def _affine(weight, bias, y):
     """BatchNorm's gamma and beta in y's accumulation dtype (ones and zeros when the BatchNorm has none)."""
-    acc = reference.accumulation_dtype(y.dtype)
+    acc = accumulation_dtype(y.dtype)
     gamma = torch.ones(y.shape[1], dtype=acc, device=y.device) if weight is None else _per_channel(weight, y, "weight")
     beta = torch.zeros(y.shape[1], dtype=acc, device=y.device) if bias is None else _per_channel(bias, y, "bias")
     return gamma, beta
@@ -80,7 +87,7 @@ def _residual_like(residual, x):
         return None
     if residual.shape != x.shape:
         raise ValueError(f"fastcnn: residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    return residual.to(x.dtype).contiguous(memory_format=reference.memory_format_of(x))
+    return residual.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def scale_shift_add_relu(x, scale, shift, residual=None):
@@ -153,3 +160,118 @@ def _check_batch(y):
 
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
+
+
+
+POOL_ROUTES = RouteTable("batch_norm_relu_pool", [
+    Route("cuda", device="cuda"),
+    Route("cpu", device="cpu"),
+], compiled=register.POOL_OPS)
+
+
+def _check_pool_input(y, y_bias, weight, bias):
+    if not isinstance(y, torch.Tensor) or y.dim() != 4:
+        got = f"{y.dim()}D input" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"fastcnn: expected 4D input (got {got})")
+    if not y.is_floating_point():
+        raise TypeError(f"fastcnn: input must be a floating-point tensor, got {y.dtype}")
+    if y.numel() // y.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.size()}")
+    for name, t in (("y_bias", y_bias), ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (y.shape[1],):
+            raise ValueError(f"fastcnn: {name} must have shape ({y.shape[1]},) (one value per channel of the input), "
+                             f"got {tuple(t.shape)}")
+
+
+def batch_norm_relu_pool(y, y_bias, weight, bias, eps, pool="none", pool_size=2, pool_stride=None):
+    """``(pool(relu(batch_norm(y + y_bias, weight, bias, eps))), mean, var)`` with training-mode BatchNorm on a
+    convolution output ``y`` computed without its bias ``y_bias``. ``y_bias``, ``weight`` and ``bias`` may be None;
+    pool is ``"max"``, ``"avg"`` or ``"none"``. ``mean`` and ``var`` (biased) are the batch statistics of
+    ``y + y_bias``, for the running-statistics update.
+
+    BatchNorm cancels a per-channel constant (``u - mean(u) = y - mean(y)`` for ``u = y + b``), so the output never
+    depends on ``y_bias`` (its gradient is exactly zero) and the compiled backends skip the bias add: one statistics
+    reduction, then ONE pass of the fused epilogue ``fastcnn::bias_relu_pool(y, shift, ..., scale)`` writing
+    ``pool(relu(y * scale + shift))`` (rounded once, as stock BatchNorm's output is) and a uint8 code per pooled
+    element. Saved for backward: ``y``, the pooled output and the code; the backward rebuilds the gradient at
+    ``z = y * scale + shift`` and runs BatchNorm's backward kernels (register.py)."""
+    _check_pool_input(y, y_bias, weight, bias)
+    if pool == "none":
+        pool_size = pool_stride = (1, 1)
+    else:
+        pool_size = pair(pool_size, "pool_size", 1)
+        pool_stride = pool_size if pool_stride is None else pair(pool_stride, "pool_stride", 1)
+    if route(POOL_ROUTES, y) == "reference":
+        return reference.batch_norm_relu_pool(y, y_bias, weight, bias, eps, pool, pool_size, pool_stride)
+    acc = accumulation_dtype(y.dtype)
+    gamma = torch.ones(y.shape[1], dtype=acc, device=y.device) if weight is None else weight.to(acc)
+    beta = torch.zeros(y.shape[1], dtype=acc, device=y.device) if bias is None else bias.to(acc)
+    out, _code, mean, var = register.batch_norm_relu_pool(y, y_bias, gamma, beta, eps, pool, list(pool_size),
+                                                          list(pool_stride))
+    if y_bias is not None:
+        mean = mean + y_bias.detach().to(acc)
+    return out, mean, var
+
+
+def conv2d_batch_stats(input, weight, stride=1, padding=0, dilation=1, groups=1):
+    """``y = conv2d(input, weight, None, stride, padding, dilation, groups)`` and the per-channel batch statistics
+    of ``y`` as BatchNorm2d computes them in training. "triton" reduces them in the convolution's epilogue (y is
+    never read back; float64 runs ATen's convolution and the Triton statistics kernels); "cpu" and "cuda" run ATen's
+    convolution (oneDNN/cuDNN, whose epilogue fastcnn cannot extend), then fastcnn's statistics op.
+
+    Args:
+        input: ``(N, C_in, H, W)`` float32, float16, bfloat16 or float64, NCHW or channels_last.
+        weight: ``(C_out, C_in / groups, kH, kW)``, input's dtype.
+        stride, padding, dilation: int or pair of ints, as in ``nn.Conv2d`` (zero padding).
+        groups: int.
+
+    Returns:
+        ``(y, mean, var)``: y in input's dtype and memory format (differentiable); mean and biased var of y's values
+        as stored (rounded to y's dtype), float32 (float64 for float64 input), not differentiable: the BatchNorm
+        that takes them re-derives their gradient from y.
+
+    Shape:
+        y: ``(N, C_out, H_out, W_out)``; mean, var: ``(C_out,)``.
+
+    Example:
+        >>> y, mean, var = conv2d_batch_stats(torch.randn(2, 3, 7, 5), torch.randn(5, 3, 3, 3), padding=1)
+        >>> y.shape, mean.shape
+        (torch.Size([2, 5, 7, 5]), torch.Size([5]))
+    """
+    stride, padding, dilation, _, _ = check_conv_relu_pool(input, weight, None, stride, padding, dilation, groups,
+                                                           "none", 1, None)
+    input, weight = autocast(input, weight)
+    if input.shape[0] * weight.shape[0] == 0:
+        raise ValueError(f"fastcnn: input of shape {tuple(input.shape)} and weight of shape {tuple(weight.shape)} "
+                         "give an empty output, which has no batch statistics")
+    args = (list(stride), list(padding), list(dilation), groups)
+    backend = route(ROUTES, input)
+    if backend == "reference":
+        return reference.conv2d_batch_stats(input, weight, *args)
+    return tuple(implementation(backend).CONV_STATS(input, weight, *args))
+
+
+def conv2d_epilogue_stats(input, weight, stride=1, padding=0, dilation=1, groups=1):
+    """``(conv2d(input, weight, None, ...), stats)``: stats is the output's batch statistics ``(mean, var)`` where
+    the backend reduces them in the convolution's epilogue (triton), else None - the BatchNorm op that follows then
+    reduces them itself, since a separate pass costs the same wherever it runs."""
+    if route(ROUTES, input) != "triton":
+        return F.conv2d(input, weight, None, stride, padding, dilation, groups), None
+    y, mean, var = conv2d_batch_stats(input, weight, stride, padding, dilation, groups)
+    return y, (mean, var)
+
+
+def batch_norm_relu_conv2d_epilogue_stats(y, weight, bias, eps, conv_weight, stride=1, padding=0, dilation=1,
+                                          groups=1, stats=None):
+    """`batch_norm_relu_conv2d` returning ``(out, mean, var, out_stats)``: out_stats as `conv2d_epilogue_stats`
+    gives them (the output's batch statistics where the convolution's epilogue reduces them, else None)."""
+    if route(ROUTES, y) != "triton":
+        return (*batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, stride, padding, dilation, groups), None)
+    out, mean, var, out_mean, out_var = batch_norm_relu_conv2d_stats(y, weight, bias, eps, conv_weight, stride,
+                                                                     padding, dilation, groups, stats)
+    return out, mean, var, (out_mean, out_var)
+
+
+__all__ = ["POOL_ROUTES", "ROUTES", "batch_norm_add_relu", "batch_norm_relu_conv2d",
+           "batch_norm_relu_conv2d_epilogue_stats", "batch_norm_relu_conv2d_stats", "batch_norm_relu_pool",
+           "conv2d_batch_stats", "conv2d_epilogue_stats", "implementation", "scale_shift_add_relu"]

@@ -1,7 +1,6 @@
-"""Autograd and fakes of the fused BatchNorm ops, defined once for every compiled backend (math in
-fastcnn/reference/batch_norm.py). A backend supplies its four primitive ops (`Kernels`, with the schemas of
-csrc/fastcnn.cpp): the C++/CUDA ops of fastcnn._C (batch_norm_cpp.py, batch_norm_train.py) or the Triton ones
-(batch_norm_triton.py).
+"""Autograd and fakes of the fused BatchNorm ops, defined once for every compiled backend (math in reference.py).
+A backend supplies its four primitive ops (`Kernels`, with the schemas of csrc/fastcnn.cpp): the C++/CUDA ops of
+fastcnn._C (register.py) or the Triton ones (register_triton.py).
 
 `define_training_ops(suffix, kernels)` builds, as ``fastcnn::<name><suffix>``:
 
@@ -15,7 +14,7 @@ csrc/fastcnn.cpp): the C++/CUDA ops of fastcnn._C (batch_norm_cpp.py, batch_norm
   follows (reduced in the convolution's epilogue where the backend's convolution allows it, see `define_training_ops`).
 
 All three take optional precomputed batch statistics ``mean``, ``var`` of ``y`` (from a producer that reduced them
-in its epilogue, see conv_batch_stats.py) instead of reducing them again; such statistics are constants to autograd,
+in its epilogue, see conv2d_batch_stats) instead of reducing them again; such statistics are constants to autograd,
 which is exact because the shared backward below is BatchNorm's full input gradient: it re-derives the statistics'
 dependence on ``y`` from ``y`` itself (d mean / dy = 1/M, d var / dy = 2 (y - mean) / M).
 
@@ -30,7 +29,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..reference.batch_norm import accumulation_dtype, memory_format_of
+from .._dispatch import accumulation_dtype, memory_format_of
 
 
 class Kernels(NamedTuple):

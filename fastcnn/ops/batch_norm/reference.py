@@ -1,4 +1,5 @@
-"""Plain-PyTorch BatchNorm pieces of the fused residual blocks: the test oracle and the last-resort backend.
+"""Plain-PyTorch BatchNorm pieces of the fused blocks: the test oracle and the last-resort backend of every function
+in fastcnn.ops.batch_norm (the residual blocks' ops, ``batch_norm_relu_pool`` and ``conv2d_batch_stats``).
 
 Training-mode BatchNorm followed by ReLU (and a residual add) is split into what each fused kernel computes:
 
@@ -23,16 +24,7 @@ Backward, with ``dz = grad_out`` where the gate (mask or recomputed activation) 
 import torch
 import torch.nn.functional as F
 
-
-def memory_format_of(x):
-    """channels_last when x is laid out NHWC and not also plainly contiguous (the rule every fastcnn output follows)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dispatch import accumulation_dtype, memory_format_of
 
 
 def _per_channel(v, x):
@@ -95,3 +87,29 @@ def batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, stride, padding, d
     """``conv2d(relu(batch_norm(y)))`` with training-mode BatchNorm and stock ops; returns (out, mean, var)."""
     activation, mean, var = batch_norm_add_relu(y, weight, bias, eps, None)
     return F.conv2d(activation, conv_weight, None, stride, padding, dilation, groups), mean, var
+
+
+def batch_norm_relu_pool(y, y_bias, weight, bias, eps, pool, pool_size, pool_stride):
+    """``(pool(relu(batch_norm(y + y_bias))), mean, var)`` with stock ops (differentiable by autograd); ``mean`` and
+    the biased ``var`` are the batch statistics of ``y + y_bias`` in the accumulation dtype, not differentiable.
+
+    The BatchNorm input is ``y + y_bias`` (``y`` a convolution computed without its bias, ``y_bias`` that bias or
+    None). A per-channel constant shifts the batch mean by itself and leaves the variance and the normalised value
+    ``(y - mean) * rsqrt(var + eps)`` unchanged, so the output never depends on ``y_bias``: it enters only the
+    returned mean (which feeds BatchNorm's running mean), and its gradient is exactly zero. (This reference adds it
+    anyway, as the stock layers do, so its gradient here is stock's rounding residue of that zero.)"""
+    if y_bias is not None:
+        y = y + y_bias.to(y.dtype).reshape(1, -1, 1, 1)
+    mean, var = batch_norm_stats(y.detach())
+    out = torch.relu(F.batch_norm(y, None, None, weight, bias, True, 0.0, eps))
+    if pool == "max":
+        out = F.max_pool2d(out, pool_size, pool_stride)
+    elif pool == "avg":
+        out = F.avg_pool2d(out, pool_size, pool_stride)
+    return out, mean, var
+
+
+def conv2d_batch_stats(x, weight, stride, padding, dilation, groups):
+    """``(y, mean, var)``: ``y = conv2d(x, weight)`` (bias-free, differentiable) and y's batch statistics (not)."""
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    return (y, *batch_norm_stats(y.detach()))

@@ -1,24 +1,21 @@
 """The Triton backend of the fused BatchNorm ops: the four primitive ops of csrc/fastcnn.cpp (same schemas and
-outputs, name suffixed ``_triton``) as torch.library.triton_op's, so torch.compile sees into the kernels, and the
-training ops built on them (`TRAINING`, see batch_norm_autograd.py). Imported only when Triton is installed; the
-kernels live in fastcnn.triton_kernels (batch_norm_reduce, batch_norm_elemt)."""
-from typing import Optional, Tuple
+outputs, name suffixed ``_triton``) as torch.library.triton_op's, so torch.compile sees into the kernels, the
+training ops built on them (`TRAINING`, see _training.py), and ``fastcnn::conv2d_batch_stats_triton`` (the
+convolution with the batch statistics reduced in its epilogue; `CONV_STATS`). Loaded by `load_triton` only where
+Triton is installed; the kernels live in fastcnn.triton_kernels (batch_norm_reduce, batch_norm_elemt,
+conv_bn_stats)."""
+from typing import List, Optional, Tuple
 
 import torch
 from torch.library import triton_op
 
-from ..reference.batch_norm import accumulation_dtype, memory_format_of
-from ..triton_kernels import batch_norm_elemt as elemt
-from ..triton_kernels import batch_norm_reduce as reduce
-from ._backends import wrap_triton
-from .batch_norm_autograd import (
-    Kernels,
-    composite_conv_stats,
-    define_training_ops,
-    like_input,
-    register_apply_autograd,
-)
-from .conv_batch_stats_triton import conv2d_batch_stats_triton
+from ...triton_kernels import batch_norm_elemt as elemt
+from ...triton_kernels import batch_norm_reduce as reduce
+from ...triton_kernels.conv_bn_stats import conv2d_batch_stats as _launch_conv_stats
+from .._args import conv_output_size
+from .._dispatch import accumulation_dtype, memory_format_of, wrap_triton
+from ..conv_relu_pool.register import allocate_outputs
+from ._training import Kernels, composite_conv_stats, define_training_ops, like_input, register_apply_autograd
 
 
 def _dense(x, name):
@@ -103,6 +100,41 @@ KERNELS = Kernels(stats=batch_norm_stats_triton, apply=scale_shift_add_relu_trit
                   backward_reduce=batch_norm_backward_reduce_triton, backward_elemt=batch_norm_backward_elemt_triton)
 register_apply_autograd("fastcnn::scale_shift_add_relu_triton", KERNELS)
 
+
+@triton_op("fastcnn::conv2d_batch_stats_triton", mutates_args={})
+def conv2d_batch_stats_triton(input: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int],
+                              dilation: List[int], groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = conv2d(input, weight) in input's dtype and memory format; mean and biased var of y per
+    output channel, float32."""
+    size = conv_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    y, _ = allocate_outputs(input, weight.shape[0], size, "none", None, None)
+    mean, var = (input.new_empty(weight.shape[0], dtype=torch.float32) for _ in range(2))  # (outputs may not alias)
+    _launch_conv_stats(input, weight, tuple(stride), tuple(padding), tuple(dilation), groups, y, mean, var,
+                       wrap=wrap_triton)
+    return y, mean, var
+
+
+def _conv_stats_setup(ctx, inputs, output):
+    input, weight, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _conv_stats_backward(ctx, grad_y, _grad_mean, _grad_var):
+    # mean and var are non-differentiable: the BatchNorm backward that consumes them re-derives their contribution
+    # to grad_y from y itself (_training.py), so only the convolution's own backward remains.
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_y, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [need_input, need_weight, False])
+    return grad_input, grad_weight, None, None, None, None
+
+
+torch.library.register_autograd("fastcnn::conv2d_batch_stats_triton", _conv_stats_backward,
+                                setup_context=_conv_stats_setup)
 
 _aten_conv_stats = composite_conv_stats(KERNELS)
 

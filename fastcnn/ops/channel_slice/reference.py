@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ...reference.batch_norm import batch_norm_add_relu, scale_shift_add_relu
+from ..batch_norm.reference import batch_norm_add_relu, scale_shift_add_relu
 from .._dispatch import accumulation_dtype
 
 

@@ -14,7 +14,9 @@ COMPILED_OPS = ("scale_shift_relu_out", "scale_shift_add_relu", "batch_norm_stat
                 "batch_norm_backward_elemt")
 
 if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_OPS):
-    from ..batch_norm_train import batch_norm_relu_backward
+    from ..batch_norm.register import TRAINING
+
+    batch_norm_relu_backward = TRAINING.batch_norm_relu_backward
 
     @torch.library.register_fake("fastcnn::scale_shift_relu_out")
     def _store_fake(input, scale, shift, out):

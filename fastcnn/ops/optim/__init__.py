@@ -47,22 +47,22 @@ def _run(op, params, args):
 
 def adam_(params, *args):
     """fastcnn::adam_ (Adam / AdamW, optional AMSGrad) on the backend chosen for ``params``; arguments as the
-    schema in ``SCHEMAS``, semantics in fastcnn.reference.optim.adam_."""
+    schema in ``SCHEMAS``, semantics in fastcnn.ops.optim.reference.adam_."""
     _run("adam_", params, args)
 
 
 def sgd_(params, *args):
-    """fastcnn::sgd_ (SGD with momentum, dampening, Nesterov, weight decay); see fastcnn.reference.optim.sgd_."""
+    """fastcnn::sgd_ (SGD with momentum, dampening, Nesterov, weight decay); see fastcnn.ops.optim.reference.sgd_."""
     _run("sgd_", params, args)
 
 
 def adagrad_(params, *args):
-    """fastcnn::adagrad_ (Adagrad with lr decay and weight decay); see fastcnn.reference.optim.adagrad_."""
+    """fastcnn::adagrad_ (Adagrad with lr decay and weight decay); see fastcnn.ops.optim.reference.adagrad_."""
     _run("adagrad_", params, args)
 
 
 def lars_(params, *args):
-    """fastcnn::lars_ (LARS / LARC trust ratio + SGD momentum); see fastcnn.reference.optim.lars_."""
+    """fastcnn::lars_ (LARS / LARC trust ratio + SGD momentum); see fastcnn.ops.optim.reference.lars_."""
     _run("lars_", params, args)
 
 

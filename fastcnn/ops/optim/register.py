@@ -40,10 +40,6 @@ def _nothing(*args):
     return None
 
 
-def _nothing(*args):
-    return None
-
-
 if _extension.LOADED:
     for _op in OPS:
         if hasattr(torch.ops.fastcnn, _op):
