@@ -22,7 +22,7 @@ def _device(name):
     backend forced with FASTCNN_BACKEND must be able to run on it (fastcnn.ops would refuse mid-run)."""
     import torch
 
-    from .ops._backends import BACKENDS, why_unavailable
+    from .ops import BACKENDS, why_unavailable
 
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

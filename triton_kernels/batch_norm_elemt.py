@@ -1,4 +1,4 @@
-"""Elementwise passes of the fused BatchNorm ops (math in fastcnn/reference/batch_norm.py):
+"""Elementwise passes of the fused BatchNorm ops (math in fastcnn/ops/batch_norm/reference.py):
 
 * apply: ``out = relu(x * scale[c] + shift[c] + residual)`` and, optionally, the uint8 ReLU mask ``not out <= 0``
   (taken on the rounded output, so NaN passes the gradient as ReLU's backward does);

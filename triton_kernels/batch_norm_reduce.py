@@ -1,4 +1,4 @@
-"""Per-channel reductions of the fused BatchNorm ops (math in fastcnn/reference/batch_norm.py), deterministic:
+"""Per-channel reductions of the fused BatchNorm ops (math in fastcnn/ops/batch_norm/reference.py), deterministic:
 
 * statistics: per-channel ``mean`` and biased ``var`` of ``x`` over its M = N*H*W rows;
 * backward: per-channel ``sum dz`` and ``sum dz (x - mean)``, with ``dz = grad_out`` where ``gate > 0`` else 0.

@@ -1,6 +1,6 @@
 """Forward of the fused Conv2d + bias + ReLU (+ max/avg pool): implicit GEMM whose epilogue pools in registers.
 
-Only the pooled output and its uint8 ``code`` (see ``fastcnn.reference.conv_relu_pool``) reach memory; the
+Only the pooled output and its uint8 ``code`` (see ``fastcnn.ops.conv_relu_pool.reference``) reach memory; the
 full-resolution convolution output never does.
 """
 import triton

@@ -1,5 +1,5 @@
 """Backward of ConvTranspose2d + bias + activation, with the ReLU mask applied on the operand loads (no masked copy of
-the gradient in memory). The forward's math is derived in ``fastcnn.reference.conv_transpose``.
+the gradient in memory). The forward's math is derived in ``fastcnn.ops.conv_transpose.reference``.
 
 With y = act(conv_transpose2d(x, w) + b) and dy_m = dy where not (y <= 0) for the ReLU (dy itself without one), and
 output row oy = iy*s - p + ky*d for input row iy and tap ky (likewise in x):

@@ -1,6 +1,6 @@
 """Forward of ConvTranspose2d + bias + activation by stride-phase decomposition: one launch, the phase on a grid
 axis, every multiply a real one (no zero insertion, no col2im). The math is derived in
-``fastcnn.reference.conv_transpose``.
+``fastcnn.ops.conv_transpose.reference``.
 """
 import math
 

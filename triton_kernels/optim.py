@@ -2,7 +2,7 @@
 
 Each has exactly the arguments of its ``fastcnn::`` op schema (csrc/fastcnn.cpp), plus ``wrap`` (identity by default;
 ``torch.library.wrap_triton`` inside a ``torch.library.triton_op``), and matches the plain-PyTorch oracle
-``fastcnn/reference/optim.py`` step for step. Nothing synchronises with the host: ``found_inf``, ``grad_scale``,
+``fastcnn/ops/optim/reference.py`` step for step. Nothing synchronises with the host: ``found_inf``, ``grad_scale``,
 ``lr_tensor`` and the step counters are read inside the kernels.
 
 Launches per call and dtype signature (usually one signature per call):
@@ -56,7 +56,7 @@ def _step_inc(wrap, grp, steps_row, found, has_inf):
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, weight_decay,
           eps, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf, wrap=None):
-    """Adam / AdamW (``decoupled_weight_decay``) with optional AMSGrad, in place; see fastcnn.reference.optim.adam_.
+    """Adam / AdamW (``decoupled_weight_decay``) with optional AMSGrad, in place; see fastcnn.ops.optim.reference.adam_.
 
     Args:
         params, grads, exp_avgs, exp_avg_sqs: lists of same-shape tensors (state may be fp32 beside bf16 params).
@@ -85,7 +85,7 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_t
 
 def sgd_(params, grads, momentum_buffers, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
          is_first_step, grad_scale, found_inf, wrap=None):
-    """SGD with momentum / dampening / Nesterov / L2 weight decay, in place; see fastcnn.reference.optim.sgd_.
+    """SGD with momentum / dampening / Nesterov / L2 weight decay, in place; see fastcnn.ops.optim.reference.sgd_.
 
     ``momentum_buffers`` is empty when momentum == 0; ``is_first_step`` sets the buffers to the gradient.
     """
@@ -106,7 +106,7 @@ def sgd_(params, grads, momentum_buffers, lr, lr_tensor, momentum, dampening, we
 
 def adagrad_(params, grads, state_sums, steps, lr, lr_tensor, lr_decay, weight_decay, eps, maximize, grad_scale,
              found_inf, wrap=None):
-    """Adagrad, in place; see fastcnn.reference.optim.adagrad_. ``steps`` (0-dim float tensors) are incremented."""
+    """Adagrad, in place; see fastcnn.ops.optim.reference.adagrad_. ``steps`` (0-dim float tensors) are incremented."""
     wrap = wrap or identity
     rows = [params, grads, state_sums, steps]
     cfg, chunk, grps, optional = _prepare(rows, ["params", "grads", "state_sums", "steps"], lr_tensor, grad_scale,
@@ -127,7 +127,7 @@ def adagrad_(params, grads, state_sums, steps, lr, lr_tensor, lr_decay, weight_d
 def lars_(params, grads, momentum_buffers, lr, lr_tensor, momentum, dampening, weight_decay, trust_coefficient, eps,
           nesterov, maximize, trust_clip, update_norm, lr_in_momentum, is_first_step, grad_scale, found_inf,
           wrap=None):
-    """LARS on every tensor given, in place; see fastcnn.reference.optim.lars_.
+    """LARS on every tensor given, in place; see fastcnn.ops.optim.reference.lars_.
 
     ``momentum_buffers`` is empty when momentum == 0 and not ``lr_in_momentum``. Per-tensor norms come from a
     first kernel's per-chunk partial sums, reduced in a fixed order by the update kernel: deterministic.

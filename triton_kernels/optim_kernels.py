@@ -3,7 +3,7 @@
 Each kernel serves both launch modes (see optim_common): TABLE=True, one program per chunk of the multi-tensor work
 table; TABLE=False, one tensor with direct pointers. Full tiles use a mask whose bound is a multiple of BLOCK (so the
 compiler can vectorise them); the tensor's last tile uses the true bound. Math runs in the opmath type (fp32, or fp64
-for fp64 params), with every step of the reference (fastcnn/reference/optim.py) in the same order: each scalar
+for fp64 params), with every step of the reference (fastcnn/ops/optim/reference.py) in the same order: each scalar
 expression in float64, rounded to opmath when it meets a tensor; divisions and square roots IEEE-rounded.
 """
 import triton

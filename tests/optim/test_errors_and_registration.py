@@ -6,7 +6,7 @@ import torch
 
 import fastcnn
 from fastcnn import _extension
-from fastcnn.ops import _backends
+from fastcnn.ops import why_unavailable
 from fastcnn.ops import optim as optim_ops
 
 CLASSES = ["Adam", "AdamW", "SGD", "Adagrad"]
@@ -97,7 +97,7 @@ def test_python_schemas_match_the_cpp_ones():
 
 
 
-@pytest.mark.skipif(_backends.why_unavailable("triton", "cuda") is not None, reason="Triton is not installed")
+@pytest.mark.skipif(why_unavailable("triton", "cuda") is not None, reason="Triton is not installed")
 def test_triton_ops_load_with_the_cpp_schemas():
     """An installed Triton backend must load: a failure there would otherwise only show as triton cases missing from
     the parametrized tests (torch 2.11's triton_op, for one, infers the schema from the function's signature)."""
