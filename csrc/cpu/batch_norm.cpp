@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "fastcnn/batch_norm.h"
+#include "fastcnn/cpu_loops.h"
 
 #include <algorithm>
 #include <cstring>
@@ -58,6 +59,25 @@ Moments<acc_t> moments_of(const scalar_t* x, int64_t len, int64_t stride) {
   return {static_cast<acc_t>(len), mean, m2};
 }
 
+// moments_of for every channel of `len` NHWC pixel rows at once: the same operations in the same order per channel
+// (sum over the rows, mean, then the centred sum of squares), but with the channel loop innermost, so that it is
+// unit-stride and vectorises.
+template <typename scalar_t, typename acc_t>
+FASTCNN_VECTOR_CLONES void chunk_moments(const scalar_t* __restrict__ x, int64_t len, int64_t C,
+                                         acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = 0;
+  for (int64_t r = 0; r < len; ++r) {
+    for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<acc_t>(x[r * C + c]);
+  }
+  for (int64_t c = 0; c < C; ++c) mean[c] /= len;
+  for (int64_t r = 0; r < len; ++r) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(x[r * C + c]) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
 template <typename scalar_t>
 void stats_kernel(const at::Tensor& x, const BnLayout& L, at::Tensor& mean, at::Tensor& var) {
   using out_t = at::opmath_type<scalar_t>;
@@ -66,7 +86,7 @@ void stats_kernel(const at::Tensor& x, const BnLayout& L, at::Tensor& mean, at::
   out_t* mp = mean.data_ptr<out_t>();
   out_t* vp = var.data_ptr<out_t>();
   if (!L.channels_last) {
-    at::parallel_for(0, L.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, L.C, grain_for(L.N * L.HW), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         Moments<acc_t> total;
         for (int64_t n = 0; n < L.N; ++n) total.merge(moments_of<scalar_t, acc_t>(xp + (n * L.C + c) * L.HW, L.HW, 1));
@@ -78,13 +98,15 @@ void stats_kernel(const at::Tensor& x, const BnLayout& L, at::Tensor& mean, at::
   }
   const int64_t rows = L.N * L.HW, chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<Moments<acc_t>> partial(chunks * L.C);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, grain_for(2 * kRowsPerChunk * L.C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mean(L.C), m2(L.C);
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * kRowsPerChunk, len = std::min(kRowsPerChunk, rows - r0);
-      for (int64_t c = 0; c < L.C; ++c) partial[k * L.C + c] = moments_of<scalar_t, acc_t>(xp + r0 * L.C + c, len, L.C);
+      chunk_moments<scalar_t, acc_t>(xp + r0 * L.C, len, L.C, mean.data(), m2.data());
+      for (int64_t c = 0; c < L.C; ++c) partial[k * L.C + c] = {static_cast<acc_t>(len), mean[c], m2[c]};
     }
   });
-  at::parallel_for(0, L.C, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, L.C, grain_for(8 * chunks), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       Moments<acc_t> total;
       for (int64_t k = 0; k < chunks; ++k) total.merge(partial[k * L.C + c]);
@@ -100,7 +122,7 @@ template <typename F>
 void for_each_segment(const BnLayout& L, const F& f) {
   const int64_t segments = L.channels_last ? L.N * L.HW : L.N * L.C;
   const int64_t len = L.channels_last ? L.C : L.HW;
-  at::parallel_for(0, segments, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, len)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, segments, grain_for(len), [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s) f(s * len, len, L.channels_last ? -1 : s % L.C);
   });
 }
@@ -112,33 +134,38 @@ std::vector<acc_t> per_channel_or(const c10::optional<at::Tensor>& t, int64_t C,
   return v;
 }
 
-// relu(x * scale + shift + residual) for one element, NaN propagating (as torch.relu: only v <= 0 becomes zero).
-template <bool kResidual, bool kMask, typename scalar_t, typename acc_t>
-inline void apply_one(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ rp, scalar_t* __restrict__ op,
-                      uint8_t* __restrict__ mp, int64_t i, acc_t scale, acc_t shift) {
-  acc_t v = static_cast<acc_t>(xp[i]) * scale + shift;
-  if constexpr (kResidual) v += static_cast<acc_t>(rp[i]);
-  const scalar_t o = static_cast<scalar_t>(v <= 0 ? acc_t(0) : v);
-  op[i] = o;
-  if constexpr (kMask) mp[i] = !(static_cast<acc_t>(o) <= 0);
+// relu(x * scale + shift + residual) over `len` elements, the scale and shift of element i at index i * kStep (NHWC:
+// kStep 1, one per channel; NCHW: kStep 0, the plane's channel), and the uint8 mask (out not <= 0) when kMask. NaN
+// propagates as torch.relu's does (only v <= 0 becomes zero). Every pointer is __restrict__ (the uint8 mask store may
+// otherwise alias anything and force every pointer to be reloaded after it) and the ReLU is a bit select (keep_if;
+// with `v <= 0 ? 0 : v` GCC branches around both stores), so the loop vectorises.
+template <bool kResidual, bool kMask, int kStep, typename scalar_t, typename acc_t>
+FASTCNN_VECTOR_CLONES void apply_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r,
+                                     scalar_t* __restrict__ o, uint8_t* __restrict__ m, int64_t len,
+                                     const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t v = static_cast<acc_t>(x[i]) * scale[i * kStep] + shift[i * kStep];
+    if constexpr (kResidual) v += static_cast<acc_t>(r[i]);
+    const scalar_t out = static_cast<scalar_t>(keep_if(v, !(v <= acc_t(0))));
+    o[i] = out;
+    if constexpr (kMask) m[i] = static_cast<uint8_t>(!(static_cast<acc_t>(out) <= acc_t(0)));
+  }
 }
 
 // The residual and mask choices are template parameters and the two layouts separate loops, so the inner loops
-// carry no branches (NHWC: unit-stride over channels with per-channel scale/shift, vectorised by the compiler).
+// carry no branches.
 template <bool kResidual, bool kMask, typename scalar_t>
 void apply_loops(const scalar_t* xp, const scalar_t* rp, scalar_t* op, uint8_t* mp, const BnLayout& L,
                  const std::vector<at::opmath_type<scalar_t>>& sc, const std::vector<at::opmath_type<scalar_t>>& sh) {
-  const auto* __restrict__ scp = sc.data();
-  const auto* __restrict__ shp = sh.data();
+  const auto* scp = sc.data();
+  const auto* shp = sh.data();
   for_each_segment(L, [&](int64_t off, int64_t len, int64_t ch) {
-    const scalar_t* x = xp + off;
     const scalar_t* r = kResidual ? rp + off : nullptr;
-    scalar_t* o = op + off;
     uint8_t* m = kMask ? mp + off : nullptr;
     if (ch < 0) {
-      for (int64_t i = 0; i < len; ++i) apply_one<kResidual, kMask>(x, r, o, m, i, scp[i], shp[i]);
+      apply_row<kResidual, kMask, 1>(xp + off, r, op + off, m, len, scp, shp);
     } else {
-      for (int64_t i = 0; i < len; ++i) apply_one<kResidual, kMask>(x, r, o, m, i, scp[ch], shp[ch]);
+      apply_row<kResidual, kMask, 0>(xp + off, r, op + off, m, len, scp + ch, shp + ch);
     }
   });
 }
@@ -170,30 +197,13 @@ inline bool gate_open(gate_t g) {
   }
 }
 
-template <size_t kBytes>
-using bits_of_size = std::conditional_t<kBytes == 8, uint64_t, std::conditional_t<kBytes == 4, uint32_t, uint16_t>>;
-
-// dz in acc_t: g, or +0 where the gate is closed. The choice is made on g's bits (an AND with all-ones or zero), not
-// with a conditional: the compiler does not turn a conditional floating-point load or conversion into a select
-// (it might trap), so a `?:` here would keep the loops from vectorising.
+// dz in acc_t: g, or +0 where the gate is closed, selected on g's bits (keep_if) so that the loops vectorise.
 template <typename acc_t, typename scalar_t, typename gate_t>
 inline acc_t gated(scalar_t g, gate_t gate) {
-  using bits_t = bits_of_size<sizeof(scalar_t)>;
-  bits_t bits;
-  std::memcpy(&bits, &g, sizeof(bits));
-  bits &= -static_cast<bits_t>(gate_open(gate));
-  std::memcpy(&g, &bits, sizeof(bits));
-  return static_cast<acc_t>(g);
+  return static_cast<acc_t>(keep_if(g, gate_open(gate)));
 }
 
-// The backward loops below are compiled twice, for the baseline ISA and for AVX2 (twice the vector width), and
-// the loader picks the clone the CPU runs. Both do the same operations in the same order (AVX2 without FMA, no
-// reassociation), so results are bitwise the same on every CPU.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTCNN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTCNN_VECTOR_CLONES
-#endif
+// The backward loops below are compiled for AVX2 too (FASTCNN_VECTOR_CLONES, fastcnn/cpu_loops.h).
 
 // The tensors both pieces read, as raw rows (see row_stride_of: NHWC one pixel's C channels, NCHW one sample's
 // C * H * W values; x is dense, grad_out and gate may be channel slices with farther-apart rows).
@@ -272,14 +282,14 @@ void reduce_kernel(const BackwardInputs& in, at::Tensor& sum_dz, at::Tensor& sum
   const int64_t width = L.channels_last ? L.C : 1;
   std::vector<acc_t> part_dz(pieces * width, 0), part_xmu(pieces * width, 0);
   if (L.channels_last) {
-    at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pieces, grain_for(kRowsPerChunk * L.C), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         accumulate_rows<kCentred>(rows, k * kRowsPerChunk, std::min((k + 1) * kRowsPerChunk, L.N * L.HW),
                                   mu.data(), L.C, &part_dz[k * L.C], &part_xmu[k * L.C]);
       }
     });
   } else {
-    at::parallel_for(0, pieces, std::max<int64_t>(1, 16384 / L.HW), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pieces, grain_for(L.HW), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {  // k = n * C + c
         const int64_t n = k / L.C, plane = (k % L.C) * L.HW;
         accumulate_plane<kCentred>(rows.grad + n * rows.grad_stride + plane, rows.gate + n * rows.gate_stride + plane,
@@ -338,7 +348,7 @@ void elemt_kernel(const ElemtCall& c) {
   scalar_t* dz = kWantDz ? c.dz.data_ptr<scalar_t>() : nullptr;
   const int64_t outer = L.channels_last ? L.N * L.HW : L.N * L.C;  // pixel rows, or (n, c) planes
   const int64_t len = L.channels_last ? L.C : L.HW;
-  at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / len), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, outer, grain_for(len), [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (L.channels_last) {
         elemt_row<kCentred, kWantDz, 1>(rows.grad + s * rows.grad_stride, rows.gate + s * rows.gate_stride,

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "fastcnn/channel_slice.h"
+#include "fastcnn/cpu_loops.h"
 
 #include <vector>
 
@@ -26,7 +27,7 @@ namespace {
 template <typename acc_t>
 inline acc_t relu_affine(acc_t x, acc_t scale, acc_t shift) {
   const acc_t v = x * scale + shift;
-  return v <= acc_t(0) ? acc_t(0) : v;
+  return keep_if(v, !(v <= acc_t(0)));  // a bit select: vectorises where `?:` may become a branch
 }
 
 // One row of `len` elements: input unit-stride from x, out `stride` apart from o. kPerElement: element i has its own
@@ -73,7 +74,7 @@ Walk walk_of(const at::Tensor& out) {
 
 template <bool kPerElement, bool kUnitStride, typename scalar_t, typename acc_t>
 void store_rows(const Walk& w, const scalar_t* xp, scalar_t* op, const acc_t* sc, const acc_t* sh) {
-  at::parallel_for(0, w.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.len)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, w.rows, grain_for(w.len), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       store_row<kPerElement, kUnitStride>(xp + r * w.len, op + w.out_offset(r), w.len, w.inner_stride, sc, sh,
                                           kPerElement ? 0 : w.channel_of(r));

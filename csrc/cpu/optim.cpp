@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "fastcnn/cpu_loops.h"
 #include "fastcnn/optim.h"
 
 #include <cmath>
@@ -144,7 +145,7 @@ std::vector<Span> spans_of(const std::vector<Job>& jobs) {
 // Spans are split across torch's intra-op threads (setup.py compiles with -fopenmp, which at::parallel_for needs).
 template <typename F>
 void parallel_items(int64_t n, const F& f) {
-  at::parallel_for(0, n, 1, f);
+  at::parallel_for(0, n, grain_for(kSpan), f);
 }
 
 void run_jobs(const std::vector<Job>& jobs, const void* args) {
