@@ -2,21 +2,55 @@
 // in the output's memory order that reads each phase result once, adds the bias, applies the activation and writes
 // every output element once. Rows are the contiguous runs of the output: NHWC the C_out channels of one pixel (one
 // phase per pixel, and unit stride in the phase tensor when it is channel-last, so the loop vectorises), NCHW the OW
-// pixels of one (n, c, oy) row. No atomics; deterministic.
+// pixels of one (n, c, oy) row, written phase column by phase column (every sw-th pixel from one phase row, unit
+// stride in the GEMM path's phases). Index arithmetic is per pixel (NHWC) or per phase column (NCHW), never per
+// element, and the ReLU is a bit select, so the inner loops vectorise. No atomics; deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "fastcnn/checks.h"
 #include "fastcnn/conv_transpose.h"
+#include "fastcnn/cpu_loops.h"
 
 namespace fastcnn {
 namespace {
 
-template <typename scalar_t>
-void phase_store_kernel(const PhaseTable<scalar_t>& table, const at::Tensor& bias, const at::Tensor& out,
-                        bool relu) {
+// act(x + b) rounded to scalar_t after the add, the ReLU (kRelu) as a bit select so that the loops vectorise: the
+// same value as bias_act (fastcnn/conv_transpose.h) without its branch.
+template <bool kRelu, typename scalar_t, typename acc_t>
+inline scalar_t store_value(acc_t x, acc_t b) {
+  const scalar_t v = static_cast<scalar_t>(x + b);
+  return kRelu ? keep_if(v, !(static_cast<acc_t>(v) <= acc_t(0))) : v;
+}
+
+// NHWC: one output pixel's C channels from one phase pixel, channels `cs` apart (1 for the GEMM path's phases).
+template <bool kRelu, bool kUnit, typename scalar_t, typename acc_t>
+FASTCNN_VECTOR_CLONES void store_pixel(const scalar_t* __restrict__ src, int64_t cs, const acc_t* __restrict__ b,
+                                       int64_t C, scalar_t* __restrict__ dst) {
+  for (int64_t c = 0; c < C; ++c) {
+    dst[c] = store_value<kRelu, scalar_t>(src == nullptr ? acc_t(0) : static_cast<acc_t>(src[kUnit ? c : c * cs]), b[c]);
+  }
+}
+
+// NCHW: the outputs ox = ox0, ox0 + sw, ... (count of them) of one row, from one phase row read `us` apart (1 for
+// the GEMM path's phases), the first `valid` of them from the phase and the rest (past the phase's end) bias only.
+template <bool kRelu, typename scalar_t, typename acc_t>
+FASTCNN_VECTOR_CLONES void store_phase_column(const scalar_t* __restrict__ src, int64_t us, int64_t valid,
+                                              int64_t count, int64_t sw, acc_t b, scalar_t* __restrict__ dst) {
+  if (us == 1 && sw == 2) {  // the common k2s2 upsampling: constant strides, so the loop vectorises
+    for (int64_t k = 0; k < valid; ++k) dst[2 * k] = store_value<kRelu, scalar_t>(static_cast<acc_t>(src[k]), b);
+  } else {
+    for (int64_t k = 0; k < valid; ++k) dst[k * sw] = store_value<kRelu, scalar_t>(static_cast<acc_t>(src[k * us]), b);
+  }
+  for (int64_t k = valid; k < count; ++k) dst[k * sw] = store_value<kRelu, scalar_t>(acc_t(0), b);
+}
+
+template <bool kRelu, typename scalar_t>
+void phase_store_kernel(const PhaseTable<scalar_t>& table, const at::Tensor& bias, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = out.size(0), C = out.size(1), OH = out.size(2), OW = out.size(3);
   const auto os = out.strides();
@@ -24,35 +58,47 @@ void phase_store_kernel(const PhaseTable<scalar_t>& table, const at::Tensor& bia
   const at::Tensor b_t = bias.defined() ? bias.to(at::toOpMathType(out.scalar_type())).contiguous()
                                         : at::zeros({C}, out.options().dtype(at::toOpMathType(out.scalar_type())));
   const acc_t* b = b_t.const_data_ptr<acc_t>();
+  const int64_t sh = table.stride_h, sw = table.stride_w;
   if (memory_format_of(out) == at::MemoryFormat::ChannelsLast) {
-    at::parallel_for(0, N * OH * OW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t lo,
-                                                                                                  int64_t hi) {
+    at::parallel_for(0, N * OH * OW, grain_for(C), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t ox = r % OW, oy = (r / OW) % OH, n = r / (OW * OH);
         const int64_t ay = oy + table.pad_h, ax = ox + table.pad_w;
-        const int64_t phase = (ay % table.stride_h) * table.stride_w + ax % table.stride_w;
-        const int64_t t = ay / table.stride_h, u = ax / table.stride_w;
+        const int64_t phase = (ay % sh) * sw + ax % sw;
+        const int64_t t = ay / sh, u = ax / sw;
         const scalar_t* p = table.data[phase];
-        scalar_t* __restrict__ dst = o + n * os[0] + oy * os[2] + ox * os[3];
-        if (p != nullptr && t < table.len_h[phase] && u < table.len_w[phase]) {
-          const int64_t* s = table.strides[phase];
-          const scalar_t* __restrict__ src = p + n * s[0] + t * s[2] + u * s[3];
-          const int64_t cs = s[1];
-          for (int64_t c = 0; c < C; ++c) dst[c] = bias_act<scalar_t>(static_cast<acc_t>(src[c * cs]), b[c], relu);
+        scalar_t* dst = o + n * os[0] + oy * os[2] + ox * os[3];
+        const int64_t* s = table.strides[phase];
+        const bool reached = p != nullptr && t < table.len_h[phase] && u < table.len_w[phase];
+        const scalar_t* src = reached ? p + n * s[0] + t * s[2] + u * s[3] : nullptr;
+        if (reached && s[1] == 1) {
+          store_pixel<kRelu, true>(src, 1, b, C, dst);
         } else {
-          for (int64_t c = 0; c < C; ++c) dst[c] = bias_act<scalar_t>(acc_t(0), b[c], relu);
+          store_pixel<kRelu, false>(src, reached ? s[1] : 0, b, C, dst);
         }
       }
     });
     return;
   }
-  at::parallel_for(0, N * C * OH, std::max<int64_t>(1, 16384 / std::max<int64_t>(OW, 1)), [&](int64_t lo,
-                                                                                                int64_t hi) {
+  // NCHW: row (n, c, oy) reads one row t of the phases (rh, 0..sw-1); phase column rw holds the outputs
+  // ox = ox0 + k sw with ox0 = (rw - pad_w) mod sw, at u = (ox0 + pad_w) / sw + k.
+  at::parallel_for(0, N * C * OH, grain_for(OW), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t oy = r % OH, c = (r / OH) % C, n = r / (OH * C);
-      scalar_t* __restrict__ dst = o + n * os[0] + c * os[1] + oy * os[2];
-      for (int64_t ox = 0; ox < OW; ++ox) {
-        dst[ox] = bias_act<scalar_t>(phase_value<scalar_t, acc_t>(table, n, c, oy, ox), b[c], relu);
+      const int64_t ay = oy + table.pad_h, rh = ay % sh, t = ay / sh;
+      scalar_t* dst = o + n * os[0] + c * os[1] + oy * os[2];
+      for (int64_t rw = 0; rw < sw; ++rw) {
+        const int64_t ox0 = ((rw - table.pad_w) % sw + sw) % sw;
+        if (ox0 >= OW) continue;
+        const int64_t count = (OW - ox0 + sw - 1) / sw, u0 = (ox0 + table.pad_w) / sw;
+        const int64_t phase = rh * sw + rw;
+        const scalar_t* p = table.data[phase];
+        const int64_t* s = table.strides[phase];
+        const bool row_reached = p != nullptr && t < table.len_h[phase];
+        const int64_t valid = row_reached ? std::clamp<int64_t>(table.len_w[phase] - u0, 0, count) : 0;
+        const scalar_t* src = row_reached ? p + n * s[0] + c * s[1] + t * s[2] + u0 * s[3] : nullptr;
+        store_phase_column<kRelu, scalar_t, acc_t>(src, row_reached ? s[3] : 1, valid, count, sw, b[c],
+                                                   dst + ox0 * os[3]);
       }
     }
   });
@@ -63,7 +109,8 @@ void phase_store_kernel(const PhaseTable<scalar_t>& table, const at::Tensor& bia
 void phase_store_bias_act_cpu(const std::vector<at::Tensor>& phases, const at::Tensor& bias, const at::Tensor& out,
                               std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool relu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "phase_store_bias_act_cpu", [&] {
-    phase_store_kernel<scalar_t>(make_phase_table<scalar_t>(phases, stride, padding), bias, out, relu);
+    const auto table = make_phase_table<scalar_t>(phases, stride, padding);
+    relu ? phase_store_kernel<true, scalar_t>(table, bias, out) : phase_store_kernel<false, scalar_t>(table, bias, out);
   });
 }
 
