@@ -119,7 +119,20 @@ at::Tensor gemm_shuffle_forward(const at::Tensor& input, const at::Tensor& weigh
   } else {
     const at::Tensor x = input.contiguous().view({N, C_in, H * W});
     const at::Tensor w = weight.reshape({C_in, C_out * KH * KW}).t();
-    gemm = at::matmul(w, x).view({N, C_out, KH, KW, H, W}).permute({0, 1, 4, 5, 2, 3});
+    at::Tensor g;
+    if (input.is_cpu()) {
+      // One GEMM per sample straight into its slice: at::matmul of a 2-D by a 3-D tensor folds the batch by copying
+      // x transposed and then the result back (two copies as large as x and the output; 2 x 5.8 ms of a 23 ms
+      // forward on 4x128x28x28 -> 64, fp32, one CPU thread).
+      g = at::empty({N, C_out * KH * KW, H * W}, input.options());
+      for (int64_t n = 0; n < N; ++n) {
+        at::Tensor slice = g.select(0, n);
+        at::mm_out(slice, w, x.select(0, n));
+      }
+    } else {
+      g = at::matmul(w, x);
+    }
+    gemm = g.view({N, C_out, KH, KW, H, W}).permute({0, 1, 4, 5, 2, 3});
   }
   std::vector<at::Tensor> phases;
   for (int64_t ky = 0; ky < KH; ++ky) {
