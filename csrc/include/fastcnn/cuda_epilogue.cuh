@@ -1,4 +1,4 @@
-// Device helpers of the CUDA epilogue kernels (cuda/bias_relu_pool.cu): vector access, index splitting, the
+// Device helpers of the CUDA epilogue kernels (cuda/conv_relu_pool.cu): vector access, index splitting, the
 // scale + bias + ReLU step and the pooling-window search specialised for the common strides.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused epilogue; cpu/bias_relu_pool.cpp is the behavioural model (same checks, outputs, memory
+// CUDA kernels of the fused epilogue; cpu/conv_relu_pool.cpp is the behavioural model (same checks, outputs, memory
 // formats, numerics). Forward: optional per-channel scale, bias, ReLU and pool in one pass over the convolution
 // output. Backward: the gradient at conv * scale + bias gathered per element from the windows containing it, and
 // grad_bias as a per-channel reduction over the pooled tensors.

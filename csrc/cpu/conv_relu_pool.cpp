@@ -1,5 +1,5 @@
 // CPU kernel of the fused epilogue's forward: optional per-channel scale, bias, ReLU and pool in one pass over the
-// convolution output (the backward is in bias_relu_pool_backward.cpp).
+// convolution output (the backward is in conv_relu_pool_backward.cpp).
 //
 // Value per element: conv * scale[c] + bias[c] (scale 1, bias 0 when absent), computed in at::opmath_type and
 // rounded to the tensor dtype once, as eager's separate `add_` (or BatchNorm's affine map) does, so the pool selects
