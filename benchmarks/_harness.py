@@ -141,6 +141,24 @@ class _CacheFlusher:
 
 
 _flush = None
+
+
+def cache_flusher(device):
+    """The callable run before every timed repeat: on CPU a 64 MiB buffer rewritten (``bench``'s own); on GPU a
+    256 MiB buffer zeroed, as ``do_bench`` flushes L2, then a synchronisation (for timers outside ``bench``: the
+    pytest-benchmark session)."""
+    global _flush
+    if device.type != "cuda":
+        _flush = _flush or _CacheFlusher()
+        return _flush
+    buffer = torch.empty(64 << 20, dtype=torch.int32, device=device)
+
+    def flush():
+        buffer.zero_()
+        torch.cuda.synchronize(device)
+    return flush
+
+
 BUSY_CORES = 0.25  # other processes using more CPU than this during a CPU timing make it suspect
 
 
@@ -162,12 +180,11 @@ def _quantiles(times_ms):
 
 def _time_cpu(fn, budget_s, min_reps, max_reps):
     """One timed series; also ``other_cpu``: cores' worth of CPU that other processes used meanwhile."""
-    global _flush
-    _flush = _flush or _CacheFlusher()
+    flush = cache_flusher(torch.device("cpu"))
     busy0, own0, wall0 = _machine_busy_s(), time.process_time(), time.perf_counter()
     times, deadline = [], time.perf_counter() + budget_s
     while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < deadline):
-        _flush()
+        flush()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -275,6 +292,9 @@ class WithBackend(torch.nn.Module):
             return self.module(x)
 
 
+QUICK_RES_SCALE = 0.25  # --quick in the layer-level suites: resolutions scaled by at most this
+
+
 def layer_suite_args(description, default_batch, argv=None):
     """The command line shared by the layer-level suites (residual blocks, transposed convolution)."""
     import argparse
@@ -284,9 +304,18 @@ def layer_suite_args(description, default_batch, argv=None):
     parser.add_argument("--batch", type=int, help=f"batch size (default: {default_batch})")
     parser.add_argument("--res-scale", type=float, default=1.0, help="scale each case's resolution")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repeats per provider")
-    parser.add_argument("--retries", type=int, default=3, help="CPU: repeats of a series disturbed by other work")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"batch 1 (unless --batch), resolutions x{QUICK_RES_SCALE} at most, no retries: a "
+                        "smoke run")
+    parser.add_argument("--retries", type=int, help="CPU: repeats of a series disturbed by other work "
+                        "(default 3; 0 with --quick)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.res_scale = args.batch or 1, min(args.res_scale, QUICK_RES_SCALE)
+    if args.retries is None:
+        args.retries = 0 if args.quick else 3
+    return args
 
 
 def begin_run(args, dtype):
@@ -327,6 +356,7 @@ def run_cases(suite, args, env, ceilings, notes, cases, measure_case, describe):
     every row so a killed run keeps what it measured. Returns the exit status: 1 when any row failed its check."""
     for note in notes:
         print("note:", note)
+    suite += "_quick" if args.quick else ""  # a smoke run never overwrites the full run's file
     rows = []
     for case in cases:
         rows.append(measure_case(case))
@@ -334,6 +364,19 @@ def run_cases(suite, args, env, ceilings, notes, cases, measure_case, describe):
         write_results(suite, env, ceilings, rows, args.out, notes, complete=False)
     print(f"wrote {write_results(suite, env, ceilings, rows, args.out, notes)}")
     return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+def checked_first_call(step, stock_out, reference, dtype, device):
+    """Runs one provider's ``step`` once (it compiles, where there is anything to compile), timed as
+    ``first_call_s``, and checks what it returns against the float64 ``reference`` with stock's outputs
+    ``stock_out`` as the yardstick (None: this is stock, checked against itself). -> (outputs, result)."""
+    start = time.perf_counter()
+    got = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result = {"first_call_s": time.perf_counter() - start}
+    result.update(check(got, got if stock_out is None else stock_out, reference[:len(got)], dtype))
+    return got, result
 
 
 def _rel_rms(x, ref):

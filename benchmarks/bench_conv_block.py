@@ -14,7 +14,6 @@ against a float64 oracle in the same run (see _harness.check); a wrong result ma
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -38,6 +37,7 @@ SWEEP = {  # batch sizes at 128 channels x sweep resolution; resolutions at 128 
     "cpu": {"batches": [1, 2, 4, 8], "resolution": 56, "resolutions": [14, 28, 56, 112]},
 }
 CUDA_GRAPH_MAX_BATCH = 8  # sweep forwards at or below this batch are replayed from CUDA graphs (launch-bound)
+MODES = ("fwd", "fwd+bwd")
 LAYOUT_NAME = {torch.contiguous_format: "contiguous", torch.channels_last: "channels_last"}
 
 
@@ -143,6 +143,13 @@ def providers(device, without_max_autotune):
     return found, notes
 
 
+def provider_steps(case, mode, factory):
+    """(module, the step whose outputs are checked, the timed step) of one provider: the check runs with the output
+    gradient masked at the pool windows whose winner is ambiguous (Case._oracle), the timing with the full one."""
+    module = factory(case, mode)
+    return module, case.step(module, mode, case.check_grad_out), case.step(module, mode)
+
+
 def measure(case, mode, factories, ceilings, timing, graphed):
     """One row: every provider timed, checked, and (fwd+bwd) its saved-tensor bytes and peak memory measured."""
     flops, nbytes = case.work(mode)
@@ -152,16 +159,11 @@ def measure(case, mode, factories, ceilings, timing, graphed):
         result = {}
         try:
             torch._dynamo.reset()
-            module = factory(case, mode)
-            start = time.perf_counter()
-            got = case.step(module, mode, case.check_grad_out)()  # compiles, where there is anything to compile
-            if case.device.type == "cuda":
-                torch.cuda.synchronize()
-            result["first_call_s"] = time.perf_counter() - start
+            module, checked, run = provider_steps(case, mode, factory)
+            got, checked_result = H.checked_first_call(checked, stock_out, case.reference, case.dtype, case.device)
+            result.update(checked_result)
             stock_out = stock_out or got  # eager runs first
-            result.update(H.check(got, stock_out, case.reference[:len(got)], case.dtype))
             del got
-            run = case.step(module, mode)
             timed = H.cuda_graphed(run) if graphed else run
             result.update(H.bench(timed, case.device, warmup=1, **timing))
             result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
@@ -276,7 +278,7 @@ def main(argv=None):
         for sweep_axis, spec in cases_for(args, device):
             case = Case(*spec, device)
             graphed = bool(sweep_axis) and device.type == "cuda" and spec[3] <= CUDA_GRAPH_MAX_BATCH
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in MODES:
                 row = measure(case, mode, factories, ceilings, timing, graphed and mode == "fwd")
                 rows.append(dict(row, sweep=sweep_axis) if sweep_axis else row)
                 print(describe(row), flush=True)

@@ -9,7 +9,8 @@ state_dict) on each compiled backend that runs on the device. Every provider is 
 the same run (_harness.check); saved-activation bytes (and, on GPU, peak memory) of each training step are recorded.
 Cases, timing and checks are bench_residual.py's; only the layers differ.
 
-    python benchmarks/bench_conv_bn.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
+    python benchmarks/bench_conv_bn.py [--device cpu|cuda] [--quick] [--batch N] [--res-scale F] [--budget S]
+        [--out DIR]
 """
 import copy
 import os
@@ -79,16 +80,21 @@ def providers(device):
     return [(name, factory) for name, factory in found if name != "fastcnn[triton]"], notes
 
 
+def case_specs(args, device):
+    """The Case constructor arguments (less the device) of a run, in run order."""
+    batch = args.batch or residual.DEFAULT_BATCH[device.type]
+    return [(name, channels, max(2, round(res * args.res_scale)), batch, mode)
+            for name, channels, res in BLOCKS for mode in residual.MODES]
+
+
 def main(argv=None):
     args = H.layer_suite_args(__doc__, "64 on GPU, 2 on CPU", argv)
     device, env, ceilings = H.begin_run(args, residual.LAYOUT[args.device][0])
     factories, notes = providers(device)
     if args.res_scale != 1.0:
         notes.append(f"resolutions scaled by {args.res_scale} from VGG-16's")
-    batch = args.batch or residual.DEFAULT_BATCH[device.type]
     timing = {"budget_s": args.budget, "retries": args.retries}
-    cases = (Case(name, channels, max(2, round(res * args.res_scale)), batch, mode, device)
-             for name, channels, res in BLOCKS for mode in ("infer", "train"))
+    cases = (Case(*spec, device) for spec in case_specs(args, device))
     return H.run_cases("conv_bn_block", args, env, ceilings, notes, cases,
                        lambda case: residual.measure(case, factories, ceilings, timing),
                        lambda row: H.describe_row(f"{row['block']} {row['mode']} {row['shape']}", row,

@@ -9,7 +9,8 @@ the router keeps ATen's transposed convolution (kernel != stride), to time it be
 provider is checked against a float64 oracle in the same run (_harness.check), and the ratio baseline time / fastcnn
 time is reported (> 1: fastcnn is faster).
 
-    python benchmarks/bench_conv_transpose.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
+    python benchmarks/bench_conv_transpose.py [--device cpu|cuda] [--quick] [--batch N] [--res-scale F] [--budget S]
+        [--out DIR]
 """
 import os
 import sys
@@ -27,6 +28,7 @@ SHAPES = [("k2s2 512->256 @28", 512, 256, 28, 2, 2, 0), ("k2s2 128->64 @112", 12
           ("k4s2p1 256->128 @56", 256, 128, 56, 4, 2, 1), ("k4s2p1 64->32 @112", 64, 32, 112, 4, 2, 1)]
 LAYOUT = {"cuda": (torch.bfloat16, torch.channels_last), "cpu": (torch.float32, torch.channels_last)}
 DEFAULT_BATCH = {"cuda": 32, "cpu": 2}
+MODES = ("fwd", "fwd+bwd")
 
 
 class Case:
@@ -126,16 +128,28 @@ def providers(device):
     return found, notes
 
 
+def provider_steps(case, factory):
+    """(the layer, the step whose outputs are checked, the timed step) of one provider: one step serves both."""
+    layer = factory(case)
+    step = case.step(layer)
+    return layer, step, step
+
+
+def case_specs(args, device):
+    """The Case constructor arguments (less the device) of a run, in run order."""
+    batch = args.batch or DEFAULT_BATCH[device.type]
+    return [(shape, batch, args.res_scale, mode) for shape in SHAPES for mode in MODES]
+
+
 def measure(case, factories, ceilings, timing):
     flops, nbytes = case.work()
     row = dict(case.meta, flops=flops, bytes=nbytes, providers={}, ratios={})
     stock_out = None
     for name, factory in factories:
         torch._dynamo.reset()
-        step = case.step(factory(case))
-        got = step()
+        _, checked, step = provider_steps(case, factory)
+        got, result = H.checked_first_call(checked, stock_out, case.reference, case.dtype, case.device)
         stock_out = stock_out or got
-        result = H.check(got, stock_out, case.reference, case.dtype)
         result.update(H.bench(step, case.device, warmup=1, **timing))
         result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
         row["providers"][name] = result
@@ -148,9 +162,8 @@ def main(argv=None):
     factories, notes = providers(device)
     if args.res_scale != 1.0:
         notes.append(f"input resolutions scaled by {args.res_scale}")
-    batch = args.batch or DEFAULT_BATCH[device.type]
     timing = {"budget_s": args.budget, "retries": args.retries}
-    cases = (Case(shape, batch, args.res_scale, mode, device) for shape in SHAPES for mode in ("fwd", "fwd+bwd"))
+    cases = (Case(*spec, device) for spec in case_specs(args, device))
     return H.run_cases("conv_transpose", args, env, ceilings, notes, cases,
                        lambda case: measure(case, factories, ceilings, timing),
                        lambda row: H.describe_row(f"{row['case']} {row['mode']}", row))

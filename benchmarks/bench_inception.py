@@ -8,7 +8,8 @@ and fastcnn's InceptionBlock (same state_dict) on each compiled backend that run
 checked against a float64 copy of the block in the same run (_harness.check); saved-activation bytes (and, on GPU,
 peak memory) of each training step are recorded (the measuring loop is bench_residual's).
 
-    python benchmarks/bench_inception.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
+    python benchmarks/bench_inception.py [--device cpu|cuda] [--quick] [--batch N] [--res-scale F] [--budget S]
+        [--out DIR]
 """
 import copy
 import os
@@ -79,16 +80,21 @@ class Case(bench_residual.Case):
         return (3 * flops, 2 * io + activations) if self.train else (flops, io)
 
 
+def case_specs(args, device):
+    """The Case constructor arguments (less the device) of a run, in run order."""
+    batch = args.batch or DEFAULT_BATCH[device.type]
+    return [(name, arguments, max(2, round(res * args.res_scale)), batch, mode)
+            for name, arguments, res in BLOCKS for mode in bench_residual.MODES]
+
+
 def main(argv=None):
     args = H.layer_suite_args(__doc__, "64 on GPU, 2 on CPU", argv)
     device, env, ceilings = H.begin_run(args, LAYOUT[args.device][0])
     factories, notes = bench_residual.providers(device)
     if args.res_scale != 1.0:
         notes.append(f"resolutions scaled by {args.res_scale} from GoogLeNet's")
-    batch = args.batch or DEFAULT_BATCH[device.type]
     timing = {"budget_s": args.budget, "retries": args.retries}
-    cases = (Case(name, arguments, max(2, round(res * args.res_scale)), batch, mode, device)
-             for name, arguments, res in BLOCKS for mode in ("infer", "train"))
+    cases = (Case(*spec, device) for spec in case_specs(args, device))
     return H.run_cases("inception", args, env, ceilings, notes, cases,
                        lambda case: bench_residual.measure(case, factories, ceilings, timing),
                        lambda row: H.describe_row(f"{row['block']} {row['mode']} {row['shape']}", row,

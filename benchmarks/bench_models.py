@@ -15,15 +15,15 @@ and dropout masks (_harness.check: at most 2x eager's error); the encoder-decode
 logits and the gradients of every transposed convolution too. Memory: bytes saved for backward by a training
 forward, and the peak allocated during a training step (GPU only).
 
-    python benchmarks/bench_models.py [--device cpu|cuda] [--models resnet50,vgg16] [--modes inference,train]
-        [--batch N] [--resolution R] [--width W] [--dtype float32|bfloat16] [--channels-last] [--no-compile]
-        [--budget S] [--retries N] [--wait-quiet S] [--suite NAME] [--out DIR]
+    python benchmarks/bench_models.py [--device cpu|cuda] [--quick] [--models resnet50,vgg16]
+        [--modes inference,train] [--batch N] [--resolution R] [--width W] [--dtype float32|bfloat16]
+        [--channels-last] [--no-compile] [--budget S] [--retries N] [--wait-quiet S] [--suite NAME] [--out DIR]
 """
 import argparse
 import copy
+import functools
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ import fastcnn  # noqa: E402
 from fastcnn.nn.multitask_loss import MultiTaskLoss  # noqa: E402
 
 NUM_CLASSES = 1000
+# --quick: a smoke run at the CPU default size (smaller, ResNet-50's last BatchNorms see too few values per channel
+# in training: at 2 x 32², 2 each, and float32 vs float64 differ by ~100% in eager too)
+QUICK = {"models": "resnet50", "batch": 2, "resolution": 64}
 DEFAULTS = {"cpu": {"batch": 2, "resolution": 64, "width": 0.25}, "cuda": {"batch": 64, "resolution": 224, "width": 1}}
 
 
@@ -55,6 +58,11 @@ class Case:
         self.labels = torch.randint(0, self.num_classes, (batch,), device=device)
         self.meta = {"model": name, "mode": mode, "batch": batch, "resolution": resolution,
                      "dtype": str(dtype).replace("torch.", ""), "layout": "channels_last" if channels_last else "nchw"}
+
+    @functools.cached_property
+    def reference(self):
+        """The float64 oracle's checked tensors (``checked_tensors``) on the same input."""
+        return self.checked_tensors(self.oracle, self.x.double())
 
     def stock_copy(self):
         """A fresh copy of the stock model (a provider's timed steps update its weights and statistics)."""
@@ -164,22 +172,24 @@ def providers(compile_too):
     return found
 
 
+def provider_steps(case, factory):
+    """(the model, the step whose outputs are checked - no update -, the timed step) of one provider."""
+    model = factory(case)
+    return model, lambda: case.checked_tensors(model, case.x), case.step(model)
+
+
 def measure(case, factories, timing):
     """One row: every provider checked against the float64 oracle, timed, and (train) its memory measured."""
-    reference = case.checked_tensors(case.oracle, case.x.double())
     row = dict(case.meta, providers={}, ratios={})
     stock_result = None
     for name, factory in factories:
         result = {}
         try:
             torch._dynamo.reset()
-            model = factory(case)
-            start = time.perf_counter()
-            got = case.checked_tensors(model, case.x)  # compiles, where there is anything to compile
-            result["first_call_s"] = time.perf_counter() - start
+            model, checked, run = provider_steps(case, factory)
+            got, checked_result = H.checked_first_call(checked, stock_result, case.reference, case.dtype, case.device)
+            result.update(checked_result)
             stock_result = stock_result or got  # eager runs first
-            result.update(H.check(got, stock_result, reference, case.dtype))
-            run = case.step(model)
             result.update(H.bench(run, case.device, warmup=1, **timing))
             if case.mode == "train":
                 result["saved_bytes"] = H.saved_tensor_bytes(lambda: model(case.x),
@@ -218,7 +228,9 @@ def describe(row):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", default="resnet50,vgg16")
+    p.add_argument("--quick", action="store_true", help="a smoke run: ResNet-50 only (unless --models), batch "
+                   f"{QUICK['batch']} at {QUICK['resolution']}² (unless --batch, --resolution), no retries")
+    p.add_argument("--models", help="default: resnet50,vgg16 (resnet50 with --quick)")
     p.add_argument("--modes", default="inference,train")
     p.add_argument("--batch", type=int, help="default: 2 on CPU, 64 on GPU")
     p.add_argument("--resolution", type=int, help="default: 64 on CPU, 224 on GPU")
@@ -227,18 +239,34 @@ def parse_args(argv):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per provider")
-    p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--retries", type=int, help="default: 2 (0 with --quick)")
     p.add_argument("--wait-quiet", type=float, default=0, help="wait up to S seconds for a quiet machine first")
-    p.add_argument("--suite", default="models", help="the results file's suite name (default: models)")
+    p.add_argument("--suite", help="the results file's suite name (default: models, models_quick with --quick)")
     p.add_argument("--out", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    quick = QUICK if args.quick else {}
+    args.models = args.models or quick.get("models", "resnet50,vgg16")
+    args.batch, args.resolution = args.batch or quick.get("batch"), args.resolution or quick.get("resolution")
+    args.retries = (0 if args.quick else 2) if args.retries is None else args.retries
+    args.suite = args.suite or ("models_quick" if args.quick else "models")
+    return args
+
+
+def run_dtype(args, device):
+    """--dtype, or the device's default: float32 on CPU, bfloat16 on GPU."""
+    return getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def case_specs(args):
+    """(model, mode) of a run, in run order."""
+    return [(name, mode) for name in args.models.split(",") for mode in args.modes.split(",")]
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     defaults = DEFAULTS[device.type]
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = run_dtype(args, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     waited = H.wait_for_quiet(args.wait_quiet) if args.wait_quiet else 0
@@ -250,12 +278,11 @@ def main(argv=None):
         notes.append("peak step memory is measured on GPU only; saved_bytes (autograd's saved tensors) on both")
     timing = {"budget_s": args.budget, "min_reps": 3, "max_reps": 50, "retries": args.retries}
     rows = []
-    for name in args.models.split(","):
-        for mode in args.modes.split(","):
-            case = make_case(name, mode, args, defaults, dtype, device)
-            rows.append(measure(case, providers(not args.no_compile), timing))
-            print(describe(rows[-1]), flush=True)
-            H.write_results(args.suite, env, ceilings, rows, args.out, notes, complete=False)  # survives a kill
+    for name, mode in case_specs(args):
+        case = make_case(name, mode, args, defaults, dtype, device)
+        rows.append(measure(case, providers(not args.no_compile), timing))
+        print(describe(rows[-1]), flush=True)
+        H.write_results(args.suite, env, ceilings, rows, args.out, notes, complete=False)  # survives a kill
     note = H.disturbed_note([r for row in rows for r in row["providers"].values() if "median_ms" in r])
     notes += [note] if note else []
     print(f"wrote {H.write_results(args.suite, env, ceilings, rows, args.out, notes)}")

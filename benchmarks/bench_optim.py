@@ -125,6 +125,21 @@ def check(name, ours, stock, init, grads, lockstep):
     return dict(result, partner=C.check_partner(name), steps=ours.steps)
 
 
+def uses_lockstep(name, dtype, device):
+    """Whether ``name``'s check in ``dtype`` is the lockstep one (else both against a float64 oracle)."""
+    return dtype == torch.float32 and C.exact_order(name, device)
+
+
+def check_before_timing(name, factory, partner_factory, init, grads, dtype, device, steps=3):
+    """One fastcnn provider checked before it is timed (the pytest-benchmark session): it and the check partner
+    take ``steps`` steps from the same start and are compared as ``measure`` compares them after its timings."""
+    ours, partner = start(factory, init, grads), start(partner_factory, init, grads)
+    for _ in range(steps):
+        ours()
+        partner()
+    return check(name, ours, partner, init, grads, uses_lockstep(name, dtype, device))
+
+
 # ------------------------------------------------------------------------------------------------------ a row
 
 def measure(name, set_name, shapes, dtype, device, ceilings, timing):
@@ -157,7 +172,7 @@ def measure(name, set_name, shapes, dtype, device, ceilings, timing):
     for run in kept.values():
         while run.steps < steps:
             run()
-    lockstep = dtype == torch.float32 and C.exact_order(name, device)
+    lockstep = uses_lockstep(name, dtype, device)
     for provider, run in kept.items():
         if provider != partner:
             row["providers"][provider].update(check(name, run, kept[partner], init, grads, lockstep))

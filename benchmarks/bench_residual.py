@@ -7,12 +7,12 @@ and fastcnn's Bottleneck (same state_dict) on each compiled backend that runs on
 checked against a float64 copy of the block in the same run (_harness.check); saved-activation bytes (and, on GPU,
 peak memory) of each training step are recorded.
 
-    python benchmarks/bench_residual.py [--device cpu|cuda] [--batch N] [--res-scale F] [--budget S] [--out DIR]
+    python benchmarks/bench_residual.py [--device cpu|cuda] [--quick] [--batch N] [--res-scale F] [--budget S]
+        [--out DIR]
 """
 import copy
 import os
 import sys
-import time
 
 import torch
 from torchvision.models import resnet as tv
@@ -26,6 +26,7 @@ OP = "bottleneck(conv1x1+bn+relu, conv3x3+bn+relu, conv1x1+bn, +identity, relu)"
 LAYERS = [("layer1", 256, 64, 56), ("layer2", 512, 128, 28)]  # (name, in/out channels, width, resolution)
 LAYOUT = {"cuda": (torch.bfloat16, torch.channels_last), "cpu": (torch.float32, torch.channels_last)}
 DEFAULT_BATCH = {"cuda": 64, "cpu": 2}
+MODES = ("infer", "train")
 
 
 class Case:
@@ -107,24 +108,34 @@ def providers(device):
     return found, notes
 
 
+def provider_steps(case, factory):
+    """(what runs the block, the step whose outputs are checked, the timed step) of one provider."""
+    run, block = factory(case)
+    return run, case.step(run, block), case.step(run, block)
+
+
+def case_specs(args, device):
+    """The Case constructor arguments (less the device) of a run, in run order."""
+    batch = args.batch or DEFAULT_BATCH[device.type]
+    return [(name, channels, width, max(2, round(res * args.res_scale)), batch, mode)
+            for name, channels, width, res in LAYERS for mode in MODES]
+
+
 def measure(case, factories, ceilings, timing):
     flops, nbytes = case.work()
     row = dict(case.meta, flops=flops, bytes=nbytes, providers={}, ratios={})
     stock_out = None
     for name, factory in factories:
         torch._dynamo.reset()
-        run, block = factory(case)
-        start = time.perf_counter()
-        got = case.step(run, block)()
-        result = {"first_call_s": time.perf_counter() - start}
+        run, checked, timed = provider_steps(case, factory)
+        got, result = H.checked_first_call(checked, stock_out, case.reference, case.dtype, case.device)
         stock_out = stock_out or got
-        result.update(H.check(got, stock_out, case.reference, case.dtype))
-        result.update(H.bench(case.step(run, block), case.device, warmup=1, **timing))
+        result.update(H.bench(timed, case.device, warmup=1, **timing))
         result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
         if case.train:
             params = list(case.stock.parameters()) + list(case.fused.parameters())
             result["saved_bytes"] = H.saved_tensor_bytes(lambda: run(case.x), held=[case.x, *params])
-            result["peak_step_bytes"] = H.peak_step_bytes(case.step(run, block), lambda: None, case.device)
+            result["peak_step_bytes"] = H.peak_step_bytes(timed, lambda: None, case.device)
         row["providers"][name] = result
     return H.finish_row(row)
 
@@ -139,10 +150,8 @@ def main(argv=None):
     factories, notes = providers(device)
     if args.res_scale != 1.0:
         notes.append(f"resolutions scaled by {args.res_scale} from ResNet-50's")
-    batch = args.batch or DEFAULT_BATCH[device.type]
     timing = {"budget_s": args.budget, "retries": args.retries}
-    cases = (Case(name, channels, width, max(2, round(res * args.res_scale)), batch, mode, device)
-             for name, channels, width, res in LAYERS for mode in ("infer", "train"))
+    cases = (Case(*spec, device) for spec in case_specs(args, device))
     return H.run_cases("residual", args, env, ceilings, notes, cases,
                        lambda case: measure(case, factories, ceilings, timing),
                        lambda row: H.describe_row(f"{row['block']} {row['mode']} {row['shape']}", row, _saved))

@@ -9,7 +9,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "${FASTCNN_TORCH:-torch==2.14.1}" "${FASTCNN_TORCHVISION:-torchvision==0.29.1}" ninja numpy \
-    pytest hypothesis expecttest matplotlib scikit-learn scikit-image pillow tqdm timm
+    pytest pytest-benchmark hypothesis expecttest matplotlib scikit-learn scikit-image pillow tqdm timm
 # --no-build-isolation: build against the torch just installed, not a second copy in a throw-away environment.
 MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/pip install -q --no-build-isolation --no-deps -e .
 .venv/bin/python -m fastcnn.info
