@@ -9,46 +9,13 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_cuda_home():
-    """The real CUDA toolkit folder. The `nvcc` on PATH may be a wrapper script that execs the real compiler from
-    elsewhere, in which case torch's guess (the wrapper's parent folder) is wrong, so follow the wrapper."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.isdir(os.environ[var]):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
-    nvcc = os.path.realpath(nvcc)
-    with open(nvcc, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"#!"):
-        match = re.search(rb"(/\S+)/bin/nvcc\b", head)
-        if match and os.path.isfile(match.group(1).decode() + "/bin/nvcc"):
-            return match.group(1).decode()
-    return os.path.dirname(os.path.dirname(nvcc))
-
-
-def wheel_cuda_includes():
-    """Include folders of the nvidia-* wheels a CUDA build of torch depends on. They hold library headers
-    (cusparse.h, cublas_v2.h, ...) that ATen's CUDA headers include and a bare toolkit may lack."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    dirs = []
-    for base in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isfile(os.path.join(d, "cusparse.h")) or os.path.isfile(
-        os.path.join(d, "cublas_v2.h"))]
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from cuda_toolkit import find_cuda_home, wheel_cuda_includes  # noqa: E402  (the one toolkit lookup)
 
 
 cuda_home = None if os.environ.get("FASTCNN_SKIP_CUDA") == "1" else find_cuda_home()
@@ -82,8 +49,7 @@ if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extra_compile_args["cxx"].append("-DFASTCNN_WITH_CUDA")
     extra_compile_args["nvcc"] = ["-O3", "-DFASTCNN_WITH_CUDA", "--expt-relaxed-constexpr"]
-    if not os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
-        include_dirs += wheel_cuda_includes()
+    include_dirs += wheel_cuda_includes(cuda_home)
 Extension = CUDAExtension if with_cuda else CppExtension
 ext = Extension("fastcnn._C", sources, include_dirs=include_dirs, extra_compile_args=extra_compile_args,
                 extra_link_args=extra_link_args, py_limited_api=True)

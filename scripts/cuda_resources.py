@@ -29,46 +29,23 @@ import sysconfig
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_toolkit import find_nvcc, wheel_cuda_includes  # noqa: E402  (setup.py's toolkit lookup)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALL_SAVE_LIMIT = 64  # bytes of spill stores that a subroutine call's register saves may account for
 STATIC_SMEM_LIMIT = 48 * 1024  # bytes a kernel may declare statically (__shared__ arrays), on every architecture
 DYNAMIC_SMEM_LIMIT = {"90": 232448, "90a": 232448, "100": 232448, "80": 166912, "89": 101376, "86": 101376}
 
 
-def find_nvcc():
-    """The real nvcc: CUDA_HOME's, else the one on PATH (following a wrapper script that execs another), as setup.py's
-    find_cuda_home finds the toolkit (setup.py runs setup() when imported, so it cannot be shared)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return "/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None
-    nvcc = os.path.realpath(nvcc)
-    with open(nvcc, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"#!"):
-        match = re.search(rb"(/\S+/bin/nvcc)\b", head)
-        if match and os.path.isfile(match.group(1).decode()):
-            return match.group(1).decode()
-    return nvcc
-
-
 def include_dirs(nvcc):
     """The extension's include folders: fastcnn's, torch's, the CUDA toolkit's, the nvidia wheels' (cusparse.h)."""
-    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))  # torch's guess may be wrong
+    cuda_home = os.path.dirname(os.path.dirname(nvcc))
+    os.environ.setdefault("CUDA_HOME", cuda_home)  # torch's guess may be wrong
     from torch.utils.cpp_extension import include_paths
 
-    dirs = [os.path.join(ROOT, "csrc", "include")]
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
-    if not os.path.isfile(os.path.join(cuda_include, "cusparse.h")):
-        import importlib.util
-
-        spec = importlib.util.find_spec("nvidia")
-        for base in (spec.submodule_search_locations if spec else None) or []:
-            dirs += [d for d in sorted(glob.glob(os.path.join(base, "*", "include")))
-                     if os.path.isfile(os.path.join(d, "cusparse.h"))]
+    dirs = [os.path.join(ROOT, "csrc", "include"), *wheel_cuda_includes(cuda_home)]
+    cuda_include = os.path.join(cuda_home, "include")
     dirs += include_paths(device_type="cuda") if "device_type" in include_paths.__code__.co_varnames else \
         include_paths(cuda=True)
     dirs += [cuda_include, sysconfig.get_paths()["include"]]
