@@ -27,7 +27,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <iterator>
 #include <type_traits>
 #include <vector>
@@ -182,151 +181,119 @@ double increment_step(const at::Tensor& step) {
   return static_cast<double>(*s);
 }
 
-// A tensor list the loops read, and whether this call uses it (max_exp_avg_sqs only with amsgrad, momentum buffers
-// only with momentum); an unused list gives null pointers.
-struct ListUse {
-  at::TensorList list;
-  bool used;
-};
-
 // One Job per parameter: the loop `pick(P*, S*)` returns for its param and state dtypes (null pointers that carry the
-// types), the data pointers of its tensors in `lists` (in the loop's order) and its element count.
+// types), the data pointers of its params, grads and used state lists (in the loop's order; an unused list, e.g.
+// max_exp_avg_sqs without amsgrad, gives null pointers) and its element count.
 template <typename Pick>
-std::vector<Job> make_jobs(at::TensorList params, const std::vector<optim::StateList>& states,
-                           std::initializer_list<ListUse> lists, const Pick& pick) {
-  TORCH_INTERNAL_ASSERT(lists.size() <= std::size(Job{}.ptr), "fastcnn: a Job holds at most 5 tensor lists");
-  std::vector<Job> jobs(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
+std::vector<Job> make_jobs(const optim::Call& call, const Pick& pick) {
+  TORCH_INTERNAL_ASSERT(2 + call.states.size() <= std::size(Job{}.ptr), "fastcnn: a Job holds at most 5 tensor lists");
+  std::vector<Job> jobs(call.params.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
     Job& job = jobs[i];
-    job.fn = optim::with_dtypes(params[i].scalar_type(), optim::state_dtype(params[i], states, i),
+    job.fn = optim::with_dtypes(call.params[i].scalar_type(), optim::state_dtype(call.params[i], call.states, i),
                                 [&](auto* pt, auto* st) -> SpanFn { return pick(pt, st); });
-    int k = 0;
-    for (const ListUse& use : lists) job.ptr[k++] = use.used ? use.list[i].data_ptr() : nullptr;
-    job.numel = params[i].numel();
+    job.ptr[0] = call.params[i].data_ptr();
+    job.ptr[1] = call.grads[i].data_ptr();
+    for (size_t k = 0; k < call.states.size(); ++k) {
+      job.ptr[2 + k] = call.states[k].used ? call.states[k].tensors[i].data_ptr() : nullptr;
+    }
+    job.numel = call.params[i].numel();
   }
   return jobs;
 }
 
-void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-              at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
-              const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
-              double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-              const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
-  const std::vector<optim::StateList> states = {
-      {"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}};
-  optim::check_optimizer_args("adam_", params, grads, states, steps, true, lr_tensor, grad_scale, found_inf);
-  if (params.empty() || skipped(found_inf)) return;
-  const int wd_mode = weight_decay == 0 ? 0 : (decoupled_weight_decay ? 2 : 1);
-  const AdamArgs args{scale_of(grad_scale), lr_of(lr, lr_tensor), beta1, beta2, weight_decay, eps, wd_mode,
-                      maximize, optim::has(grad_scale)};
-  std::vector<Job> jobs = make_jobs(
-      params, states,
-      {{params, true}, {grads, true}, {exp_avgs, true}, {exp_avg_sqs, true}, {max_exp_avg_sqs, amsgrad}},
-      [&](auto* pt, auto* st) {
-        using P = std::remove_pointer_t<decltype(pt)>;
-        using S = std::remove_pointer_t<decltype(st)>;
-        return with_bool(amsgrad,
-                         [&](auto ams) -> SpanFn { return FASTCNN_PICK(adam_span, P, S, decltype(ams)::value); });
-      });
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    base::adam_bias_corrections(args.lr, beta1, beta2, increment_step(steps[i]), jobs[i].s0, jobs[i].s1);
-  }
-  run_jobs(jobs, &args);
-}
-
-void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-             const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
-             bool nesterov, bool maximize, bool is_first_step, const c10::optional<at::Tensor>& grad_scale,
-             const c10::optional<at::Tensor>& found_inf) {
-  const bool has_momentum = momentum != 0;
-  const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, has_momentum}};
-  optim::check_optimizer_args("sgd_", params, grads, states, {}, false, lr_tensor, grad_scale, found_inf);
-  if (params.empty() || skipped(found_inf)) return;
-  const SgdArgs args{scale_of(grad_scale), lr_of(lr, lr_tensor), momentum, dampening, weight_decay, nesterov,
-                     is_first_step, maximize, optim::has(grad_scale)};
-  const std::vector<Job> jobs = make_jobs(
-      params, states, {{params, true}, {grads, true}, {momentum_buffers, has_momentum}}, [&](auto* pt, auto* st) {
-        using P = std::remove_pointer_t<decltype(pt)>;
-        using S = std::remove_pointer_t<decltype(st)>;
-        return with_bool(has_momentum,
-                         [&](auto mom) -> SpanFn { return FASTCNN_PICK(sgd_span, P, S, decltype(mom)::value); });
-      });
-  run_jobs(jobs, &args);
-}
-
-void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-                 double lr, const c10::optional<at::Tensor>& lr_tensor, double lr_decay, double weight_decay,
-                 double eps, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                 const c10::optional<at::Tensor>& found_inf) {
-  const std::vector<optim::StateList> states = {{"state_sums", state_sums, true}};
-  optim::check_optimizer_args("adagrad_", params, grads, states, steps, true, lr_tensor, grad_scale, found_inf);
-  if (params.empty() || skipped(found_inf)) return;
-  const AdagradArgs args{scale_of(grad_scale), weight_decay, eps, maximize, optim::has(grad_scale)};
-  const double lr_value = lr_of(lr, lr_tensor);
-  std::vector<Job> jobs =
-      make_jobs(params, states, {{params, true}, {grads, true}, {state_sums, true}}, [&](auto* pt, auto* st) {
-        return FASTCNN_PICK(adagrad_span, std::remove_pointer_t<decltype(pt)>, std::remove_pointer_t<decltype(st)>);
-      });
-  for (size_t i = 0; i < jobs.size(); ++i) jobs[i].s0 = base::adagrad_clr(lr_value, lr_decay, increment_step(steps[i]));
-  run_jobs(jobs, &args);
-}
-
-void lars_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-              const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
-              double trust_coefficient, double eps, bool nesterov, bool maximize, bool trust_clip, bool update_norm,
-              bool lr_in_momentum, bool is_first_step, const c10::optional<at::Tensor>& grad_scale,
-              const c10::optional<at::Tensor>& found_inf) {
-  const int mode = lr_in_momentum ? 2 : (momentum != 0 ? 1 : 0);
-  const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, mode != 0}};
-  optim::check_optimizer_args("lars_", params, grads, states, {}, false, lr_tensor, grad_scale, found_inf);
-  if (params.empty() || skipped(found_inf)) return;
-  const bool unscale = optim::has(grad_scale);
-  const LarsArgs args{scale_of(grad_scale), lr_of(lr, lr_tensor), momentum, dampening, weight_decay, nesterov,
-                      is_first_step, maximize, update_norm, unscale};
-  std::vector<NormFn> norm_fns;
-  std::vector<Job> jobs = make_jobs(
-      params, states, {{params, true}, {grads, true}, {momentum_buffers, mode != 0}}, [&](auto* pt, auto* st) {
-        using P = std::remove_pointer_t<decltype(pt)>;
-        using S = std::remove_pointer_t<decltype(st)>;
-        norm_fns.push_back(FASTCNN_PICK(lars_norm_span, P));
-        return with_mode(mode,
-                         [&](auto mom) -> SpanFn { return FASTCNN_PICK(lars_span, P, S, decltype(mom)::value); });
-      });
-  // Pass 1: per-span sums of squares, then per tensor in span order.
-  const std::vector<Span> spans = spans_of(jobs);
-  std::vector<double> partial(2 * spans.size());
-  parallel_items(static_cast<int64_t>(spans.size()), [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      const Job& job = jobs[spans[k].job];
-      norm_fns[spans[k].job](job.ptr, spans[k].begin, spans[k].end, &args, &partial[2 * k]);
+// The kernels behind the ops' entry points (optim.h: schema arguments and checks).
+struct CpuKernels {
+  static void adam(const optim::Call& call, const optim::AdamHyper& h) {
+    if (skipped(call.found_inf)) return;
+    const int wd_mode = h.weight_decay == 0 ? 0 : (h.decoupled_weight_decay ? 2 : 1);
+    const AdamArgs args{scale_of(call.grad_scale), lr_of(h.lr, call.lr_tensor), h.beta1, h.beta2, h.weight_decay,
+                        h.eps, wd_mode, h.maximize, optim::has(call.grad_scale)};
+    std::vector<Job> jobs = make_jobs(call, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      return with_bool(h.amsgrad,
+                       [&](auto ams) -> SpanFn { return FASTCNN_PICK(adam_span, P, S, decltype(ams)::value); });
+    });
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      base::adam_bias_corrections(args.lr, h.beta1, h.beta2, increment_step(call.steps[i]), jobs[i].s0, jobs[i].s1);
     }
-  });
-  std::vector<double> sums(2 * jobs.size(), 0.0);
-  for (size_t k = 0; k < spans.size(); ++k) {
-    sums[2 * spans[k].job] += partial[2 * k];
-    sums[2 * spans[k].job + 1] += partial[2 * k + 1];
+    run_jobs(jobs, &args);
   }
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    const double w = std::sqrt(sums[2 * i]), g = std::sqrt(sums[2 * i + 1]);
-    if (params[i].scalar_type() == at::kDouble) {
-      jobs[i].s0 = base::lars_trust_ratio<double>(w, g, trust_coefficient, weight_decay, eps, args.lr, update_norm,
-                                                  trust_clip);
-    } else {
-      jobs[i].s0 = base::lars_trust_ratio<float>(float(w), float(g), float(trust_coefficient), float(weight_decay),
-                                                 float(eps), float(args.lr), update_norm, trust_clip);
+
+  static void sgd(const optim::Call& call, const optim::SgdHyper& h) {
+    if (skipped(call.found_inf)) return;
+    const SgdArgs args{scale_of(call.grad_scale), lr_of(h.lr, call.lr_tensor), h.momentum, h.dampening,
+                       h.weight_decay, h.nesterov, h.first_step, h.maximize, optim::has(call.grad_scale)};
+    run_jobs(make_jobs(call,
+                       [&](auto* pt, auto* st) {
+                         using P = std::remove_pointer_t<decltype(pt)>;
+                         using S = std::remove_pointer_t<decltype(st)>;
+                         return with_bool(h.momentum != 0, [&](auto mom) -> SpanFn {
+                           return FASTCNN_PICK(sgd_span, P, S, decltype(mom)::value);
+                         });
+                       }),
+             &args);
+  }
+
+  static void adagrad(const optim::Call& call, const optim::AdagradHyper& h) {
+    if (skipped(call.found_inf)) return;
+    const AdagradArgs args{scale_of(call.grad_scale), h.weight_decay, h.eps, h.maximize, optim::has(call.grad_scale)};
+    const double lr_value = lr_of(h.lr, call.lr_tensor);
+    std::vector<Job> jobs = make_jobs(call, [&](auto* pt, auto* st) {
+      return FASTCNN_PICK(adagrad_span, std::remove_pointer_t<decltype(pt)>, std::remove_pointer_t<decltype(st)>);
+    });
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      jobs[i].s0 = base::adagrad_clr(lr_value, h.lr_decay, increment_step(call.steps[i]));
     }
+    run_jobs(jobs, &args);
   }
-  // Pass 2: the update.
-  run_jobs(jobs, &args);
-}
+
+  static void lars(const optim::Call& call, const optim::LarsHyper& h) {
+    if (skipped(call.found_inf)) return;
+    const int mode = h.lr_in_momentum ? 2 : (h.momentum != 0 ? 1 : 0);
+    const LarsArgs args{scale_of(call.grad_scale), lr_of(h.lr, call.lr_tensor), h.momentum, h.dampening,
+                        h.weight_decay, h.nesterov, h.first_step, h.maximize, h.update_norm,
+                        optim::has(call.grad_scale)};
+    std::vector<NormFn> norm_fns;
+    std::vector<Job> jobs = make_jobs(call, [&](auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      norm_fns.push_back(FASTCNN_PICK(lars_norm_span, P));
+      return with_mode(mode, [&](auto mom) -> SpanFn { return FASTCNN_PICK(lars_span, P, S, decltype(mom)::value); });
+    });
+    // Pass 1: per-span sums of squares, then per tensor in span order.
+    const std::vector<Span> spans = spans_of(jobs);
+    std::vector<double> partial(2 * spans.size());
+    parallel_items(static_cast<int64_t>(spans.size()), [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        const Job& job = jobs[spans[k].job];
+        norm_fns[spans[k].job](job.ptr, spans[k].begin, spans[k].end, &args, &partial[2 * k]);
+      }
+    });
+    std::vector<double> sums(2 * jobs.size(), 0.0);
+    for (size_t k = 0; k < spans.size(); ++k) {
+      sums[2 * spans[k].job] += partial[2 * k];
+      sums[2 * spans[k].job + 1] += partial[2 * k + 1];
+    }
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const double w = std::sqrt(sums[2 * i]), g = std::sqrt(sums[2 * i + 1]);
+      if (call.params[i].scalar_type() == at::kDouble) {
+        jobs[i].s0 = base::lars_trust_ratio<double>(w, g, h.trust_coefficient, h.weight_decay, h.eps, args.lr,
+                                                    h.update_norm, h.trust_clip);
+      } else {
+        jobs[i].s0 = base::lars_trust_ratio<float>(float(w), float(g), float(h.trust_coefficient),
+                                                   float(h.weight_decay), float(h.eps), float(args.lr),
+                                                   h.update_norm, h.trust_clip);
+      }
+    }
+    // Pass 2: the update.
+    run_jobs(jobs, &args);
+  }
+};
 
 }  // namespace
 }  // namespace optim_cpu
 }  // namespace fastcnn
 
-TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
-  m.impl("adam_", &fastcnn::optim_cpu::adam_cpu);
-  m.impl("sgd_", &fastcnn::optim_cpu::sgd_cpu);
-  m.impl("adagrad_", &fastcnn::optim_cpu::adagrad_cpu);
-  m.impl("lars_", &fastcnn::optim_cpu::lars_cpu);
-}
+TORCH_LIBRARY_IMPL(fastcnn, CPU, m) { fastcnn::optim::register_ops<fastcnn::optim_cpu::CpuKernels>(m); }

@@ -91,12 +91,17 @@ __device__ double claim_step(const int64_t* rec, int depth, unsigned long long* 
   return t;
 }
 
-__device__ __forceinline__ void decode(const mta::View& view, int64_t w, int& tensor, int64_t& chunk,
-                                       const int64_t*& rec) {
+// Work item w of a table: its tensor, the chunk of it, and the tensor's record.
+struct Item {
+  int tensor;
+  int64_t chunk;
+  const int64_t* rec;
+};
+
+__device__ __forceinline__ Item decode(const mta::View& view, int64_t w) {
   const int64_t item = view.items[w];
-  tensor = static_cast<int>(item >> 32);
-  chunk = item & 0xffffffffll;
-  rec = view.records + static_cast<int64_t>(tensor) * view.stride;
+  const int tensor = static_cast<int>(item >> 32);
+  return Item{tensor, item & 0xffffffffll, view.records + static_cast<int64_t>(tensor) * view.stride};
 }
 
 // --- Adam -------------------------------------------------------------------------------------------------------
@@ -117,10 +122,7 @@ __global__ void __launch_bounds__(kBlock) adam_kernel(mta::View view, AdamParams
   const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);  // everything but the grad unless unscaling
   __shared__ double bias[2];
   for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
-    int tensor;
-    int64_t chunk;
-    const int64_t* rec;
-    decode(view, w, tensor, chunk, rec);
+    const auto [tensor, chunk, rec] = decode(view, w);
     if (threadIdx.x == 0) {
       const double t = claim_step(rec, kDepth, view.counters + tensor, a.step_is_double);
       adam_bias_corrections(lr, a.beta1, a.beta2, t, bias[0], bias[1]);
@@ -154,10 +156,7 @@ __global__ void __launch_bounds__(kBlock) sgd_kernel(mta::View view, SgdParams a
       make_sgd_coeffs<T>(scale_of(a.common), lr_of(a.common), a.momentum, a.dampening, a.weight_decay);
   const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
   for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
-    int tensor;
-    int64_t chunk;
-    const int64_t* rec;
-    decode(view, w, tensor, chunk, rec);
+    const auto [tensor, chunk, rec] = decode(view, w);
     mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
       T unused = T(0);
       T& b = kMomentum ? e[kDepth - 1] : unused;
@@ -183,10 +182,7 @@ __global__ void __launch_bounds__(kBlock) adagrad_kernel(mta::View view, Adagrad
   const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
   __shared__ double clr;
   for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
-    int tensor;
-    int64_t chunk;
-    const int64_t* rec;
-    decode(view, w, tensor, chunk, rec);
+    const auto [tensor, chunk, rec] = decode(view, w);
     if (threadIdx.x == 0) {
       clr = adagrad_clr(lr, a.lr_decay, claim_step(rec, kDepth, view.counters + tensor, a.step_is_double));
     }
@@ -215,10 +211,7 @@ __global__ void __launch_bounds__(kBlock) lars_norms_kernel(mta::View view, Lars
   const bool unscale = a.common.grad_scale != nullptr, maximize = a.common.maximize, update_norm = a.update_norm;
   __shared__ double scratch[2 * kBlock / 32];
   for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
-    int tensor;
-    int64_t chunk;
-    const int64_t* rec;
-    decode(view, w, tensor, chunk, rec);
+    const auto [tensor, chunk, rec] = decode(view, w);
     double sw = 0, sg = 0;
     mta::for_chunk<2, mta::ilp_for<P>(), P, P, T>(rec, view.stride - mta::kExtraWords, chunk, 0u, [&](T (&e)[2]) {
       const T u = lars_norm_term(e[0], e[1], update_norm, unscale, maximize, scale, wd);
@@ -272,10 +265,7 @@ __global__ void __launch_bounds__(kBlock) lars_kernel(mta::View view, LarsParams
   const bool nesterov = a.nesterov, first = a.first_step;
   const unsigned store = (1u << kDepth) - 1u - (unscale ? 0u : 2u);
   for (int64_t w = blockIdx.x; w < view.num_items; w += gridDim.x) {
-    int tensor;
-    int64_t chunk;
-    const int64_t* rec;
-    decode(view, view.num_items - 1 - w, tensor, chunk, rec);
+    const auto [tensor, chunk, rec] = decode(view, view.num_items - 1 - w);
     const LarsCoeffs<T> c = make_lars_coeffs<T>(scale, lr, a.momentum, a.dampening, a.weight_decay, ratios[tensor]);
     mta::for_chunk<kDepth, mta::ilp_for<P>(), P, S, T>(rec, kDepth, chunk, store, [&](T (&e)[kDepth]) {
       T unused = T(0);
@@ -290,9 +280,8 @@ const float* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return optim::has(t) ? t->const_data_ptr<float>() : nullptr;
 }
 
-Common common_of(double lr, const c10::optional<at::Tensor>& lr_tensor, bool maximize,
-                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
-  return Common{ptr_or_null(found_inf), ptr_or_null(grad_scale), ptr_or_null(lr_tensor), lr, maximize};
+Common common_of(const optim::Call& call, double lr, bool maximize) {
+  return Common{ptr_or_null(call.found_inf), ptr_or_null(call.grad_scale), ptr_or_null(call.lr_tensor), lr, maximize};
 }
 
 // The call's tensors split by dtype signature (param dtype, state dtype), in order of first appearance: each group
@@ -361,22 +350,15 @@ void with_bool(bool b, F&& f) {
 
 bool steps_are_double(at::TensorList steps) { return !steps.empty() && steps[0].scalar_type() == at::kDouble; }
 
-// Checks the call's arguments, then, on the tensors' device, calls `launch_group(table, P*, S*)` once per dtype group
-// (param dtype P, state dtype S; null pointers that carry the types) with the group's multi-tensor table: params,
-// grads, then the used state lists, and the steps when the op has them.
+// On the call's device, calls `launch_group(table, P*, S*)` once per dtype group (param dtype P, state dtype S; null
+// pointers that carry the types) with the group's multi-tensor table: params, grads, then the used state lists, and
+// the steps when the op has them.
 template <typename LaunchGroup>
-void for_each_dtype_group(const char* op_name, OpTag op, at::TensorList params, at::TensorList grads,
-                          const std::vector<optim::StateList>& states, at::TensorList steps,
-                          const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
-                          const c10::optional<at::Tensor>& found_inf, const LaunchGroup& launch_group) {
-  const bool has_steps = op == kAdamOp || op == kAdagradOp;
-  const at::Device device =
-      optim::check_optimizer_args(op_name, params, grads, states, steps, has_steps, lr_tensor, grad_scale, found_inf);
-  if (params.empty()) return;
-  TORCH_CHECK(device.is_cuda(), "fastcnn.", op_name, ": the CUDA kernel got tensors on ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  for (const auto& group : group_by_dtypes(params, states)) {
-    const GroupLists g = gather(group.second, params, grads, states, has_steps ? steps : at::TensorList());
+void for_each_dtype_group(OpTag op, const optim::Call& call, const LaunchGroup& launch_group) {
+  TORCH_CHECK(call.device.is_cuda(), "fastcnn: the CUDA optimizer kernel got tensors on ", call.device);
+  const c10::cuda::CUDAGuard guard(call.device);
+  for (const auto& group : group_by_dtypes(call.params, call.states)) {
+    const GroupLists g = gather(group.second, call.params, call.grads, call.states, call.steps);
     optim::with_dtypes(group.first.first, group.first.second, [&](auto* pt, auto* st) {
       using P = std::remove_pointer_t<decltype(pt)>;
       launch_group(*mta::get_table(op, g.lists, g.elem_size, g.steps, mta::ilp_for<P>()), pt, st);
@@ -384,100 +366,73 @@ void for_each_dtype_group(const char* op_name, OpTag op, at::TensorList params, 
   }
 }
 
-void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
-               const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
-               double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
-  const std::vector<optim::StateList> states = {
-      {"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}, {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}};
-  const AdamParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), beta1, beta2, weight_decay, eps,
-                     weight_decay == 0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay),
-                     steps_are_double(steps)};
-  for_each_dtype_group("adam_", kAdamOp, params, grads, states, steps, lr_tensor, grad_scale, found_inf,
-                       [&](const mta::Table& table, auto* pt, auto* st) {
-                         using P = std::remove_pointer_t<decltype(pt)>;
-                         using S = std::remove_pointer_t<decltype(st)>;
-                         with_bool(amsgrad, [&](auto ams) {
-                           launch(adam_kernel<P, S, decltype(ams)::value>, table.num_items, table.view(), a);
-                         });
-                       });
-}
-
-void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-              const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool is_first_step, const c10::optional<at::Tensor>& grad_scale,
-              const c10::optional<at::Tensor>& found_inf) {
-  const bool has_momentum = momentum != 0;
-  const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, has_momentum}};
-  const SgdParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), momentum, dampening, weight_decay,
-                    nesterov, is_first_step};
-  for_each_dtype_group("sgd_", kSgdOp, params, grads, states, {}, lr_tensor, grad_scale, found_inf,
-                       [&](const mta::Table& table, auto* pt, auto* st) {
-                         using P = std::remove_pointer_t<decltype(pt)>;
-                         using S = std::remove_pointer_t<decltype(st)>;
-                         with_bool(has_momentum, [&](auto mom) {
-                           launch(sgd_kernel<P, S, decltype(mom)::value>, table.num_items, table.view(), a);
-                         });
-                       });
-}
-
-void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-                  double lr, const c10::optional<at::Tensor>& lr_tensor, double lr_decay, double weight_decay,
-                  double eps, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& found_inf) {
-  const std::vector<optim::StateList> states = {{"state_sums", state_sums, true}};
-  const AdagradParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), lr_decay, weight_decay, eps,
-                        steps_are_double(steps)};
-  for_each_dtype_group("adagrad_", kAdagradOp, params, grads, states, steps, lr_tensor, grad_scale, found_inf,
-                       [&](const mta::Table& table, auto* pt, auto* st) {
-                         using P = std::remove_pointer_t<decltype(pt)>;
-                         using S = std::remove_pointer_t<decltype(st)>;
-                         launch(adagrad_kernel<P, S>, table.num_items, table.view(), a);
-                       });
-}
-
-void lars_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-               const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
-               double trust_coefficient, double eps, bool nesterov, bool maximize, bool trust_clip, bool update_norm,
-               bool lr_in_momentum, bool is_first_step, const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf) {
-  const int mode = lr_in_momentum ? 2 : (momentum != 0 ? 1 : 0);
-  const std::vector<optim::StateList> states = {{"momentum_buffers", momentum_buffers, mode != 0}};
-  const LarsParams a{common_of(lr, lr_tensor, maximize, grad_scale, found_inf), momentum, dampening, weight_decay,
-                     trust_coefficient, eps, nesterov, trust_clip, update_norm, is_first_step};
-  for_each_dtype_group(
-      "lars_", kLarsOp, params, grads, states, {}, lr_tensor, grad_scale, found_inf,
-      [&](const mta::Table& table, auto* pt, auto* st) {
-        using P = std::remove_pointer_t<decltype(pt)>;
-        using S = std::remove_pointer_t<decltype(st)>;
-        // The norms kernel reads only params and grads: the same table, whose first two lists they are. One
-        // float64 buffer: 2 partials per work item, then one trust ratio per tensor.
-        const at::Tensor scratch =
-            at::empty({2 * table.num_items + table.num_tensors}, params[0].options().dtype(at::kDouble));
-        double* partials = scratch.mutable_data_ptr<double>();
-        double* ratios = partials + 2 * table.num_items;
-        launch(lars_norms_kernel<P>, table.num_items, table.view(), a, partials);
-        launch(lars_ratio_kernel<P>, table.num_tensors, table.view(), table.num_tensors, a,
-               static_cast<const double*>(partials), ratios);
-        const double* r = ratios;
-        switch (mode) {
-          case 0: launch(lars_kernel<P, S, 0>, table.num_items, table.view(), a, r); break;
-          case 1: launch(lars_kernel<P, S, 1>, table.num_items, table.view(), a, r); break;
-          default: launch(lars_kernel<P, S, 2>, table.num_items, table.view(), a, r); break;
-        }
+// The kernels behind the ops' entry points (optim.h: schema arguments and checks).
+struct CudaKernels {
+  static void adam(const optim::Call& call, const optim::AdamHyper& h) {
+    const AdamParams a{common_of(call, h.lr, h.maximize), h.beta1, h.beta2, h.weight_decay, h.eps,
+                       h.weight_decay == 0 ? kNoDecay : (h.decoupled_weight_decay ? kDecoupledDecay : kL2Decay),
+                       steps_are_double(call.steps)};
+    for_each_dtype_group(kAdamOp, call, [&](const mta::Table& table, auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      with_bool(h.amsgrad, [&](auto ams) {
+        launch(adam_kernel<P, S, decltype(ams)::value>, table.num_items, table.view(), a);
       });
-}
+    });
+  }
+
+  static void sgd(const optim::Call& call, const optim::SgdHyper& h) {
+    const SgdParams a{common_of(call, h.lr, h.maximize), h.momentum, h.dampening, h.weight_decay, h.nesterov,
+                      h.first_step};
+    for_each_dtype_group(kSgdOp, call, [&](const mta::Table& table, auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      with_bool(h.momentum != 0, [&](auto mom) {
+        launch(sgd_kernel<P, S, decltype(mom)::value>, table.num_items, table.view(), a);
+      });
+    });
+  }
+
+  static void adagrad(const optim::Call& call, const optim::AdagradHyper& h) {
+    const AdagradParams a{common_of(call, h.lr, h.maximize), h.lr_decay, h.weight_decay, h.eps,
+                          steps_are_double(call.steps)};
+    for_each_dtype_group(kAdagradOp, call, [&](const mta::Table& table, auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      launch(adagrad_kernel<P, S>, table.num_items, table.view(), a);
+    });
+  }
+
+  static void lars(const optim::Call& call, const optim::LarsHyper& h) {
+    const int mode = h.lr_in_momentum ? 2 : (h.momentum != 0 ? 1 : 0);
+    const LarsParams a{common_of(call, h.lr, h.maximize), h.momentum, h.dampening, h.weight_decay,
+                       h.trust_coefficient, h.eps, h.nesterov, h.trust_clip, h.update_norm, h.first_step};
+    for_each_dtype_group(kLarsOp, call, [&](const mta::Table& table, auto* pt, auto* st) {
+      using P = std::remove_pointer_t<decltype(pt)>;
+      using S = std::remove_pointer_t<decltype(st)>;
+      // The norms kernel reads only params and grads: the same table, whose first two lists they are. One float64
+      // buffer: 2 partials per work item, then one trust ratio per tensor.
+      const at::Tensor scratch =
+          at::empty({2 * table.num_items + table.num_tensors}, call.params[0].options().dtype(at::kDouble));
+      double* partials = scratch.mutable_data_ptr<double>();
+      double* ratios = partials + 2 * table.num_items;
+      launch(lars_norms_kernel<P>, table.num_items, table.view(), a, partials);
+      launch(lars_ratio_kernel<P>, table.num_tensors, table.view(), table.num_tensors, a,
+             static_cast<const double*>(partials), ratios);
+      const double* r = ratios;
+      switch (mode) {
+        case 0: launch(lars_kernel<P, S, 0>, table.num_items, table.view(), a, r); break;
+        case 1: launch(lars_kernel<P, S, 1>, table.num_items, table.view(), a, r); break;
+        default: launch(lars_kernel<P, S, 2>, table.num_items, table.view(), a, r); break;
+      }
+    });
+  }
+};
 
 }  // namespace
 }  // namespace optim_cuda
 }  // namespace fastcnn
 
-TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
-  m.impl("adam_", &fastcnn::optim_cuda::adam_cuda);
-  m.impl("sgd_", &fastcnn::optim_cuda::sgd_cuda);
-  m.impl("adagrad_", &fastcnn::optim_cuda::adagrad_cuda);
-  m.impl("lars_", &fastcnn::optim_cuda::lars_cuda);
-}
+TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) { fastcnn::optim::register_ops<fastcnn::optim_cuda::CudaKernels>(m); }
 
 #endif  // FASTCNN_WITH_CUDA

@@ -271,6 +271,34 @@ struct alignas(kN * sizeof(X) >= 16 ? 16 : kN * sizeof(X)) Pack {
   X v[kN];
 };
 
+// Element j of list i (lists 0 and 1 of dtype P, the others S) in opmath T, and its store back.
+template <typename T, typename P, typename S>
+__device__ __forceinline__ T load_elem(P* const* pp, S* const* sp, int i, int j) {
+  return i < 2 ? static_cast<T>(pp[i][j]) : static_cast<T>(sp[i >= 2 ? i - 2 : 0][j]);
+}
+template <typename P, typename S, typename T>
+__device__ __forceinline__ void store_elem(P* const* pp, S* const* sp, int i, int j, T v) {
+  if (i < 2) {
+    pp[i][j] = static_cast<P>(v);
+  } else {
+    sp[i >= 2 ? i - 2 : 0][j] = static_cast<S>(v);
+  }
+}
+
+// fn(e) on each of the kILP lanes of r, e[i] = r[i][lane] (the lane's element of every list), written back.
+template <int kDepth, int kILP, typename T, typename Fn>
+__device__ __forceinline__ void apply_lanes(T (&r)[kDepth][kILP], Fn& fn) {
+#pragma unroll
+  for (int k = 0; k < kILP; ++k) {
+    T e[kDepth];
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) e[i] = r[i][k];
+    fn(e);
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) r[i][k] = e[i];
+  }
+}
+
 // Runs fn(e) on every element of chunk `chunk` of the tensor described by `rec` (a record of a table of depth
 // rec_depth >= kDepth), where e[i] is the element of list i < kDepth in opmath T (lists 0 and 1 have dtype P, the
 // others S); afterwards list i is stored back where bit i of store_mask is set. Aligned tensors go kILP elements per
@@ -308,15 +336,7 @@ __device__ __forceinline__ void for_chunk(const int64_t* rec, int rec_depth, int
           for (int k = 0; k < kILP; ++k) r[i][k] = static_cast<T>(x.v[k]);
         }
       }
-#pragma unroll
-      for (int k = 0; k < kILP; ++k) {
-        T e[kDepth];
-#pragma unroll
-        for (int i = 0; i < kDepth; ++i) e[i] = r[i][k];
-        fn(e);
-#pragma unroll
-        for (int i = 0; i < kDepth; ++i) r[i][k] = e[i];
-      }
+      apply_lanes(r, fn);
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
         if (((store_mask >> i) & 1u) == 0) continue;
@@ -336,18 +356,11 @@ __device__ __forceinline__ void for_chunk(const int64_t* rec, int rec_depth, int
     for (int j = vectors * kILP + threadIdx.x; j < len; j += kBlock) {
       T e[kDepth];
 #pragma unroll
-      for (int i = 0; i < kDepth; ++i) {
-        e[i] = i < 2 ? static_cast<T>(pp[i][j]) : static_cast<T>(sp[i >= 2 ? i - 2 : 0][j]);
-      }
+      for (int i = 0; i < kDepth; ++i) e[i] = load_elem<T>(pp, sp, i, j);
       fn(e);
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
-        if (((store_mask >> i) & 1u) == 0) continue;
-        if (i < 2) {
-          pp[i][j] = static_cast<P>(e[i]);
-        } else {
-          sp[i >= 2 ? i - 2 : 0][j] = static_cast<S>(e[i]);
-        }
+        if (((store_mask >> i) & 1u) != 0) store_elem(pp, sp, i, j, e[i]);
       }
     }
     return;
@@ -358,30 +371,17 @@ __device__ __forceinline__ void for_chunk(const int64_t* rec, int rec_depth, int
       const int j = j0 + threadIdx.x + k * kBlock;
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
-        r[i][k] = j >= len ? T(0) : (i < 2 ? static_cast<T>(pp[i][j]) : static_cast<T>(sp[i >= 2 ? i - 2 : 0][j]));
+        r[i][k] = j >= len ? T(0) : load_elem<T>(pp, sp, i, j);
       }
     }
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) {
-      T e[kDepth];
-#pragma unroll
-      for (int i = 0; i < kDepth; ++i) e[i] = r[i][k];
-      fn(e);
-#pragma unroll
-      for (int i = 0; i < kDepth; ++i) r[i][k] = e[i];
-    }
+    apply_lanes(r, fn);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       const int j = j0 + threadIdx.x + k * kBlock;
       if (j >= len) continue;
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
-        if (((store_mask >> i) & 1u) == 0) continue;
-        if (i < 2) {
-          pp[i][j] = static_cast<P>(r[i][k]);
-        } else {
-          sp[i >= 2 ? i - 2 : 0][j] = static_cast<S>(r[i][k]);
-        }
+        if (((store_mask >> i) & 1u) != 0) store_elem(pp, sp, i, j, r[i][k]);
       }
     }
   }

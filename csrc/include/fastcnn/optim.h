@@ -1,8 +1,10 @@
 // Host-side pieces of the fused optimizer ops shared by the CPU (cpu/optim.cpp) and CUDA (cuda/optim.cu) kernels: the
-// argument checks, and the reading of the optional 0-dim tensors. The update rules themselves are in optim_math.h.
+// ops' entry points (schema arguments, the state lists each op reads, the argument checks) and their registration,
+// and the reading of the optional 0-dim tensors. The update rules themselves are in optim_math.h.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <string>
 #include <utility>
@@ -126,6 +128,107 @@ auto with_dtypes(at::ScalarType param, at::ScalarType state, F&& f) {
       TORCH_CHECK(param == at::kFloat, "fastcnn: unsupported param dtype ", param);
       return f(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
   }
+}
+
+using OptionalTensor = c10::optional<at::Tensor>;
+
+// One checked call of an op: its tensor lists (the state lists in the op's order, each with whether this call uses
+// it), its steps (empty for the ops without), its optional 0-dim tensors and the device of them all. Non-empty.
+struct Call {
+  at::TensorList params, grads;
+  std::vector<StateList> states;
+  at::TensorList steps;
+  const OptionalTensor &lr_tensor, &grad_scale, &found_inf;
+  at::Device device;
+};
+
+// The ops' scalar arguments (schemas in csrc/fastcnn.cpp).
+struct AdamHyper {
+  double lr, beta1, beta2, weight_decay, eps;
+  bool amsgrad, maximize, decoupled_weight_decay;
+};
+struct SgdHyper {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, first_step;
+};
+struct AdagradHyper {
+  double lr, lr_decay, weight_decay, eps;
+  bool maximize;
+};
+struct LarsHyper {
+  double lr, momentum, dampening, weight_decay, trust_coefficient, eps;
+  bool nesterov, maximize, trust_clip, update_norm, lr_in_momentum, first_step;
+};
+
+// The ops as registered for one device whose kernels are Kernels::adam/sgd/adagrad/lars(const Call&, const XHyper&):
+// the schema's arguments, the state lists each op reads (and when), and the checks, the same for every device. An
+// empty call (no params) returns after the checks.
+template <typename Kernels>
+struct Entry {
+  template <typename Run>
+  static void run_checked(const char* op, at::TensorList params, at::TensorList grads, std::vector<StateList> states,
+                          at::TensorList steps, bool has_steps, const OptionalTensor& lr_tensor,
+                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const Run& run) {
+    const at::Device device =
+        check_optimizer_args(op, params, grads, states, steps, has_steps, lr_tensor, grad_scale, found_inf);
+    if (!params.empty()) run(Call{params, grads, std::move(states), steps, lr_tensor, grad_scale, found_inf, device});
+  }
+
+  static void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr, const OptionalTensor& lr_tensor,
+                    double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                    bool decoupled_weight_decay, const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+    run_checked("adam_", params, grads,
+                {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                 {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                steps, true, lr_tensor, grad_scale, found_inf, [&](const Call& call) {
+                  Kernels::adam(call, AdamHyper{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                                                decoupled_weight_decay});
+                });
+  }
+
+  static void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                   const OptionalTensor& lr_tensor, double momentum, double dampening, double weight_decay,
+                   bool nesterov, bool maximize, bool is_first_step, const OptionalTensor& grad_scale,
+                   const OptionalTensor& found_inf) {
+    run_checked("sgd_", params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, {}, false, lr_tensor,
+                grad_scale, found_inf, [&](const Call& call) {
+                  Kernels::sgd(call, SgdHyper{lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                              is_first_step});
+                });
+  }
+
+  static void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+                       double lr, const OptionalTensor& lr_tensor, double lr_decay, double weight_decay, double eps,
+                       bool maximize, const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+    run_checked("adagrad_", params, grads, {{"state_sums", state_sums, true}}, steps, true, lr_tensor, grad_scale,
+                found_inf, [&](const Call& call) {
+                  Kernels::adagrad(call, AdagradHyper{lr, lr_decay, weight_decay, eps, maximize});
+                });
+  }
+
+  static void lars_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                    const OptionalTensor& lr_tensor, double momentum, double dampening, double weight_decay,
+                    double trust_coefficient, double eps, bool nesterov, bool maximize, bool trust_clip,
+                    bool update_norm, bool lr_in_momentum, bool is_first_step, const OptionalTensor& grad_scale,
+                    const OptionalTensor& found_inf) {
+    // Momentum buffers are read with momentum and with lr_in_momentum.
+    run_checked("lars_", params, grads, {{"momentum_buffers", momentum_buffers, lr_in_momentum || momentum != 0}},
+                {}, false, lr_tensor, grad_scale, found_inf, [&](const Call& call) {
+                  Kernels::lars(call, LarsHyper{lr, momentum, dampening, weight_decay, trust_coefficient, eps,
+                                                nesterov, maximize, trust_clip, update_norm, lr_in_momentum,
+                                                is_first_step});
+                });
+  }
+};
+
+// TORCH_LIBRARY_IMPL(fastcnn, <device>, m) { optim::register_ops<Kernels>(m); }
+template <typename Kernels>
+void register_ops(torch::Library& m) {
+  m.impl("adam_", &Entry<Kernels>::adam_);
+  m.impl("sgd_", &Entry<Kernels>::sgd_);
+  m.impl("adagrad_", &Entry<Kernels>::adagrad_);
+  m.impl("lars_", &Entry<Kernels>::lars_);
 }
 
 }  // namespace optim
