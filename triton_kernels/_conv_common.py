@@ -1,6 +1,7 @@
 """Pieces shared by the implicit-GEMM convolution kernels (fused Conv2d + bias + ReLU + pool, Conv2d + batch
 statistics, ConvTranspose2d): the program-id prologues, the convolution tile, the MMA helper and its precision (TF32
-exactly when stock torch's cuDNN convolutions use it, with rounded operands), block sizes, grid checks, shapes."""
+exactly when stock torch's cuDNN convolutions use it, with rounded operands), the backward passes' deterministic split
+reductions (bias gradient of a ReLU (+ pool) epilogue, split sums), block sizes, grid checks, shapes."""
 import os
 
 import torch
@@ -125,6 +126,71 @@ def conv_tile(x_row, w_col, oh, ow, m_mask, n_mask, offs_k, H, W, CIG, sx_c, sx_
         b = _load_kn(w_col, ci * sw_i + r * sw_h + s * sw_w, k_mask, n_mask)
         acc = _mma(a, b, acc, UPCAST, IEEE, TF32)
     return acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The deterministic split reductions of the backward passes (conv_relu_pool, conv_transpose): a reduction too long for
+# one program runs in fixed splits whose fp32 partials ``_split_sum`` adds in split order; no atomics.
+
+
+# part[split, c] = sum over this split's pooled pixels (n, ph, pw) of
+#   none / max: gp where not (o <= 0);   avg: (gp / (PKH*PKW)) * popcount(code)
+# which is sum_{n, oh, ow} dy[n, c, oh, ow] (each set bit of an avg code is one conv pixel that receives gp / k, the
+# quotient correctly rounded as in conv_relu_pool's _pooled_dy).
+@triton.jit
+def _dbias_kernel(
+    g_ptr, o_ptr, c_ptr, part_ptr, M, PH, PW, C_OUT, M_ITERS, ITERS_PER_SPLIT,
+    sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w, sc_n, sc_c, sc_h, sc_w,
+    POOL: tl.constexpr, NWIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ch, c_mask = _tile_of(tl.program_id(0), C_OUT, BLOCK_C)
+    c64 = ch.to(tl.int64)[None, :]
+    split = tl.program_id(1)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for it in range(split * ITERS_PER_SPLIT, tl.minimum((split + 1) * ITERS_PER_SPLIT, M_ITERS)):
+        m_mask, pw, ph, n = _pixel_tile(it, M, PW, PH, BLOCK_M)
+        pw, ph, n = pw[:, None], ph[:, None], n[:, None]
+        mask = m_mask[:, None] & c_mask[None, :]
+        gp = tl.load(g_ptr + n * sg_n + c64 * sg_c + ph * sg_h + pw * sg_w, mask=mask, other=0.0).to(tl.float32)
+        if POOL == 2:
+            code = tl.load(c_ptr + n * sc_n + c64 * sc_c + ph * sc_h + pw * sc_w, mask=mask, other=0).to(tl.int32)
+            cnt = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
+            for t in tl.static_range(NWIN):
+                cnt += (code >> t) & 1
+            acc += tl.math.div_rn(gp, NWIN * 1.0) * cnt.to(tl.float32)
+        else:
+            o = tl.load(o_ptr + n * so_n + c64 * so_c + ph * so_h + pw * so_w, mask=mask, other=0.0)
+            acc += tl.where(o <= 0, 0.0, gp)
+    tl.store(part_ptr + split.to(tl.int64) * C_OUT + ch, tl.sum(acc, axis=0), mask=c_mask)
+
+
+# out[i0, i1, i2, i3] (through its strides) = sum_{split} part[split, ((i0*D1 + i1)*D2 + i2)*D3 + i3], in split order.
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, L, SPLIT, D1, D2, D3, s0, s1, s2, s3, BLOCK: tl.constexpr):
+    offs, mask = _tile_of(tl.program_id(0), L, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(SPLIT):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += L  # 64-bit pointer arithmetic
+    i3, i2, rest = _pixels(offs, D3, D2)
+    i1 = rest % D1
+    i0 = rest // D1
+    tl.store(out_ptr + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def split_count(tiles, iters, target_programs=264, min_iters=4):
+    """Splits of a reduction of ``iters`` steps over ``tiles`` programs: enough programs to fill a GPU (2 per SM on
+    an H100), at least ``min_iters`` steps each. Returns ``(splits, iters_per_split)``, no split empty."""
+    splits = max(1, min(triton.cdiv(target_programs, max(tiles, 1)), iters // min_iters))
+    per = max(1, triton.cdiv(iters, splits))
+    return max(1, triton.cdiv(iters, per)), per
+
+
+def _split_sum(part, splits, out, wrap, sizes=(1, 1, 1)):
+    total = part.numel() // splits
+    strides = list(out.stride()) + [0] * (4 - out.dim())
+    wrap(_split_sum_kernel)[(triton.cdiv(total, 256),)](part, out, total, splits, *sizes, *strides, BLOCK=256)
 
 
 def interpreting():

@@ -17,8 +17,9 @@ from _tolerances import assert_close_to_oracle
 pytestmark = pytest.mark.skipif(why_unavailable("triton", "cpu") is not None,
                                 reason=f"Triton cannot run on CPU here: {why_unavailable('triton', 'cpu')}")
 
-# Under the interpreter (see batch_norm_reduce.tiling) the first shape has two tiles per image, the last partial; the
-# second has one partial tile per image and an odd number of tiles, so its last chunk ends past the last image.
+# Under the interpreter (see fastcnn.triton_kernels.batch_norm.tiling) the first shape has two tiles per image, the
+# last partial; the second has one partial tile per image and an odd number of tiles, so its last chunk ends past the
+# last image.
 SHAPES = [(2, 5, 7, 3), (3, 3, 5, 3)]
 FORMATS = [pytest.param(False, id="nchw"), pytest.param(True, id="nhwc")]
 

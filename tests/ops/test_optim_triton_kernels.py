@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 
 from fastcnn.ops.optim import reference as ref  # noqa: E402
 from fastcnn.triton_kernels import optim as tk  # noqa: E402
-from fastcnn.triton_kernels import optim_common  # noqa: E402
+from fastcnn.triton_kernels.optim import _common as optim_common  # noqa: E402
 from tests._tolerances import assert_close_to_oracle, assert_lockstep  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,8 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastcnn.ops.conv_relu_pool.reference import bias_relu_pool, bias_relu_pool_backward, conv2d_relu_pool  # noqa: E402
-from fastcnn.triton_kernels import conv_relu_pool_bwd as bwd  # noqa: E402
-from fastcnn.triton_kernels import conv_relu_pool_fwd as fwd  # noqa: E402
+from fastcnn.triton_kernels import conv_relu_pool as kernels  # noqa: E402
 
 # (N, Cin, Cout, H, W, kernel, stride, padding, dilation, groups, pool, pool_size, pool_stride)
 CASES = {
@@ -52,14 +51,14 @@ def _forward(x, weight, b, args):
     code = torch.empty(ref.shape if args[4] != "none" else (0,), dtype=torch.uint8)
     if args[4] != "none":
         code = code.contiguous(memory_format=fmt)
-    fwd.conv2d_relu_pool_forward(x, weight, b, *args, out, code)
+    kernels.conv2d_relu_pool_forward(x, weight, b, *args, out, code)
     return out, code
 
 
 def _backward(grad, out, code, x, weight, args, need=(True, True, True)):
     gx, gw, gb = torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
     gx, gw, gb = (t if keep else None for t, keep in zip((gx, gw, gb), need))
-    bwd.conv2d_relu_pool_backward(grad, out, code, x, weight, *args, gx, gw, gb)
+    kernels.conv2d_relu_pool_backward(grad, out, code, x, weight, *args, gx, gw, gb)
     return gx, gw, gb
 
 
@@ -113,8 +112,8 @@ def test_bias_none_and_skipped_grads():
 
 def test_split_reductions(monkeypatch):
     """Force one reduction step per split so the deterministic two-pass wgrad/dbias path runs with many splits."""
-    real = bwd.split_count
-    monkeypatch.setattr(bwd, "split_count", lambda tiles, iters: real(tiles, iters, 10**9, 1))
+    real = kernels.split_count
+    monkeypatch.setattr(kernels, "split_count", lambda tiles, iters: real(tiles, iters, 10**9, 1))
     _check_fp32((2, 3, 5, 7, 9, 1, 1, 0, 1, 1, "none", 1, 1))
     _check_fp32((2, 4, 3, 9, 10, 1, 1, 0, 1, 1, "max", 2, 2))
 

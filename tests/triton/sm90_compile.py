@@ -81,8 +81,7 @@ def _conv_relu_pool_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad, dil
     import torch
 
     from fastcnn.triton_kernels._conv_common import conv_out_size, pooled_size
-    from fastcnn.triton_kernels.conv_relu_pool_bwd import conv2d_relu_pool_backward
-    from fastcnn.triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward
+    from fastcnn.triton_kernels.conv_relu_pool import conv2d_relu_pool_backward, conv2d_relu_pool_forward
 
     x = _meta((n, c_in, hw, hw), dtype, cl)
     w = _meta((c_out, c_in // groups, k, k), dtype, cl)
@@ -98,8 +97,7 @@ def _conv_relu_pool_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad, dil
 
 
 def _conv_transpose_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad, out_pad, groups, act):
-    from fastcnn.triton_kernels.conv_transpose_bwd import conv_transpose2d_backward
-    from fastcnn.triton_kernels.conv_transpose_fwd import conv_transpose2d_forward
+    from fastcnn.triton_kernels.conv_transpose import conv_transpose2d_backward, conv_transpose2d_forward
 
     x = _meta((n, c_in, hw, hw), dtype, cl)
     w = _meta((c_in, c_out // groups, k, k), dtype, cl)
@@ -111,11 +109,11 @@ def _conv_transpose_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad, out
                               _meta(w.shape, dtype, cl), _meta((c_out,), dtype), wrap=rec)
 
 
-def _conv_bn_stats_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad):
+def _conv_batch_stats_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad):
     import torch
 
     from fastcnn.triton_kernels._conv_common import conv_out_size
-    from fastcnn.triton_kernels.conv_bn_stats import conv2d_batch_stats
+    from fastcnn.triton_kernels.batch_norm import conv2d_batch_stats
 
     x = _meta((n, c_in, hw, hw), dtype, cl)
     w = _meta((c_out, c_in, k, k), dtype, cl)
@@ -128,18 +126,18 @@ def _conv_bn_stats_case(rec, dtype, cl, n, c_in, c_out, hw, k, stride, pad):
 def _batch_norm_case(rec, dtype, cl, n, c, hw):
     import torch
 
-    from fastcnn.triton_kernels import batch_norm_elemt, batch_norm_reduce
+    from fastcnn.triton_kernels import batch_norm
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = _meta((n, c, hw, hw), dtype, cl)
     ch = [_meta((c,), acc) for _ in range(4)]
-    batch_norm_reduce.batch_norm_stats(x, ch[0], ch[1], wrap=rec)
+    batch_norm.batch_norm_stats(x, ch[0], ch[1], wrap=rec)
     mask = _meta(x.shape, torch.uint8, cl)
-    batch_norm_elemt.scale_shift_add_relu(x, ch[0], ch[1], _meta(x.shape, dtype, cl), _meta(x.shape, dtype, cl), mask,
-                                          wrap=rec)
-    batch_norm_reduce.batch_norm_backward_reduce(_meta(x.shape, dtype, cl), mask, x, ch[0], ch[2], ch[3], wrap=rec)
-    batch_norm_elemt.batch_norm_backward_elemt(_meta(x.shape, dtype, cl), mask, x, ch[0], *ch[1:4],
-                                               _meta(x.shape, dtype, cl), _meta(x.shape, dtype, cl), wrap=rec)
+    batch_norm.scale_shift_add_relu(x, ch[0], ch[1], _meta(x.shape, dtype, cl), _meta(x.shape, dtype, cl), mask,
+                                    wrap=rec)
+    batch_norm.batch_norm_backward_reduce(_meta(x.shape, dtype, cl), mask, x, ch[0], ch[2], ch[3], wrap=rec)
+    batch_norm.batch_norm_backward_elemt(_meta(x.shape, dtype, cl), mask, x, ch[0], *ch[1:4],
+                                         _meta(x.shape, dtype, cl), _meta(x.shape, dtype, cl), wrap=rec)
 
 
 def _optim_case(rec, dtype, state_dtype):
@@ -223,12 +221,12 @@ def cases(quick=False):
          lambda r: _conv_transpose_case(r, f32, False, 32, 64, 64, 28, 3, 2, 1, 1, 2, "none")),
         ("conv_transpose fp16 NCHW 64->32 k2 s2 relu 28->56",
          lambda r: _conv_transpose_case(r, f16, False, 32, 64, 32, 28, 2, 2, 0, 0, 1, "relu")),
-        ("conv_bn_stats bf16 NHWC 64->64 3x3 56x56",
-         lambda r: _conv_bn_stats_case(r, b16, True, 32, 64, 64, 56, 3, 1, 1)),
-        ("conv_bn_stats fp32 NCHW 64->64 3x3 56x56",
-         lambda r: _conv_bn_stats_case(r, f32, False, 32, 64, 64, 56, 3, 1, 1)),
-        ("conv_bn_stats fp16 NCHW 64->64 3x3 56x56",
-         lambda r: _conv_bn_stats_case(r, f16, False, 32, 64, 64, 56, 3, 1, 1)),
+        ("conv_batch_stats bf16 NHWC 64->64 3x3 56x56",
+         lambda r: _conv_batch_stats_case(r, b16, True, 32, 64, 64, 56, 3, 1, 1)),
+        ("conv_batch_stats fp32 NCHW 64->64 3x3 56x56",
+         lambda r: _conv_batch_stats_case(r, f32, False, 32, 64, 64, 56, 3, 1, 1)),
+        ("conv_batch_stats fp16 NCHW 64->64 3x3 56x56",
+         lambda r: _conv_batch_stats_case(r, f16, False, 32, 64, 64, 56, 3, 1, 1)),
     ]
     for i, dt in enumerate(dtypes):
         for cl in (True, False):

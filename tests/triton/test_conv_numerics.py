@@ -108,7 +108,7 @@ def test_round_tf32_kernel():
 @interpreted
 def test_tf32_conv_rounds_operands(monkeypatch):
     # The TF32 path (forced on CPU): the result is the convolution of the TF32-ROUNDED operands, not truncated ones.
-    from fastcnn.triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward
+    from fastcnn.triton_kernels.conv_relu_pool import conv2d_relu_pool_forward
 
     monkeypatch.setattr(common, "conv_allows_tf32", lambda device: True)
     x = torch.randn(2, 5, 7, 6)
@@ -128,7 +128,7 @@ def test_tf32_conv_rounds_operands(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_avg_pool_equals_aten(window, channels_last):
     # Small integers make the convolution and the window sums exact, so only the final division can differ.
-    from fastcnn.triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward
+    from fastcnn.triton_kernels.conv_relu_pool import conv2d_relu_pool_forward
 
     gen = torch.Generator().manual_seed(sum(window))
     x = torch.randint(-3, 4, (2, 3, 9, 15), generator=gen).float()
@@ -165,7 +165,7 @@ def test_grid_over_limit_is_a_clear_error():
 
 
 def _stock_vs_fused(precision):
-    from fastcnn.triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward
+    from fastcnn.triton_kernels.conv_relu_pool import conv2d_relu_pool_forward
 
     torch.backends.cudnn.conv.fp32_precision = precision
     x = torch.randn(8, 64, 28, 28, device="cuda")

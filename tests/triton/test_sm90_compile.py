@@ -56,7 +56,7 @@ def test_pooled_backward_fits_shared_memory(rows, case):
 
 def test_avg_pool_divides_correctly_rounded(rows):
     # issue 15 item 4: fp32 '/' compiled to div.full.f32 (~2 ulp); ATen divides with IEEE division
-    for kernel in ("_conv_relu_pool_fwd_kernel", "_dgrad_kernel", "_dbias_kernel"):
+    for kernel in ("_conv_relu_pool_forward_kernel", "_dgrad_kernel", "_dbias_kernel"):
         for r in _rows(rows, kernel, " avg "):
             assert r["div_full"] == 0 and r["div_rn"] > 0, r
 
@@ -64,10 +64,10 @@ def test_avg_pool_divides_correctly_rounded(rows):
 def test_fp32_convolutions_follow_cudnn_precision(rows):
     # issue 15 item 3: TF32 tensor cores exactly when torch's cuDNN convolutions use them (the default), IEEE when
     # the user turns TF32 off
-    tf32 = _rows(rows, "_conv_relu_pool_fwd_kernel", "fp32 NHWC max 3x3/s2 32x64x56x56")
-    ieee = _rows(rows, "_conv_relu_pool_fwd_kernel", "fp32-ieee NHWC max 2x2/s2")
+    tf32 = _rows(rows, "_conv_relu_pool_forward_kernel", "fp32 NHWC max 3x3/s2 32x64x56x56")
+    ieee = _rows(rows, "_conv_relu_pool_forward_kernel", "fp32-ieee NHWC max 2x2/s2")
     assert all(r["mma_tf32"] for r in tf32) and not any(r["mma_tf32"] for r in ieee)
-    for r in _rows(rows, "_conv_relu_pool_fwd_kernel", "bf16 "):
+    for r in _rows(rows, "_conv_relu_pool_forward_kernel", "bf16 "):
         assert not r["mma_tf32"]
 
 

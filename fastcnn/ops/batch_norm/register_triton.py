@@ -2,16 +2,13 @@
 outputs, name suffixed ``_triton``) as torch.library.triton_op's, so torch.compile sees into the kernels, the
 training ops built on them (`TRAINING`, see _training.py), and ``fastcnn::conv2d_batch_stats_triton`` (the
 convolution with the batch statistics reduced in its epilogue; `CONV_STATS`). Loaded by `load_triton` only where
-Triton is installed; the kernels live in fastcnn.triton_kernels (batch_norm_reduce, batch_norm_elemt,
-conv_bn_stats)."""
+Triton is installed; the kernels live in fastcnn.triton_kernels.batch_norm."""
 from typing import List, Optional, Tuple
 
 import torch
 from torch.library import triton_op
 
-from ...triton_kernels import batch_norm_elemt as elemt
-from ...triton_kernels import batch_norm_reduce as reduce
-from ...triton_kernels.conv_bn_stats import conv2d_batch_stats as _launch_conv_stats
+from ...triton_kernels import batch_norm as _kernels
 from .._args import conv_output_size
 from .._dispatch import accumulation_dtype, memory_format_of, wrap_triton
 from ..conv_relu_pool.register import allocate_outputs
@@ -54,7 +51,7 @@ def _channels(x):
 def batch_norm_stats_triton(input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     x = _dense(input, "input")
     mean, var = _channels(x), _channels(x)
-    reduce.batch_norm_stats(x, mean, var, wrap=wrap_triton)
+    _kernels.batch_norm_stats(x, mean, var, wrap=wrap_triton)
     return mean, var
 
 
@@ -64,7 +61,7 @@ def scale_shift_add_relu_triton(input: torch.Tensor, scale: Optional[torch.Tenso
     x = _dense(input, "input")
     out = like_input(x)
     mask = like_input(x, torch.uint8) if save_mask else x.new_empty(0, dtype=torch.uint8)
-    elemt.scale_shift_add_relu(x, _per_channel(scale, x, "scale"), _per_channel(shift, x, "shift"),
+    _kernels.scale_shift_add_relu(x, _per_channel(scale, x, "scale"), _per_channel(shift, x, "shift"),
                                _like(residual, x, "residual"), out, mask, wrap=wrap_triton)
     return out, mask
 
@@ -80,7 +77,7 @@ def batch_norm_backward_reduce_triton(grad_out: torch.Tensor, gate: torch.Tensor
                                       mean: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     grad_out, gate, x, mean = _backward_inputs(grad_out, gate, input, mean)
     sum_dz, sum_dz_xmu = _channels(x), _channels(x)
-    reduce.batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap=wrap_triton)
+    _kernels.batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap=wrap_triton)
     return sum_dz, sum_dz_xmu
 
 
@@ -91,7 +88,7 @@ def batch_norm_backward_elemt_triton(grad_out: torch.Tensor, gate: torch.Tensor,
     grad_out, gate, x, mean = _backward_inputs(grad_out, gate, input, mean)
     grad_x = like_input(x)
     dz = like_input(x) if want_dz else x.new_empty(0)
-    elemt.batch_norm_backward_elemt(grad_out, gate, x, mean, _per_channel(a, x, "a"), _per_channel(b, x, "b"),
+    _kernels.batch_norm_backward_elemt(grad_out, gate, x, mean, _per_channel(a, x, "a"), _per_channel(b, x, "b"),
                                     _per_channel(d, x, "d"), grad_x, dz, wrap=wrap_triton)
     return grad_x, dz
 
@@ -109,7 +106,7 @@ def conv2d_batch_stats_triton(input: torch.Tensor, weight: torch.Tensor, stride:
     size = conv_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     y, _ = allocate_outputs(input, weight.shape[0], size, "none", None, None)
     mean, var = (input.new_empty(weight.shape[0], dtype=torch.float32) for _ in range(2))  # (outputs may not alias)
-    _launch_conv_stats(input, weight, tuple(stride), tuple(padding), tuple(dilation), groups, y, mean, var,
+    _kernels.conv2d_batch_stats(input, weight, tuple(stride), tuple(padding), tuple(dilation), groups, y, mean, var,
                        wrap=wrap_triton)
     return y, mean, var
 

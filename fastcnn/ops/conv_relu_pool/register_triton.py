@@ -1,12 +1,12 @@
 """The Triton backend of the fused block as torch.library.triton_op's, so torch.compile sees into the kernels.
-Imported only when Triton is installed; the kernels live in fastcnn.triton_kernels."""
+Imported only when Triton is installed; the kernels live in fastcnn.triton_kernels.conv_relu_pool."""
 from typing import List, Optional, Tuple
 
 import torch
 from torch.library import triton_op
 
-from ...triton_kernels.conv_relu_pool_bwd import conv2d_relu_pool_backward as _launch_backward
-from ...triton_kernels.conv_relu_pool_fwd import conv2d_relu_pool_forward as _launch_forward
+from ...triton_kernels.conv_relu_pool import conv2d_relu_pool_backward as _launch_backward
+from ...triton_kernels.conv_relu_pool import conv2d_relu_pool_forward as _launch_forward
 from .._dispatch import wrap_triton
 from .register import allocate_conv_outputs, allocate_grads, register_conv_autograd
 

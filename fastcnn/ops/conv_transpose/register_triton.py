@@ -1,15 +1,15 @@
 """The Triton backend of the fused transposed convolution as torch.library.triton_op's, so torch.compile sees into
-the kernels. The forward is fastcnn's stride-phase kernel (fastcnn.triton_kernels.conv_transpose_fwd); the backward
-(fastcnn.triton_kernels.conv_transpose_bwd) computes the input gradient as an ordinary strided convolution of dy and
-the weight gradient with the roles of x and dy swapped, both applying the ReLU mask (the saved output's sign) as dy
-is loaded, and reduces grad_bias deterministically."""
+the kernels (fastcnn.triton_kernels.conv_transpose). The forward is fastcnn's stride-phase kernel; the backward
+computes the input gradient as an ordinary strided convolution of dy and the weight gradient with the roles of x and
+dy swapped, both applying the ReLU mask (the saved output's sign) as dy is loaded, and reduces grad_bias
+deterministically."""
 from typing import List, Optional, Tuple
 
 import torch
 from torch.library import triton_op
 
-from ...triton_kernels.conv_transpose_bwd import conv_transpose2d_backward as _launch_backward
-from ...triton_kernels.conv_transpose_fwd import conv_transpose2d_forward as _launch_forward
+from ...triton_kernels.conv_transpose import conv_transpose2d_backward as _launch_backward
+from ...triton_kernels.conv_transpose import conv_transpose2d_forward as _launch_forward
 from .._dispatch import wrap_triton
 from .register import allocate_grads, allocate_output, register_transpose_autograd
 

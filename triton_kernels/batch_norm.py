@@ -1,4 +1,7 @@
-"""Per-channel reductions of the fused BatchNorm ops (math in fastcnn/ops/batch_norm/reference.py), deterministic:
+"""The fused BatchNorm ops' kernels (math in fastcnn/ops/batch_norm/reference.py): the per-channel reductions,
+the elementwise passes, and a Conv2d whose epilogue reduces the batch statistics of its output.
+
+Reductions, deterministic:
 
 * statistics: per-channel ``mean`` and biased ``var`` of ``x`` over its M = N*H*W rows;
 * backward: per-channel ``sum dz`` and ``sum dz (x - mean)``, with ``dz = grad_out`` where ``gate > 0`` else 0.
@@ -20,12 +23,40 @@ The backward sums are already centred (x - mean) and are plain sums.
 x, grad_out and gate are dense and share x's layout (NCHW or channels_last), so pixel p = h*W + w of image n is at
 ``n*stride_n + p*stride_p + c*stride_c``. A tile's pixels are consecutive within one image, so its loads are
 coalesced in both layouts: along pixels in NCHW (stride_p = 1), along channels in channels_last (stride_c = 1).
+
+Elementwise passes:
+
+* apply: ``out = relu(x * scale[c] + shift[c] + residual)`` and, optionally, the uint8 ReLU mask ``not out <= 0``
+  (taken on the rounded output, so NaN passes the gradient as ReLU's backward does);
+* backward: ``dz = grad_out`` where ``gate > 0`` (gate: that mask, or a recomputed activation), else 0, and
+  ``grad_x = a[c] (dz - b[c] (x - mean[c]) - d[c])``, plus ``dz`` itself for a residual's gradient.
+
+Every tensor of one call is dense in x's layout (NCHW or channels_last), so the kernels walk storage as one flat
+range of int64 offsets ``i``, fully coalesced, and read the channel as ``c = (i // stride_c) % C`` (stride_c = H*W in
+NCHW, 1 in channels_last). Arithmetic is in the per-channel tensors' dtype (fp32, or fp64 for fp64 inputs) and each
+result is rounded once.
+
+Conv2d + batch statistics (cuDNN's ConvBNfprop recipe): ``y = conv2d(x, w)`` (no bias, no activation) is stored in
+x's dtype, and each program also reduces the per-channel moments of its tile of the ROUNDED y - the values a separate
+statistics pass would read back - so BatchNorm's training statistics cost no second read of y. Partial moments go to
+``[m_tiles, C]`` buffers, one row per tile of BLOCK_M output pixels (pixels numbered m = (n*OH + oh)*OW + ow); the
+statistics' finalize stage (``merge_partial_stats``) merges the rows in tile order. The tiling is a function of the
+shape only and nothing is reduced with atomics, so two runs give the same bits. Per tile and channel (count n_t =
+valid pixels of the tile, sums over them only), in fp32:
+    mean_t = sum y / n_t,   M2_t = sum (y - mean_t)^2
+i.e. centred two-pass moments from values already in registers; merging tiles with Chan's formula (above) adds only
+non-negative terms, so a large |mean| does not cancel the variance away.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._conv_common import identity, interpreting
+from ._conv_common import (_pixel_tile, _tile_of, check_grid, conv_out_size, conv_tile, dot_flags, gemm_blocks,
+                           identity, interpreting)
+from ._rounding import _store
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-channel reductions
 
 
 @triton.jit
@@ -191,7 +222,7 @@ def batch_norm_stats(x, mean, var, wrap=None):
 def merge_partial_stats(count_part, mean_part, m2_part, mean, var, wrap=None):
     """Stage 2 of the statistics: merge ``[chunks, C]`` partial moments (count, mean, M2) in chunk order into
     ``mean`` and biased ``var`` (``[C]``, the partials' dtype). Also the last stage of a fused producer's statistics
-    (conv_bn_stats.py)."""
+    (conv2d_batch_stats)."""
     wrap = wrap or identity
     chunks, c = mean_part.shape
     _, block_c, _, block_k = _block_sizes()
@@ -220,3 +251,167 @@ def batch_norm_backward_reduce(grad_out, gate, x, mean, sum_dz, sum_dz_xmu, wrap
         t["CHUNK_TILES"], *strides, HAS_MEAN=mean is not None, BLOCK_R=t["BLOCK_R"], BLOCK_C=t["BLOCK_C"])
     wrap(_sum_partials_kernel)[(c_blocks,)](
         dz_part, xmu_part, sum_dz, sum_dz_xmu, c, t["CHUNKS"], BLOCK_K=t["BLOCK_K"], BLOCK_C=t["BLOCK_C"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# elementwise passes
+
+
+@triton.jit
+def _flat(numel, C, STRIDE_C, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < numel, (offs // STRIDE_C) % C
+
+
+@triton.jit
+def _apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, mask_ptr, numel, C, STRIDE_C,
+                  HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_MASK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    offs, mask, c = _flat(numel, C, STRIDE_C, BLOCK)
+    acc_t = shift_ptr.dtype.element_ty
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    if HAS_SCALE:
+        v = v * tl.load(scale_ptr + c, mask=mask, other=1.0)
+    v = v + tl.load(shift_ptr + c, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        v = v + tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    v = tl.where(v <= 0, 0.0, v)  # ReLU that keeps NaN
+    _store(out_ptr + offs, v, mask)
+    if SAVE_MASK:
+        rounded = v.to(out_ptr.dtype.element_ty).to(acc_t)
+        tl.store(mask_ptr + offs, (~(rounded <= 0)).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _backward_elemt_kernel(g_ptr, gate_ptr, x_ptr, mean_ptr, a_ptr, b_ptr, d_ptr, grad_x_ptr, dz_ptr, numel, C,
+                           STRIDE_C, HAS_MEAN: tl.constexpr, HAS_B: tl.constexpr, HAS_D: tl.constexpr,
+                           WANT_DZ: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, c = _flat(numel, C, STRIDE_C, BLOCK)
+    acc_t = a_ptr.dtype.element_ty
+    gate = tl.load(gate_ptr + offs, mask=mask, other=0).to(acc_t)
+    dz = tl.where(gate <= 0, 0.0, tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t))
+    inner = dz
+    if HAS_B:
+        centred = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        if HAS_MEAN:
+            centred = centred - tl.load(mean_ptr + c, mask=mask, other=0.0)
+        inner = inner - tl.load(b_ptr + c, mask=mask, other=0.0) * centred
+    if HAS_D:
+        inner = inner - tl.load(d_ptr + c, mask=mask, other=0.0)
+    _store(grad_x_ptr + offs, tl.load(a_ptr + c, mask=mask, other=0.0) * inner, mask)
+    if WANT_DZ:
+        _store(dz_ptr + offs, dz, mask)
+
+
+def _flat_launch(numel):
+    block = 256 if interpreting() else 1024
+    return (triton.cdiv(numel, block),), dict(BLOCK=block)
+
+
+def scale_shift_add_relu(x, scale, shift, residual, out, mask, wrap=None):
+    """Write ``relu(x * scale + shift + residual)`` into ``out`` and, when ``mask`` is not empty, its ReLU mask.
+
+    Args:
+        x: ``[N, C, H, W]``, dense (NCHW or channels_last); residual (or None), out and mask (uint8, or empty) have
+            x's shape and strides.
+        scale (or None for 1), shift: ``[C]`` in the accumulation dtype (float32, or float64 for float64 ``x``).
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    grid, cfg = _flat_launch(x.numel())
+    wrap(_apply_kernel)[grid](
+        x, shift if scale is None else scale, shift, x if residual is None else residual, out,
+        mask if mask.numel() else out, x.numel(), x.shape[1], x.stride(1),
+        HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None, SAVE_MASK=mask.numel() > 0, **cfg)
+
+
+def batch_norm_backward_elemt(grad_out, gate, x, mean, a, b, d, grad_x, dz, wrap=None):
+    """Write ``grad_x = a (dz - b (x - mean) - d)`` and, when ``dz`` is not empty, ``dz`` itself.
+
+    Args:
+        grad_out, gate (uint8 mask or x's dtype), x: ``[N, C, H, W]``, dense, sharing x's strides; grad_x and dz
+            (or empty) too.
+        mean, b, d (each None for 0), a: ``[C]`` in the accumulation dtype.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    grid, cfg = _flat_launch(x.numel())
+    wrap(_backward_elemt_kernel)[grid](
+        grad_out, gate, x, a if mean is None else mean, a, a if b is None else b, a if d is None else d, grad_x,
+        dz if dz.numel() else grad_x, x.numel(), x.shape[1], x.stride(1),
+        HAS_MEAN=mean is not None, HAS_B=b is not None, HAS_D=d is not None, WANT_DZ=dz.numel() > 0, **cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conv2d + batch statistics
+
+
+@triton.jit
+def _conv_stats_kernel(
+    x_ptr, w_ptr, y_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr,
+    M, H, W, OH, OW, C, CIG, COG,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sy_n, sy_c, sy_h, sy_w,
+    ST_H: tl.constexpr, ST_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    g = tl.program_id(2)
+    m_mask, ow, oh, n = _pixel_tile(pid_m, M, OW, OH, BLOCK_M)
+    offs_n, n_mask = _tile_of(tl.program_id(1), COG, BLOCK_N)
+    co = g * COG + offs_n
+    x_row = x_ptr + n * sx_n + (g * CIG).to(tl.int64) * sx_c
+    w_col = w_ptr + co.to(tl.int64) * sw_o
+    acc = conv_tile(x_row, w_col, oh, ow, m_mask, n_mask, tl.arange(0, BLOCK_K), H, W, CIG, sx_c, sx_h, sx_w,
+                    sw_i, sw_h, sw_w, ST_H, ST_W, PAD_H, PAD_W, DIL_H, DIL_W, KH, KW, UPCAST, IEEE,
+                    TF32, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    y = acc.to(y_ptr.dtype.element_ty)
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_off = (n * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] + co.to(tl.int64)[None, :] * sy_c
+    tl.store(y_ptr + y_off, y, mask=mask)
+
+    # Moments of the rounded values, over the tile's valid pixels.
+    stat_t = mean_part_ptr.dtype.element_ty
+    y = tl.where(mask, y.to(stat_t), 0.0)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(stat_t)
+    mean = tl.sum(y, axis=0) / count
+    centred = tl.where(mask, y - mean[None, :], 0.0)
+    part = pid_m.to(tl.int64) * C + co
+    tl.store(count_part_ptr + part, tl.zeros((BLOCK_N,), stat_t) + count, mask=n_mask)
+    tl.store(mean_part_ptr + part, mean, mask=n_mask)
+    tl.store(m2_part_ptr + part, tl.sum(centred * centred, axis=0), mask=n_mask)
+
+
+def conv2d_batch_stats(x, weight, stride, padding, dilation, groups, y, mean, var, wrap=None):
+    """Write ``conv2d(x, weight)`` into ``y`` and the per-channel mean and biased variance of ``y`` (as stored, i.e.
+    rounded to y's dtype) into ``mean`` and ``var``.
+
+    Args:
+        x: ``[N, C_in, H, W]`` float32/float16/bfloat16, any strides. weight: ``[C_out, C_in/groups, KH, KW]``.
+        stride, padding, dilation: 2-tuples of ints. groups: int.
+        y: preallocated ``[N, C_out, OH, OW]`` of x's dtype, any strides; at least one output pixel.
+        mean, var: preallocated ``[C_out]`` float32.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``; identity by default.
+    """
+    wrap = wrap or identity
+    n, _, h, w = x.shape
+    c_out, cig, kh, kw = weight.shape
+    oh, ow = (conv_out_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    assert y.shape == (n, c_out, oh, ow), (y.shape, (n, c_out, oh, ow))
+    m, cog = n * oh * ow, c_out // groups
+    cfg = gemm_blocks(m, cog, cig)
+    m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    count_part, mean_part, m2_part = torch.empty(3, m_tiles, c_out, dtype=mean.dtype, device=x.device).unbind(0)
+    grid = check_grid((m_tiles, triton.cdiv(cog, cfg["BLOCK_N"]), groups), "conv2d + batch statistics")
+    wrap(_conv_stats_kernel)[grid](
+        x, weight, y, count_part, mean_part, m2_part,
+        m, h, w, oh, ow, c_out, cig, cog,
+        *x.stride(), *weight.stride(), *y.stride(),
+        ST_H=stride[0], ST_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw, **dot_flags(x), **cfg,
+    )
+    merge_partial_stats(count_part, mean_part, m2_part, mean, var, wrap=wrap)

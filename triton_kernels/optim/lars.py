@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import _store
-from .optim_common import (_div, _grad, _grad_scale, _heavy_ball, _hp, _lr, _om, _param_grad_ptrs, _row_ptr, _sqrt,
+from .._rounding import _store
+from ._common import (_div, _grad, _grad_scale, _heavy_ball, _hp, _lr, _om, _param_grad_ptrs, _row_ptr, _sqrt,
                            _whole_tile, _work)
 
 

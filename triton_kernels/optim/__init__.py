@@ -1,7 +1,12 @@
-"""Launchers of the fused optimizer steps (Triton): ``adam_``, ``sgd_``, ``adagrad_``, ``lars_``.
+"""The fused optimizer steps' Triton kernels (the ``fastcnn.ops.optim`` package's), one file per kind of step:
 
-Each has exactly the arguments of its ``fastcnn::`` op schema (csrc/fastcnn.cpp), plus ``wrap`` (identity by default;
-``torch.library.wrap_triton`` inside a ``torch.library.triton_op``), and matches the plain-PyTorch oracle
+* here, the launchers ``adam_``, ``sgd_``, ``adagrad_``, ``lars_``;
+* ``_common.py``: what every kernel shares - host scalars, opmath helpers, the multi-tensor work table;
+* ``adam_sgd_adagrad.py``: the one-pass Adam/AdamW, SGD and Adagrad kernels and the step-counter increment;
+* ``lars.py``: LARS's two kernels (per-chunk sums of squares, then the update).
+
+Each launcher has exactly the arguments of its ``fastcnn::`` op schema (csrc/fastcnn.cpp), plus ``wrap`` (identity
+by default; ``torch.library.wrap_triton`` inside a ``torch.library.triton_op``), and matches the plain-PyTorch oracle
 ``fastcnn/ops/optim/reference.py`` step for step. Nothing synchronises with the host: ``found_inf``, ``grad_scale``,
 ``lr_tensor`` and the step counters are read inside the kernels.
 
@@ -18,10 +23,10 @@ Step counters: all programs of a tensor compute t = step + 1 from the unmodified
 only by the following increment kernel (a program that wrote it while others of the same tensor were still to read
 it would race).
 """
-from ._conv_common import identity
-from .optim_common import LARS_MAX_PARTS, bits, chunk_size, config, groups, scalar_or
-from .optim_kernels import _adagrad_kernel, _adam_kernel, _sgd_kernel, _step_inc_kernel
-from .optim_lars import _lars_kernel, _lars_norms_kernel, partials_buffer
+from .._conv_common import identity
+from ._common import LARS_MAX_PARTS, bits, chunk_size, config, groups, scalar_or
+from .adam_sgd_adagrad import _adagrad_kernel, _adam_kernel, _sgd_kernel, _step_inc_kernel
+from .lars import _lars_kernel, _lars_norms_kernel, partials_buffer
 
 
 def _optional(dummy, lr_tensor, grad_scale, found_inf):

@@ -1,6 +1,6 @@
 """Triton kernels of the fused Adam/AdamW, SGD and Adagrad steps, and the step-counter increment.
 
-Each kernel serves both launch modes (see optim_common): TABLE=True, one program per chunk of the multi-tensor work
+Each kernel serves both launch modes (see _common): TABLE=True, one program per chunk of the multi-tensor work
 table; TABLE=False, one tensor with direct pointers. Full tiles use a mask whose bound is a multiple of BLOCK (so the
 compiler can vectorise them); the tensor's last tile uses the true bound. Math runs in the opmath type (fp32, or fp64
 for fp64 params), with every step of the reference (fastcnn/ops/optim/reference.py) in the same order: each scalar
@@ -9,8 +9,8 @@ expression in float64, rounded to opmath when it meets a tensor; divisions and s
 import triton
 import triton.language as tl
 
-from ._rounding import _store
-from .optim_common import (_div, _grad, _grad_scale, _heavy_ball, _hp, _lr, _om, _param_grad_ptrs, _powi, _row_ptr,
+from .._rounding import _store
+from ._common import (_div, _grad, _grad_scale, _heavy_ball, _hp, _lr, _om, _param_grad_ptrs, _powi, _row_ptr,
                            _sqrt, _whole_tile, _work)
 
 _ADAM_HP = ["lr_bits", "beta1_bits", "beta2_bits", "wd_bits", "eps_bits"]

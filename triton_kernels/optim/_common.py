@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._conv_common import interpreting
-from ._rounding import _store
+from .._conv_common import interpreting
+from .._rounding import _store
 
 # Set to False to force the per-tensor launches (tests use it to cover that path).
 MULTI_TENSOR = True
