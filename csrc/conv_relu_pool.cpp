@@ -2,41 +2,19 @@
 // bias, then ONE epilogue pass (fastcnn::bias_relu_pool, a per-device kernel) adds the bias, applies ReLU and the
 // pool, and writes only the pooled output and its compact code. The backward rebuilds the gradient of the
 // convolution output from the pooled gradient and the code, then hands it to ATen's convolution_backward.
-// The same device-generic code serves CPU and CUDA; only the epilogue kernels differ.
+// The same device-generic code serves CPU and CUDA; only the epilogue kernels differ. (On CPU, oneDNN's fused
+// conv + bias + ReLU post-ops, mkldnn::_convolution_pointwise, followed by a pool-only pass, was measured no faster:
+// the convolution costs the same with or without its bias and ReLU, and the epilogue pass stays.)
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "fastcnn/checks.h"
+#include "fastcnn/device_generic_glue.h"
 
 #include <tuple>
 
 namespace fastcnn {
 namespace {
-
-std::tuple<at::Tensor, at::Tensor> call_bias_relu_pool(const at::Tensor& conv, const c10::optional<at::Tensor>& bias,
-                                                       c10::string_view pool, at::IntArrayRef pool_size,
-                                                       at::IntArrayRef pool_stride) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastcnn::bias_relu_pool", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef,
-                                                                 const c10::optional<at::Tensor>&)>();
-  return op.call(conv, bias, pool, pool_size, pool_stride, /*scale=*/c10::nullopt);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_bias_relu_pool_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                                                const at::Tensor& code, c10::SymIntArrayRef conv_size,
-                                                                c10::string_view pool, at::IntArrayRef pool_size,
-                                                                at::IntArrayRef pool_stride, bool bias_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastcnn::bias_relu_pool_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, c10::SymIntArrayRef,
-                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef,
-                                                                 bool)>();
-  return op.call(grad_out, out, code, conv_size, pool, pool_size, pool_stride, bias_grad);
-}
 
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_pool(const at::Tensor& input, const at::Tensor& weight,
                                                     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -70,26 +48,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_pool_backward(
         grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
         /*output_padding=*/{0, 0}, groups, {output_mask[0], output_mask[1], false});
   }
-  // Each gradient in its tensor's memory format (ATen may choose another); gradients nobody asked for come back
-  // as empty tensors (the schema returns Tensors, never None).
-  const auto like = [&](const at::Tensor& grad, const at::Tensor& t) {
-    return grad.defined() ? grad.contiguous(memory_format_of(t)) : t.new_empty({0});
-  };
-  return {like(grad_input, input), like(grad_weight, weight), grad_bias.defined() ? grad_bias : weight.new_empty({0})};
+  return conv_grads(grad_input, grad_weight, grad_bias, input, weight);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
-  m.impl("conv2d_relu_pool", &conv2d_relu_pool);
-  m.impl("conv2d_relu_pool_backward", &conv2d_relu_pool_backward);
-}
-
-#ifdef FASTCNN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
-  m.impl("conv2d_relu_pool", &conv2d_relu_pool);
-  m.impl("conv2d_relu_pool_backward", &conv2d_relu_pool_backward);
-}
-#endif
+FASTCNN_IMPL_CPU_AND_CUDA(conv2d_relu_pool)
 
 }  // namespace fastcnn

@@ -21,6 +21,7 @@
 
 #include "fastcnn/checks.h"
 #include "fastcnn/conv_transpose.h"
+#include "fastcnn/device_generic_glue.h"
 
 #include <cstdlib>
 #include <numeric>
@@ -38,25 +39,14 @@ bool parse_activation(c10::string_view activation) {
 }
 
 at::Tensor relu_epilogue(const at::Tensor& conv, const c10::optional<at::Tensor>& bias) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastcnn::bias_relu_pool", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef,
-                                                                 const c10::optional<at::Tensor>&)>();
-  return std::get<0>(op.call(conv, bias, "none", {1, 1}, {1, 1}, /*scale=*/c10::nullopt));
+  return std::get<0>(call_bias_relu_pool(conv, bias, "none", {1, 1}, {1, 1}));
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
                                                           bool bias_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastcnn::bias_relu_pool_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, c10::SymIntArrayRef,
-                                                                 c10::string_view, at::IntArrayRef, at::IntArrayRef,
-                                                                 bool)>();
   const at::Tensor no_code = out.new_empty({0}, out.options().dtype(at::kByte));
-  return op.call(grad_out, out, no_code, c10::fromIntArrayRefSlow(out.sizes().slice(2)), "none", {1, 1}, {1, 1},
-                 bias_grad);
+  return call_bias_relu_pool_backward(grad_out, out, no_code, c10::fromIntArrayRefSlow(out.sizes().slice(2)), "none",
+                                      {1, 1}, {1, 1}, bias_grad);
 }
 
 // The kernels read bias[c] for every output channel through a raw pointer on the input's device: check it here, as
@@ -267,25 +257,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_act_backward(
         grad_y, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/true,
         output_padding, groups, {output_mask[0], output_mask[1], false});
   }
-  const auto like = [&](const at::Tensor& grad, const at::Tensor& t) {
-    return grad.defined() ? grad.contiguous(memory_format_of(t)) : t.new_empty({0});
-  };
-  return {like(grad_input, input), like(grad_weight, weight),
-          grad_bias.defined() ? grad_bias.contiguous() : weight.new_empty({0})};
+  return conv_grads(grad_input, grad_weight, grad_bias, input, weight);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
-  m.impl("conv_transpose2d_act", &conv_transpose2d_act);
-  m.impl("conv_transpose2d_act_backward", &conv_transpose2d_act_backward);
-}
-
-#ifdef FASTCNN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
-  m.impl("conv_transpose2d_act", &conv_transpose2d_act);
-  m.impl("conv_transpose2d_act_backward", &conv_transpose2d_act_backward);
-}
-#endif
+FASTCNN_IMPL_CPU_AND_CUDA(conv_transpose2d_act)
 
 }  // namespace fastcnn
