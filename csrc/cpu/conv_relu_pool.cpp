@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fastcnn/bias_relu_pool.h"
 #include "fastcnn/checks.h"
 #include "fastcnn/cpu_loops.h"
 
@@ -198,23 +199,12 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_pool_cpu(const at::Tensor& conv_in,
                                                       c10::string_view pool, at::IntArrayRef pool_size,
                                                       at::IntArrayRef pool_stride,
                                                       const c10::optional<at::Tensor>& scale) {
-  const PoolMode mode = parse_pool(pool);
-  const PoolWindow win{pool_size[0], pool_size[1], pool_stride[0], pool_stride[1]};
-  check_floating_4d(conv_in, "conv");
-  check_channel_vector(bias, conv_in, "bias");
-  check_channel_vector(scale, conv_in, "scale");
-  check_pool_window(mode, win);
-  const at::MemoryFormat fmt = memory_format_of(conv_in);
-  const at::Tensor conv = conv_in.contiguous(fmt);
-  const auto [ph, pw] = pooled_size(conv.size(2), conv.size(3), mode, win);
-  at::Tensor out = at::empty({conv.size(0), conv.size(1), ph, pw}, conv.options().memory_format(fmt));
-  at::Tensor code = mode == PoolMode::None ? at::empty({0}, conv.options().dtype(at::kByte))
-                                           : at::empty_like(out, out.options().dtype(at::kByte));
-  const RowLayout L = make_rows(fmt, conv.sizes(), ph, pw, mode, win);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, conv.scalar_type(), "bias_relu_pool_cpu", [&] {
-    forward_kernel<scalar_t>(conv, scale, bias, mode, L, out, code);
+  EpilogueForward f = prepare_epilogue_forward(conv_in, bias, pool, pool_size, pool_stride, scale);
+  const RowLayout L = make_rows(f.fmt, f.conv.sizes(), f.out.size(2), f.out.size(3), f.mode, f.win);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.conv.scalar_type(), "bias_relu_pool_cpu", [&] {
+    forward_kernel<scalar_t>(f.conv, scale, bias, f.mode, L, f.out, f.code);
   });
-  return {out, code};
+  return {f.out, f.code};
 }
 
 }  // namespace

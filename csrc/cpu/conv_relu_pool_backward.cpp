@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fastcnn/bias_relu_pool.h"
 #include "fastcnn/checks.h"
 #include "fastcnn/cpu_loops.h"
 
@@ -206,6 +207,57 @@ FASTCNN_VECTOR_CLONES void band_nhwc(const scalar_t* __restrict__ g, const scala
   }
 }
 
+// --- With a scale (z = conv * scale + bias): grad_conv = scale * dz and grad_scale = sum dz * conv, applied to a
+// work unit's dz right after it is written, while it is still in cache. ---
+
+// An NCHW plane of channel scale s: returns the plane's sum of dz * conv (conv nullptr: 0), in kLanes lanes.
+template <typename scalar_t, typename acc_t>
+FASTCNN_VECTOR_CLONES acc_t scale_plane(scalar_t* __restrict__ d, const scalar_t* __restrict__ conv, int64_t len,
+                                        acc_t s) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  if (conv != nullptr) {
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t dz = static_cast<acc_t>(d[i + l]);
+        lanes[l] += dz * static_cast<acc_t>(conv[i + l]);
+        d[i + l] = static_cast<scalar_t>(dz * s);
+      }
+    }
+    for (int64_t l = 0; i + l < len; ++l) {
+      const acc_t dz = static_cast<acc_t>(d[i + l]);
+      lanes[l] += dz * static_cast<acc_t>(conv[i + l]);
+      d[i + l] = static_cast<scalar_t>(dz * s);
+    }
+    return sum_lanes(lanes);
+  }
+  for (; i < len; ++i) d[i] = static_cast<scalar_t>(static_cast<acc_t>(d[i]) * s);
+  return acc_t(0);
+}
+
+// `pixels` NHWC pixels of C channels: d scaled per channel, part[c] += dz * conv (conv nullptr: no sums).
+template <typename scalar_t, typename acc_t>
+FASTCNN_VECTOR_CLONES void scale_pixels(scalar_t* __restrict__ d, const scalar_t* __restrict__ conv, int64_t pixels,
+                                        int64_t C, const acc_t* __restrict__ s, acc_t* __restrict__ part) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    scalar_t* __restrict__ dp = d + p * C;
+    if (conv != nullptr) {
+      const scalar_t* __restrict__ cp = conv + p * C;
+      for (int64_t c = 0; c < C; ++c) part[c] += static_cast<acc_t>(dp[c]) * static_cast<acc_t>(cp[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) dp[c] = static_cast<scalar_t>(static_cast<acc_t>(dp[c]) * s[c]);
+  }
+}
+
+// The scale inputs of one backward: per-channel scale (acc_t), the conv output in grad_conv's layout (nullptr when
+// grad_scale is not wanted), and where grad_scale goes; scale == nullptr: no scale.
+template <typename scalar_t, typename acc_t>
+struct ScaleArgs {
+  const acc_t* scale = nullptr;
+  const scalar_t* conv = nullptr;
+  at::Tensor* grad_scale = nullptr;
+};
+
 // Per-channel sums of the units' partial sums (part: units x C), added in unit order.
 template <typename scalar_t, typename acc_t>
 void merge_partials(const std::vector<acc_t>& part, int64_t units, int64_t C, at::Tensor& grad_bias) {
@@ -213,17 +265,24 @@ void merge_partials(const std::vector<acc_t>& part, int64_t units, int64_t C, at
   for (int64_t u = 0; u < units; ++u) {
     for (int64_t c = 0; c < C; ++c) total[c] += part[u * C + c];
   }
-  scalar_t* dst = grad_bias.mutable_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(total[c]);
+  if (grad_bias.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    scalar_t* dst = grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(total[c]);
+  } else {  // grad_scale of an opmath scale: the sums as they are, in acc_t
+    acc_t* dst = grad_bias.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) dst[c] = total[c];
+  }
 }
 
 template <PoolMode kMode, typename scalar_t>
 void scatter_kernel(const scalar_t* g, const scalar_t* y, const uint8_t* code, const Geometry& G, scalar_t* dst,
-                    at::Tensor& grad_bias) {
+                    at::Tensor& grad_bias, const ScaleArgs<scalar_t, at::opmath_type<scalar_t>>& sa) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = G.C;
+  const bool scale_sums = sa.conv != nullptr;
   if (!G.channels_last) {
     std::vector<acc_t> part(G.N * C);  // part[n * C + c]: plane (n, c)
+    std::vector<acc_t> part_scale(scale_sums ? G.N * C : 0);
     const int64_t plane = G.H * G.W, pooled = G.PH * G.PW;
     at::parallel_for(0, G.N * C, grain_for(plane), [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
@@ -239,22 +298,35 @@ void scatter_kernel(const scalar_t* g, const scalar_t* y, const uint8_t* code, c
         } else {
           part[u] = generic_plane<kMode, scalar_t, acc_t>(gu, yu, cu, G, du);
         }
+        if (sa.scale != nullptr) {
+          const acc_t sum = scale_plane<scalar_t, acc_t>(du, scale_sums ? sa.conv + u * plane : nullptr, plane,
+                                                         sa.scale[u % C]);
+          if (scale_sums) part_scale[u] = sum;
+        }
       }
     });
     if (grad_bias.numel() > 0) merge_partials<scalar_t>(part, G.N, C, grad_bias);
+    if (scale_sums) merge_partials<scalar_t>(part_scale, G.N, C, *sa.grad_scale);
     return;
   }
   const int64_t bands = G.N * G.PH;
   std::vector<acc_t> part(bands * C, acc_t(0));  // part[(n * PH + ph) * C + c]
+  std::vector<acc_t> part_scale(scale_sums ? bands * C : 0, acc_t(0));
   at::parallel_for(0, bands, grain_for(G.win.sh * G.W * C), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / G.PH, ph = u % G.PH;
-      const int64_t p = u * G.PW * C;
-      band_nhwc<kMode, scalar_t, acc_t>(g + p, y + p, code == nullptr ? nullptr : code + p, G, ph,
-                                        dst + (n * G.H + ph * G.win.sh) * G.W * C, part.data() + u * C);
+      const int64_t p = u * G.PW * C, first = (n * G.H + ph * G.win.sh) * G.W * C;
+      band_nhwc<kMode, scalar_t, acc_t>(g + p, y + p, code == nullptr ? nullptr : code + p, G, ph, dst + first,
+                                        part.data() + u * C);
+      if (sa.scale != nullptr) {
+        const int64_t pixels = (G.band_end(ph) - ph * G.win.sh) * G.W;
+        scale_pixels<scalar_t, acc_t>(dst + first, scale_sums ? sa.conv + first : nullptr, pixels, C, sa.scale,
+                                      scale_sums ? part_scale.data() + u * C : nullptr);
+      }
     }
   });
   if (grad_bias.numel() > 0) merge_partials<scalar_t>(part, bands, C, grad_bias);
+  if (scale_sums) merge_partials<scalar_t>(part_scale, bands, C, *sa.grad_scale);
 }
 
 // Overlapping windows: each conv element gathers, in a fixed order, the pooled gradients of every window containing
@@ -317,54 +389,77 @@ void channel_sums(const scalar_t* x, const Geometry& G, at::Tensor& grad_bias) {
   merge_partials<scalar_t>(part, units, C, grad_bias);
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_relu_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& out_in,
-                                                               const at::Tensor& code_in, c10::SymIntArrayRef conv_size,
-                                                               c10::string_view pool, at::IntArrayRef pool_size,
-                                                               at::IntArrayRef pool_stride, bool bias_grad) {
-  const PoolMode mode = parse_pool(pool);
-  const PoolWindow win{pool_size[0], pool_size[1], pool_stride[0], pool_stride[1]};
-  check_pool_window(mode, win);
-  check_pooled_triplet(grad_out_in, out_in, code_in, mode);
-  const int64_t H = conv_size[0].expect_int(), W = conv_size[1].expect_int();
-  const auto expected = pooled_size(H, W, mode, win);
-  TORCH_CHECK(out_in.size(2) == expected[0] && out_in.size(3) == expected[1], "fastcnn: conv_size (", H, ", ", W,
-              ") does not pool to out's spatial size ", out_in.sizes());
-  // One layout for all three pooled tensors, so a single index serves them.
-  const at::MemoryFormat fmt = memory_format_of(out_in);
-  const at::Tensor grad_out = grad_out_in.contiguous(fmt), out = out_in.contiguous(fmt);
-  const at::Tensor code = mode == PoolMode::None ? code_in : code_in.contiguous(fmt);
-  const int64_t N = out.size(0), C = out.size(1);
-  const Geometry G{fmt == at::MemoryFormat::ChannelsLast, N, C, H, W, out.size(2), out.size(3),
-                   mode == PoolMode::None ? PoolWindow{1, 1, 1, 1} : win};
-  at::Tensor grad_conv = at::empty({N, C, H, W}, out.options().memory_format(fmt));
-  at::Tensor grad_bias = at::empty({bias_grad ? C : 0}, out.options());
-  if (grad_conv.numel() == 0) {
-    if (bias_grad) grad_bias.zero_();
-    return {grad_conv, grad_bias};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "bias_relu_pool_backward_cpu", [&] {
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* y = out.const_data_ptr<scalar_t>();
-    const uint8_t* codes = mode == PoolMode::None ? nullptr : code.const_data_ptr<uint8_t>();
-    scalar_t* dst = grad_conv.mutable_data_ptr<scalar_t>();
-    if (G.overlapping()) {
-      gather_kernel<scalar_t>(g, y, codes, mode, G, dst);
-      if (bias_grad) channel_sums<scalar_t>(dst, G, grad_bias);
-    } else if (mode == PoolMode::Max) {
-      scatter_kernel<PoolMode::Max, scalar_t>(g, y, codes, G, dst, grad_bias);
-    } else if (mode == PoolMode::Avg) {
-      scatter_kernel<PoolMode::Avg, scalar_t>(g, y, codes, G, dst, grad_bias);
-    } else {
-      scatter_kernel<PoolMode::None, scalar_t>(g, y, codes, G, dst, grad_bias);
+// The scale applied to a dense grad_conv in its own pass (the overlapping windows' path), in the units of
+// channel_sums: NCHW planes, NHWC rows of one (n, h).
+template <typename scalar_t>
+void scale_pass(scalar_t* d, const Geometry& G, const ScaleArgs<scalar_t, at::opmath_type<scalar_t>>& sa) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = G.C, plane = G.H * G.W, units = G.channels_last ? G.N * G.H : G.N * C;
+  const int64_t unit = G.channels_last ? G.W * C : plane;
+  const bool scale_sums = sa.conv != nullptr;
+  std::vector<acc_t> part(scale_sums ? (G.channels_last ? units * C : units) : 0, acc_t(0));
+  at::parallel_for(0, units, grain_for(unit), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const scalar_t* conv = scale_sums ? sa.conv + u * unit : nullptr;
+      if (G.channels_last) {
+        scale_pixels<scalar_t, acc_t>(d + u * unit, conv, G.W, C, sa.scale, scale_sums ? part.data() + u * C : nullptr);
+      } else {
+        const acc_t sum = scale_plane<scalar_t, acc_t>(d + u * unit, conv, unit, sa.scale[u % C]);
+        if (scale_sums) part[u] = sum;
+      }
     }
   });
-  return {grad_conv, grad_bias};
+  if (scale_sums) merge_partials<scalar_t>(part, G.channels_last ? units : G.N, C, *sa.grad_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_relu_pool_backward_scaled_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& code_in, c10::SymIntArrayRef conv_size,
+    c10::string_view pool, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool bias_grad,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& conv) {
+  EpilogueBackward b = prepare_epilogue_backward(grad_out_in, out_in, code_in, conv_size, pool, pool_size,
+                                                 pool_stride, bias_grad, scale, conv);
+  const PoolMode mode = b.mode;
+  const Geometry G{b.fmt == at::MemoryFormat::ChannelsLast, b.out.size(0), b.out.size(1), b.H, b.W, b.out.size(2),
+                   b.out.size(3), mode == PoolMode::None ? PoolWindow{1, 1, 1, 1} : b.win};
+  if (b.grad_conv.numel() == 0) {
+    if (bias_grad) b.grad_bias.zero_();
+    if (b.grad_scale.defined()) b.grad_scale.zero_();
+    return {b.grad_conv, b.grad_bias, b.grad_scale.defined() ? b.grad_scale : b.out.new_empty({0})};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.out.scalar_type(), "bias_relu_pool_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = b.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* y = b.out.const_data_ptr<scalar_t>();
+    const uint8_t* codes = mode == PoolMode::None ? nullptr : b.code.const_data_ptr<uint8_t>();
+    scalar_t* dst = b.grad_conv.mutable_data_ptr<scalar_t>();
+    ScaleArgs<scalar_t, acc_t> sa;
+    if (b.scale.defined()) {
+      sa.scale = b.scale.const_data_ptr<acc_t>();
+      if (b.conv.defined()) {
+        sa.conv = b.conv.const_data_ptr<scalar_t>();
+        sa.grad_scale = &b.grad_scale;
+      }
+    }
+    if (G.overlapping()) {
+      gather_kernel<scalar_t>(g, y, codes, mode, G, dst);
+      if (bias_grad) channel_sums<scalar_t>(dst, G, b.grad_bias);
+      if (sa.scale != nullptr) scale_pass<scalar_t>(dst, G, sa);
+    } else if (mode == PoolMode::Max) {
+      scatter_kernel<PoolMode::Max, scalar_t>(g, y, codes, G, dst, b.grad_bias, sa);
+    } else if (mode == PoolMode::Avg) {
+      scatter_kernel<PoolMode::Avg, scalar_t>(g, y, codes, G, dst, b.grad_bias, sa);
+    } else {
+      scatter_kernel<PoolMode::None, scalar_t>(g, y, codes, G, dst, b.grad_bias, sa);
+    }
+  });
+  return {b.grad_conv, b.grad_bias, b.grad_scale.defined() ? b.grad_scale : b.out.new_empty({0})};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
-  m.impl("bias_relu_pool_backward", &bias_relu_pool_backward_cpu);
+  m.impl("bias_relu_pool_backward", &unscaled_backward<&bias_relu_pool_backward_scaled_cpu>);
+  m.impl("bias_relu_pool_scaled_backward", &bias_relu_pool_backward_scaled_cpu);
 }
 
 }  // namespace fastcnn

@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "fastcnn/bias_relu_pool.h"
 #include "fastcnn/checks.h"
 #include "fastcnn/cuda_epilogue.cuh"
 #include "fastcnn/cuda_index.cuh"  // with_index_type
@@ -408,68 +409,52 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_pool_cuda(const at::Tensor& conv_in
                                                        const c10::optional<at::Tensor>& bias_in, c10::string_view pool,
                                                        at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
                                                        const c10::optional<at::Tensor>& scale_in) {
-  const PoolMode mode = parse_pool(pool);
-  const PoolWindow win{pool_size[0], pool_size[1], pool_stride[0], pool_stride[1]};
-  check_floating_4d(conv_in, "conv");
-  check_channel_vector(bias_in, conv_in, "bias");
-  check_channel_vector(scale_in, conv_in, "scale");
-  check_pool_window(mode, win);
   const c10::cuda::CUDAGuard guard(conv_in.device());
-  const at::MemoryFormat fmt = memory_format_of(conv_in);
-  const at::Tensor conv = conv_in.contiguous(fmt);
-  const at::Tensor scale = opmath_vector(scale_in, conv), bias = opmath_vector(bias_in, conv);
-  const auto [ph, pw] = pooled_size(conv.size(2), conv.size(3), mode, win);
-  at::Tensor out = at::empty({conv.size(0), conv.size(1), ph, pw}, conv.options().memory_format(fmt));
-  at::Tensor code = mode == PoolMode::None ? at::empty({0}, conv.options().dtype(at::kByte))
-                                           : at::empty_like(out, out.options().dtype(at::kByte));
-  if (out.numel() == 0) return {out, code};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, conv.scalar_type(), "bias_relu_pool_cuda", [&] {
-    launch_forward<scalar_t>(conv, scale, bias, mode, win, fmt == at::MemoryFormat::ChannelsLast, out, code);
+  EpilogueForward f = prepare_epilogue_forward(conv_in, bias_in, pool, pool_size, pool_stride, scale_in);
+  const at::Tensor scale = opmath_vector(scale_in, f.conv), bias = opmath_vector(bias_in, f.conv);
+  if (f.out.numel() == 0) return {f.out, f.code};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.conv.scalar_type(), "bias_relu_pool_cuda", [&] {
+    launch_forward<scalar_t>(f.conv, scale, bias, f.mode, f.win, f.fmt == at::MemoryFormat::ChannelsLast, f.out,
+                             f.code);
   });
-  return {out, code};
+  return {f.out, f.code};
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_relu_pool_backward_cuda(const at::Tensor& grad_out_in,
-                                                                const at::Tensor& out_in, const at::Tensor& code_in,
-                                                                c10::SymIntArrayRef conv_size, c10::string_view pool,
-                                                                at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
-                                                                bool bias_grad) {
-  const PoolMode mode = parse_pool(pool);
-  const PoolWindow win{pool_size[0], pool_size[1], pool_stride[0], pool_stride[1]};
-  check_pool_window(mode, win);
-  check_pooled_triplet(grad_out_in, out_in, code_in, mode);
-  // The kernels read all three through raw pointers on one device.
-  TORCH_CHECK(out_in.device() == grad_out_in.device() &&
-                  (mode == PoolMode::None || code_in.device() == grad_out_in.device()),
-              "fastcnn: grad_out, out and code must be on the same device");
-  const int64_t H = conv_size[0].expect_int(), W = conv_size[1].expect_int();
-  const auto expected = pooled_size(H, W, mode, win);
-  TORCH_CHECK(out_in.size(2) == expected[0] && out_in.size(3) == expected[1], "fastcnn: conv_size (", H, ", ", W,
-              ") does not pool to out's spatial size ", out_in.sizes());
+// With a scale (z = conv * scale + bias): grad_conv = scale * dz rounded once, grad_scale = sum dz * conv in opmath.
+// Applied here with ATen ops after the gather kernel; the CPU does both in its gradient pass.
+void apply_scale(EpilogueBackward& b) {
+  const at::ScalarType acc = at::toOpMathType(b.grad_conv.scalar_type());
+  const at::Tensor dz = b.grad_conv.to(acc);
+  if (b.conv.defined()) b.grad_scale.copy_((dz * b.conv.to(acc)).sum({0, 2, 3}));
+  b.grad_conv.copy_(dz * b.scale.view({1, -1, 1, 1}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_relu_pool_backward_scaled_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& code_in, c10::SymIntArrayRef conv_size,
+    c10::string_view pool, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool bias_grad,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& conv) {
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
-  // One layout for all three pooled tensors, so a single index serves them.
-  const at::MemoryFormat fmt = memory_format_of(out_in);
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor grad_out = grad_out_in.contiguous(fmt), out = out_in.contiguous(fmt);
-  const at::Tensor code = mode == PoolMode::None ? code_in : code_in.contiguous(fmt);
-  at::Tensor grad_conv = at::empty({out.size(0), out.size(1), H, W}, out.options().memory_format(fmt));
-  at::Tensor grad_bias = at::empty({bias_grad ? out.size(1) : 0}, out.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "bias_relu_pool_backward_cuda", [&] {
-    if (grad_conv.numel() > 0) launch_backward<scalar_t>(grad_out, out, code, mode, win, cl, grad_conv);
-    if (grad_bias.numel() > 0 && out.numel() > 0) {
-      launch_bias_grad<scalar_t>(grad_out, out, code, mode, win, cl, grad_bias);
+  EpilogueBackward b = prepare_epilogue_backward(grad_out_in, out_in, code_in, conv_size, pool, pool_size,
+                                                 pool_stride, bias_grad, scale, conv);
+  const bool cl = b.fmt == at::MemoryFormat::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.out.scalar_type(), "bias_relu_pool_backward_cuda", [&] {
+    if (b.grad_conv.numel() > 0) launch_backward<scalar_t>(b.grad_out, b.out, b.code, b.mode, b.win, cl, b.grad_conv);
+    if (b.grad_bias.numel() > 0 && b.out.numel() > 0) {
+      launch_bias_grad<scalar_t>(b.grad_out, b.out, b.code, b.mode, b.win, cl, b.grad_bias);
     }
   });
   // With no pooled element every channel's sum is empty: zero, as the CPU's loop gives.
-  if (grad_bias.numel() > 0 && out.numel() == 0) grad_bias.zero_();
-  return {grad_conv, grad_bias};
+  if (b.grad_bias.numel() > 0 && b.out.numel() == 0) b.grad_bias.zero_();
+  if (b.scale.defined()) apply_scale(b);
+  return {b.grad_conv, b.grad_bias, b.grad_scale.defined() ? b.grad_scale : b.out.new_empty({0})};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
   m.impl("bias_relu_pool", &bias_relu_pool_cuda);
-  m.impl("bias_relu_pool_backward", &bias_relu_pool_backward_cuda);
+  m.impl("bias_relu_pool_backward", &unscaled_backward<&bias_relu_pool_backward_scaled_cuda>);
+  m.impl("bias_relu_pool_scaled_backward", &bias_relu_pool_backward_scaled_cuda);
 }
 
 }  // namespace fastcnn
