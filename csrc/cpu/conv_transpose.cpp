@@ -5,16 +5,32 @@
 // pixels of one (n, c, oy) row, written phase column by phase column (every sw-th pixel from one phase row, unit
 // stride in the GEMM path's phases). Index arithmetic is per pixel (NHWC) or per phase column (NCHW), never per
 // element, and the ReLU is a bit select, so the inner loops vectorise. No atomics; deterministic.
+// Also the whole kernel == stride forward for channels_last input (gemm_forward_channels_last_cpu, at the end): the
+// GEMM written straight into the output rows, the bias and ReLU applied while they are in cache.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <limits>
+#include <memory>
+#include <type_traits>
 
 #include "fastcnn/checks.h"
 #include "fastcnn/conv_transpose.h"
 #include "fastcnn/cpu_loops.h"
+
+// BLAS torch links (gemm_forward_channels_last_cpu below), weak: a torch without one still loads.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace fastcnn {
 namespace {
@@ -112,6 +128,97 @@ void phase_store_bias_act_cpu(const std::vector<at::Tensor>& phases, const at::T
     const auto table = make_phase_table<scalar_t>(phases, stride, padding);
     relu ? phase_store_kernel<true, scalar_t>(table, bias, out) : phase_store_kernel<false, scalar_t>(table, bias, out);
   });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// kernel == stride, channels_last, no padding. The input is an (N*H*W) x C_in matrix and G = input x weight, with the
+// weight as [C_in, KH, KW, C_out], holds in row (n, h, w) the output pixels (h * KH + ky, w * KW + kx) of every tap:
+// output row oy = h * KH + ky, read as [W, KW * C_out], is the ky-th column block of G's rows (n, h, 0..W-1), unit
+// stride. So G is computed a block of input rows at a time into a per-thread buffer of about kGemmRows x
+// KH * KW * C_out (cache-sized, where the general path writes a GEMM buffer the size of the output and reads it
+// back from memory), and each block's output rows are written from it with the bias and activation. BLAS is called
+// directly (sgemm_/dgemm_ of the BLAS torch links, weak so that a torch without one still loads and takes the
+// general path): an ATen op in at::parallel_for's worker threads would run without the caller's thread-local state
+// (grad mode, inference mode).
+
+namespace {
+
+constexpr int64_t kGemmRows = 256;  // GEMM rows (input pixels) per block: enough to amortise BLAS's packing
+
+// Row-major Y[M, Nc] = X[M, K] * B[K, Nc] (row strides ldx, ldb, ldy), as the column-major Y^T = B^T X^T.
+template <typename scalar_t>
+void gemm_rows(int M, int Nc, int K, const scalar_t* x, int ldx, const scalar_t* b, int ldb, scalar_t* y, int ldy) {
+  const char no = 'N';
+  const scalar_t one = 1, zero = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&no, &no, &Nc, &M, &K, &one, b, &ldb, x, &ldx, &zero, y, &ldy);
+  } else {
+    dgemm_(&no, &no, &Nc, &M, &K, &one, b, &ldb, x, &ldx, &zero, y, &ldy);
+  }
+}
+
+// dst[w, kx, c] = act(src[w * src_step + kx * C + c] + bias[c]) for the W * KW pixels of one output row.
+template <bool kRelu, typename scalar_t>
+FASTCNN_VECTOR_CLONES void store_gemm_row(const scalar_t* __restrict__ src, int64_t src_step, int64_t W, int64_t KW,
+                                          int64_t C, const scalar_t* __restrict__ b, scalar_t* __restrict__ dst) {
+  for (int64_t w = 0; w < W; ++w, src += src_step) {
+    for (int64_t kx = 0; kx < KW; ++kx, dst += C) {
+      for (int64_t c = 0; c < C; ++c) dst[c] = store_value<kRelu, scalar_t>(src[kx * C + c], b[c]);
+    }
+  }
+}
+
+bool fits_int(std::initializer_list<int64_t> values) {
+  for (int64_t v : values) {
+    if (v > std::numeric_limits<int>::max()) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+at::Tensor gemm_forward_channels_last_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                          at::IntArrayRef padding, at::IntArrayRef output_padding, bool relu) {
+  const int64_t N = input.size(0), C_in = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t C_out = weight.size(1), KH = weight.size(2), KW = weight.size(3);
+  const int64_t cols = KH * KW * C_out;                           // G's row: [ky, kx, c]
+  const int64_t block = std::max<int64_t>(1, kGemmRows / std::max<int64_t>(W, 1));  // input rows (n, h) per GEMM
+  const at::ScalarType dtype = input.scalar_type();
+  const bool blas = dtype == at::kFloat ? sgemm_ != nullptr : (dtype == at::kDouble && dgemm_ != nullptr);
+  if (!blas || !input.is_cpu() || memory_format_of(input) != at::MemoryFormat::ChannelsLast ||
+      !input.is_contiguous(at::MemoryFormat::ChannelsLast) || padding[0] != 0 || padding[1] != 0 ||
+      output_padding[0] != 0 || output_padding[1] != 0 || weight.scalar_type() != dtype ||
+      !fits_int({block * W, C_in, cols})) {
+    return at::Tensor();
+  }
+  at::Tensor out = at::empty({N, C_out, H * KH, W * KW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // [C_in, KH, KW, C_out]
+  const at::Tensor b = bias.defined() ? bias.to(dtype).contiguous() : at::zeros({C_out}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gemm_forward_channels_last_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t rows = N * H, row = W * KW * C_out;  // input rows; one output row's elements
+    at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t lo, int64_t hi) {
+      std::unique_ptr<scalar_t[]> g(new scalar_t[block * W * cols]);
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t r0 = k * block, r1 = std::min(rows, r0 + block);  // input rows r = n * H + h
+        gemm_rows<scalar_t>(int((r1 - r0) * W), int(cols), int(C_in), x + r0 * W * C_in, int(C_in), wp, int(cols),
+                            g.get(), int(cols));
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t ky = 0; ky < KH; ++ky) {  // output row (n, h * KH + ky) is row r * KH + ky of [N * OH]
+            const scalar_t* src = g.get() + (r - r0) * W * cols + ky * KW * C_out;
+            scalar_t* dst = o + (r * KH + ky) * row;
+            relu ? store_gemm_row<true>(src, cols, W, KW, C_out, bp, dst)
+                 : store_gemm_row<false>(src, cols, W, KW, C_out, bp, dst);
+          }
+        }
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace fastcnn

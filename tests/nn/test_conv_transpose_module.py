@@ -61,3 +61,37 @@ def test_bad_constructor_arguments():
         fastcnn.nn.ConvTranspose2d(3, 4, 2, padding_mode="reflect")
     with pytest.raises(TypeError, match="must be an nn.ConvTranspose2d"):
         fastcnn.nn.ConvTranspose2d.from_modules(nn.Conv2d(3, 4, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
+@pytest.mark.parametrize("grad_mode", ["train", "no_grad", "inference_mode"])
+def test_channels_last_kernel_equal_stride_exact(dtype, kernel, grad_mode):
+    """kernel == stride without padding, channels_last fp32/fp64 on the CPU: the GEMM written into the output rows
+    (csrc/cpu/conv_transpose.cpp, gemm_forward_channels_last_cpu) equals stock exactly on small-integer data, with
+    and without bias and ReLU, in every grad mode (its BLAS calls run in at::parallel_for's worker threads), and in
+    training the gradients too. Odd sizes; 37 input rows of 3 pixels, so several GEMM blocks and a partial last one."""
+    for bias, activation in ((True, "relu"), (False, "relu"), (True, None)):
+        stock = nn.ConvTranspose2d(5, 7, kernel, stride=kernel, bias=bias, dtype=dtype)
+        fused = fastcnn.nn.ConvTranspose2d(5, 7, kernel, stride=kernel, bias=bias, dtype=dtype, activation=activation)
+        with torch.no_grad():
+            for p in stock.parameters():
+                p.copy_(torch.randint(-3, 4, p.shape, dtype=dtype))
+        fused.load_state_dict(stock.state_dict())
+        stock, fused = stock.to(memory_format=torch.channels_last), fused.to(memory_format=torch.channels_last)
+        x = torch.randint(-3, 4, (2, 5, 37, 3), dtype=dtype).to(memory_format=torch.channels_last)
+        act = torch.relu if activation else (lambda y: y)
+        if grad_mode == "train":
+            xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ys, yf = act(stock(xs)), fused(xf)
+            g = torch.randint(-3, 4, ys.shape, dtype=dtype)
+            ys.backward(g)
+            yf.backward(g)
+            torch.testing.assert_close(xf.grad, xs.grad, atol=0, rtol=0)
+            for pf, ps in zip(fused.parameters(), stock.parameters()):
+                torch.testing.assert_close(pf.grad, ps.grad, atol=0, rtol=0)
+        else:
+            with torch.no_grad() if grad_mode == "no_grad" else torch.inference_mode():
+                ys, yf = act(stock(x)), fused(x)
+        assert yf.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(yf, ys, atol=0, rtol=0)

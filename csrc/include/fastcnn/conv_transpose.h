@@ -73,6 +73,12 @@ C10_HOST_DEVICE inline scalar_t bias_act(acc_t x, acc_t b, bool relu) {
 // out: [N, C_out, OH, OW], contiguous or channels_last, written in full; bias: [C_out] or undefined.
 void phase_store_bias_act_cpu(const std::vector<at::Tensor>& phases, const at::Tensor& bias, const at::Tensor& out,
                               std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool relu);
+// The whole forward of kernel == stride (one group, dilation 1) for a channels_last float32/float64 CPU input without
+// padding or output_padding: BLAS GEMMs over blocks of input rows into a cache-sized buffer, each block's output rows
+// written from it with the bias and activation (csrc/cpu/conv_transpose.cpp). An undefined tensor for any other call
+// (the caller then takes the GEMM + phase store path).
+at::Tensor gemm_forward_channels_last_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                          at::IntArrayRef padding, at::IntArrayRef output_padding, bool relu);
 #ifdef FASTCNN_WITH_CUDA
 void phase_store_bias_act_cuda(const std::vector<at::Tensor>& phases, const at::Tensor& bias, const at::Tensor& out,
                                std::array<int64_t, 2> stride, std::array<int64_t, 2> padding, bool relu);
