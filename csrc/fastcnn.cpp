@@ -21,6 +21,11 @@ TORCH_LIBRARY(fastcnn, m) {
   // gradient and the code; grad_bias is empty unless bias_grad.
   m.def("bias_relu_pool_backward(Tensor grad_out, Tensor out, Tensor code, SymInt[2] conv_size, str pool,"
         " int[2] pool_size, int[2] pool_stride, bool bias_grad) -> (Tensor grad_conv, Tensor grad_bias)");
+  // The same with a scale, in the same pass: grad_conv = scale * dz (dz: the gradient at conv * scale + bias),
+  // grad_bias = sum dz (empty unless bias_grad), grad_scale = sum dz * conv in scale's dtype (empty without conv).
+  m.def("bias_relu_pool_scaled_backward(Tensor grad_out, Tensor out, Tensor code, SymInt[2] conv_size, str pool,"
+        " int[2] pool_size, int[2] pool_stride, bool bias_grad, Tensor? scale, Tensor? conv)"
+        " -> (Tensor grad_conv, Tensor grad_bias, Tensor grad_scale)");
   // The fused block: pool(relu(conv2d(input, weight, bias))) with the convolution from ATen (cuDNN / oneDNN).
   m.def("conv2d_relu_pool(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding,"
         " int[2] dilation, int groups, str pool, int[2] pool_size, int[2] pool_stride)"
@@ -54,6 +59,18 @@ TORCH_LIBRARY(fastcnn, m) {
   // and grad_input = a * (dz - b * (input - mean) - d) per channel (None: 0), plus dz if want_dz (else empty).
   m.def("batch_norm_backward_elemt(Tensor grad_out, Tensor gate, Tensor input, Tensor? mean, Tensor a, Tensor? b,"
         " Tensor? d, bool want_dz) -> (Tensor grad_input, Tensor dz)");
+  // Both in one call, BatchNorm's whole input gradient through the gate: with invstd = rsqrt(var + eps) and
+  // M = N*H*W, a = weight * invstd, b = invstd^2 * sum dz (input - mean) / M, d = sum dz / M; grad_weight =
+  // sum dz (input - mean) * invstd, grad_bias = sum dz; dz if want_dz (else empty).
+  m.def("batch_norm_backward(Tensor grad_out, Tensor gate, Tensor input, Tensor weight, Tensor mean, Tensor var,"
+        " float eps, bool want_dz) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor dz)");
+  // The training forward's per-channel map: scale = weight * rsqrt(var + eps), shift = bias - mean * scale.
+  m.def("batch_norm_scale_shift(Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps)"
+        " -> (Tensor scale, Tensor shift)");
+  // The running statistics' update in place: running = running * (1 - factor) + batch * factor, the variance's
+  // batch value unbiased (var * count / (count - 1)).
+  m.def("batch_norm_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+        " float factor, int count) -> ()");
   // --- end of BatchNorm ---
 
   // --- Store into a channel slice (csrc/cpu|cuda/channel_slice.*; math in fastcnn/reference/channel_slice.py) ---

@@ -1,8 +1,12 @@
-// CPU kernels of the fused BatchNorm pieces (math in fastcnn/reference/batch_norm.py):
+// CPU kernels of the fused BatchNorm pieces (math in fastcnn/ops/batch_norm/reference.py):
 //   batch_norm_stats            per-channel mean and biased variance, deterministic (fixed chunks, Chan merges)
 //   scale_shift_add_relu        out = relu(x scale + shift + residual) and a uint8 ReLU mask, one pass
 //   batch_norm_backward_reduce  with dz = grad_out unless gate <= 0: per-channel sum dz and sum dz (x - mean)
 //   batch_norm_backward_elemt   grad_input = a (dz - b (x - mean) - d), and dz itself when asked
+//   batch_norm_backward         both, with the per-channel coefficients between them, in one call
+//   batch_norm_scale_shift      the training forward's per-channel scale and shift
+//   batch_norm_update_running   the running statistics' update, in place
+// The per-channel math of the last three is rounded as the tensor ops it replaces (same bits).
 //
 // Both layouts are walked as "segments" of contiguous elements: NCHW: the H*W pixels of one (n, c) plane, all of
 // channel c; NHWC: the C channels of one pixel, unit-stride in c (the compiler vectorises these loops). Sums
@@ -18,6 +22,7 @@
 #include "fastcnn/cpu_loops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -45,23 +50,39 @@ struct Moments {
   }
 };
 
-// Two-pass moments of `len` values spaced `stride` apart: exact mean first, then the centred sum of squares.
+// Two-pass moments of the `len` contiguous values of one NCHW plane: exact mean first, then the centred sum of
+// squares. Each sum runs in kLanes interleaved partial sums (element i into lane i % kLanes) added in lane order at
+// the end: a fixed order (deterministic, thread-count independent) that lets the lane loops vectorise.
 template <typename scalar_t, typename acc_t>
-Moments<acc_t> moments_of(const scalar_t* x, int64_t len, int64_t stride) {
-  acc_t sum = 0;
-  for (int64_t i = 0; i < len; ++i) sum += static_cast<acc_t>(x[i * stride]);
-  const acc_t mean = sum / len;
-  acc_t m2 = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i * stride]) - mean;
-    m2 += d * d;
+FASTCNN_VECTOR_CLONES Moments<acc_t> plane_moments(const scalar_t* __restrict__ x, int64_t len) {
+  constexpr int64_t kLanes = 8;
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(x[i + j]);
   }
+  for (int64_t j = 0; i + j < len; ++j) lane[j] += static_cast<acc_t>(x[i + j]);
+  acc_t sum = 0;
+  for (int64_t j = 0; j < kLanes; ++j) sum += lane[j];
+  const acc_t mean = sum / len;
+  for (int64_t j = 0; j < kLanes; ++j) lane[j] = 0;
+  for (i = 0; i + kLanes <= len; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t d = static_cast<acc_t>(x[i + j]) - mean;
+      lane[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; i + j < len; ++j) {
+    const acc_t d = static_cast<acc_t>(x[i + j]) - mean;
+    lane[j] += d * d;
+  }
+  acc_t m2 = 0;
+  for (int64_t j = 0; j < kLanes; ++j) m2 += lane[j];
   return {static_cast<acc_t>(len), mean, m2};
 }
 
-// moments_of for every channel of `len` NHWC pixel rows at once: the same operations in the same order per channel
-// (sum over the rows, mean, then the centred sum of squares), but with the channel loop innermost, so that it is
-// unit-stride and vectorises.
+// Two-pass moments of every channel of `len` NHWC pixel rows at once (per channel: sum over the rows, mean, then the
+// centred sum of squares), with the channel loop innermost, so that it is unit-stride and vectorises.
 template <typename scalar_t, typename acc_t>
 FASTCNN_VECTOR_CLONES void chunk_moments(const scalar_t* __restrict__ x, int64_t len, int64_t C,
                                          acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
@@ -89,7 +110,7 @@ void stats_kernel(const at::Tensor& x, const BnLayout& L, at::Tensor& mean, at::
     at::parallel_for(0, L.C, grain_for(L.N * L.HW), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         Moments<acc_t> total;
-        for (int64_t n = 0; n < L.N; ++n) total.merge(moments_of<scalar_t, acc_t>(xp + (n * L.C + c) * L.HW, L.HW, 1));
+        for (int64_t n = 0; n < L.N; ++n) total.merge(plane_moments<scalar_t, acc_t>(xp + (n * L.C + c) * L.HW, L.HW));
         mp[c] = static_cast<out_t>(total.mean);
         vp[c] = static_cast<out_t>(total.m2 / total.count);
       }
@@ -274,6 +295,7 @@ void reduce_kernel(const BackwardInputs& in, at::Tensor& sum_dz, at::Tensor& sum
   using out_t = at::opmath_type<scalar_t>;
   using acc_t = sum_type<scalar_t>;
   const BnLayout& L = in.L;
+  if (L.C == 0) return;  // (an empty branch of an Inception block)
   const BackwardRows<scalar_t, gate_t> rows(in);
   std::vector<acc_t> mu(L.C, 0);
   if (kCentred) std::copy_n(in.mean->const_data_ptr<out_t>(), L.C, mu.begin());
@@ -309,15 +331,10 @@ void reduce_kernel(const BackwardInputs& in, at::Tensor& sum_dz, at::Tensor& sum
   std::copy(total_xmu.begin(), total_xmu.end(), sum_dz_xmu.data_ptr<out_t>());
 }
 
-// Per-channel coefficients of elemt in opmath_type; an absent one is 0.
+// Per-channel coefficients of elemt in opmath_type, C values each (mean, b and d are read only when centred).
 template <typename acc_t>
 struct ElemtCoefficients {
-  std::vector<acc_t> mean, a, b, d;
-  explicit ElemtCoefficients(const ElemtCall& c)
-      : mean(per_channel_or<acc_t>(c.in.mean, c.in.L.C, 0)),
-        a(per_channel_or<acc_t>(c.a, c.in.L.C, 0)),
-        b(per_channel_or<acc_t>(c.b, c.in.L.C, 0)),
-        d(per_channel_or<acc_t>(c.d, c.in.L.C, 0)) {}
+  const acc_t *mean, *a, *b, *d;
 };
 
 // grad_x = a (dz - b (x - mean) - d) over `len` elements, coefficient k of element i at index i * kStep (NHWC:
@@ -338,62 +355,101 @@ FASTCNN_VECTOR_CLONES void elemt_row(const scalar_t* __restrict__ g, const gate_
   }
 }
 
-template <bool kCentred, bool kWantDz, typename scalar_t, typename gate_t>
-void elemt_kernel(const ElemtCall& c) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const BnLayout& L = c.in.L;
-  const BackwardRows<scalar_t, gate_t> rows(c.in);
-  const ElemtCoefficients<acc_t> k(c);
-  scalar_t* grad_x = c.grad_x.data_ptr<scalar_t>();
-  scalar_t* dz = kWantDz ? c.dz.data_ptr<scalar_t>() : nullptr;
+template <bool kCentred, bool kWantDz, typename scalar_t, typename gate_t, typename acc_t>
+void elemt_kernel(const BackwardInputs& in, const ElemtCoefficients<acc_t>& k, at::Tensor& grad_x_out,
+                  at::Tensor& dz_out) {
+  const BnLayout& L = in.L;
+  const BackwardRows<scalar_t, gate_t> rows(in);
+  scalar_t* grad_x = grad_x_out.data_ptr<scalar_t>();
+  scalar_t* dz = kWantDz ? dz_out.data_ptr<scalar_t>() : nullptr;
   const int64_t outer = L.channels_last ? L.N * L.HW : L.N * L.C;  // pixel rows, or (n, c) planes
   const int64_t len = L.channels_last ? L.C : L.HW;
   at::parallel_for(0, outer, grain_for(len), [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (L.channels_last) {
         elemt_row<kCentred, kWantDz, 1>(rows.grad + s * rows.grad_stride, rows.gate + s * rows.gate_stride,
-                                        rows.x + s * len, k.mean.data(), k.a.data(), k.b.data(), k.d.data(), len,
-                                        grad_x + s * len, kWantDz ? dz + s * len : nullptr);
+                                        rows.x + s * len, k.mean, k.a, k.b, k.d, len, grad_x + s * len,
+                                        kWantDz ? dz + s * len : nullptr);
       } else {  // s = n * C + ch
         const int64_t n = s / L.C, ch = s % L.C, plane = ch * L.HW;
         elemt_row<kCentred, kWantDz, 0>(rows.grad + n * rows.grad_stride + plane,
-                                        rows.gate + n * rows.gate_stride + plane, rows.x + s * len, &k.mean[ch],
-                                        &k.a[ch], &k.b[ch], &k.d[ch], len, grad_x + s * len,
+                                        rows.gate + n * rows.gate_stride + plane, rows.x + s * len, k.mean + ch,
+                                        k.a + ch, k.b + ch, k.d + ch, len, grad_x + s * len,
                                         kWantDz ? dz + s * len : nullptr);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
-  const BnLayout L = bn_layout(input, "input");
-  const at::Tensor x = input.contiguous(L.format());
-  at::Tensor mean = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
-  at::Tensor var = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats_cpu",
-                                  [&] { stats_kernel<scalar_t>(x, L, mean, var); });
-  return {mean, var};
+// elemt_kernel for the run's choices (centred: b, d and mean are read; want_dz: dz is stored).
+template <typename scalar_t, typename gate_t, typename acc_t>
+void run_elemt(const BackwardInputs& in, const ElemtCoefficients<acc_t>& k, bool centred, bool want_dz,
+               at::Tensor& grad_x, at::Tensor& dz) {
+  if (centred) {
+    want_dz ? elemt_kernel<true, true, scalar_t, gate_t>(in, k, grad_x, dz)
+            : elemt_kernel<true, false, scalar_t, gate_t>(in, k, grad_x, dz);
+  } else {
+    want_dz ? elemt_kernel<false, true, scalar_t, gate_t>(in, k, grad_x, dz)
+            : elemt_kernel<false, false, scalar_t, gate_t>(in, k, grad_x, dz);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cpu(const at::Tensor& input,
-                                                            const c10::optional<at::Tensor>& scale,
-                                                            const at::Tensor& shift,
-                                                            const c10::optional<at::Tensor>& residual,
-                                                            bool save_mask) {
-  ApplyCall c = apply_call(input, scale, shift, residual, save_mask);
+// batch_norm_backward: the reduction into grad_bias (sum dz) and grad_weight (sum dz (x - mean)), the coefficients of
+// grad_x = a (dz - b (x - mean) - d), then the elementwise pass. The coefficients are computed in acc_t with each
+// operation rounded once, in the order of the tensor ops this replaces (_training.py: invstd = rsqrt(var + eps),
+// a = weight * invstd, b = invstd * invstd * sum_dz_xmu / M, d = sum_dz / M, grad_weight = sum_dz_xmu * invstd), so
+// the results are bitwise those of the composition. (No FMA: the build targets x86-64 and AVX2 without -mfma, so
+// nothing is contracted.)
+template <typename scalar_t, typename gate_t>
+void backward_kernel(BackwardCall& c, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  reduce_kernel<true, scalar_t, gate_t>(c.in, c.grad_bias, c.grad_weight);
+  const int64_t C = c.in.L.C;
+  const acc_t count = static_cast<acc_t>(c.in.L.N * c.in.L.HW), eps_acc = static_cast<acc_t>(eps);
+  const acc_t* var = c.var.const_data_ptr<acc_t>();
+  const acc_t* weight = c.weight.const_data_ptr<acc_t>();
+  const acc_t* sum_dz = c.grad_bias.const_data_ptr<acc_t>();
+  acc_t* grad_weight = c.grad_weight.data_ptr<acc_t>();
+  std::vector<acc_t> a(C), b(C), d(C);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const acc_t invstd = acc_t(1) / std::sqrt(var[ch] + eps_acc);
+    a[ch] = weight[ch] * invstd;
+    b[ch] = invstd * invstd * grad_weight[ch] / count;
+    d[ch] = sum_dz[ch] / count;
+    grad_weight[ch] = grad_weight[ch] * invstd;
+  }
+  const ElemtCoefficients<acc_t> k{c.in.mean->const_data_ptr<acc_t>(), a.data(), b.data(), d.data()};
+  run_elemt<scalar_t, gate_t>(c.in, k, true, c.dz.numel() > 0, c.grad_x, c.dz);
+}
+
+// scale = weight * rsqrt(var + eps), shift = bias - mean * scale, rounded as the tensor ops (see backward_kernel).
+template <typename acc_t>
+void scale_shift_kernel(const acc_t* weight, const acc_t* bias, const acc_t* mean, const acc_t* var, acc_t eps,
+                        int64_t C, acc_t* scale, acc_t* shift) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t invstd = acc_t(1) / std::sqrt(var[c] + eps);
+    scale[c] = weight[c] * invstd;
+    const acc_t mean_scale = mean[c] * scale[c];
+    shift[c] = bias[c] - mean_scale;
+  }
+}
+
+void batch_norm_stats_cpu(const BnLayout& L, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats_cpu",
+                                  [&] { stats_kernel<scalar_t>(x, L, mean, var); });
+}
+
+void scale_shift_add_relu_cpu(ApplyCall& c) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.x.scalar_type(), "scale_shift_add_relu_cpu", [&] {
     apply_kernel<scalar_t>(c.x, c.scale, c.shift, c.residual, c.L, c.out, c.mask);
   });
-  return {c.out, c.mask};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
                                                                   const at::Tensor& input,
                                                                   const c10::optional<at::Tensor>& mean) {
   ReduceCall c = reduce_call(grad_out, gate, input, mean, /*keep_slices=*/true);
-  dispatch_with_gate(c.in.x, c.in.gate, [&](auto s, auto gt) {
-    using scalar_t = decltype(s);
-    using gate_t = decltype(gt);
+  FASTCNN_DISPATCH_WITH_GATE(c.in.x, c.in.gate, "batch_norm_backward_reduce_cpu", {
     c.in.mean.has_value() ? reduce_kernel<true, scalar_t, gate_t>(c.in, c.sum_dz, c.sum_dz_xmu)
                           : reduce_kernel<false, scalar_t, gate_t>(c.in, c.sum_dz, c.sum_dz_xmu);
   });
@@ -405,25 +461,65 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cpu(
     const at::Tensor& a, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
   ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz, /*keep_slices=*/true);
   const bool centred = c.b.has_value() || c.d.has_value();
-  dispatch_with_gate(c.in.x, c.in.gate, [&](auto s, auto gt) {
-    using scalar_t = decltype(s);
-    using gate_t = decltype(gt);
-    if (centred) {
-      want_dz ? elemt_kernel<true, true, scalar_t, gate_t>(c) : elemt_kernel<true, false, scalar_t, gate_t>(c);
-    } else {
-      want_dz ? elemt_kernel<false, true, scalar_t, gate_t>(c) : elemt_kernel<false, false, scalar_t, gate_t>(c);
-    }
+  const int64_t C = c.in.L.C;
+  FASTCNN_DISPATCH_WITH_GATE(c.in.x, c.in.gate, "batch_norm_backward_elemt_cpu", {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> mu = per_channel_or<acc_t>(c.in.mean, C, 0), av = per_channel_or<acc_t>(c.a, C, 0),
+                             bv = per_channel_or<acc_t>(c.b, C, 0), dv = per_channel_or<acc_t>(c.d, C, 0);
+    const ElemtCoefficients<acc_t> k{mu.data(), av.data(), bv.data(), dv.data()};
+    run_elemt<scalar_t, gate_t>(c.in, k, centred, want_dz, c.grad_x, c.dz);
   });
   return {c.grad_x, c.dz};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool want_dz) {
+  BackwardCall c = backward_call(grad_out, gate, input, weight, mean, var, want_dz, /*keep_slices=*/true);
+  FASTCNN_DISPATCH_WITH_GATE(c.in.x, c.in.gate, "batch_norm_backward_cpu", backward_kernel<scalar_t, gate_t>(c, eps));
+  return {c.grad_x, c.grad_weight, c.grad_bias, c.dz};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_scale_shift_cpu(const at::Tensor& weight, const at::Tensor& bias,
+                                                              const at::Tensor& mean, const at::Tensor& var,
+                                                              double eps) {
+  check_scale_shift_args(weight, bias, mean, var);
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous(), m = mean.contiguous(), v = var.contiguous();
+  at::Tensor scale = at::empty_like(w), shift = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "batch_norm_scale_shift_cpu", [&] {
+    scale_shift_kernel<scalar_t>(w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                 m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                 static_cast<scalar_t>(eps), w.numel(), scale.data_ptr<scalar_t>(),
+                                 shift.data_ptr<scalar_t>());
+  });
+  return {scale, shift};
+}
+
+// The tensor ops of the composition (fastcnn/ops/batch_norm/__init__.py), each rounded once in scalar_t with the
+// Python floats rounded to scalar_t first, as ATen rounds a Python scalar to the tensor's opmath type.
+void batch_norm_update_running_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                   const at::Tensor& var, double factor, int64_t count) {
+  check_running_args(running_mean, running_var, mean, var, count);
+  const at::Tensor m = mean.contiguous(), v = var.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "batch_norm_update_running_cpu", [&] {
+    const auto keep = static_cast<scalar_t>(1 - factor), take = static_cast<scalar_t>(factor);
+    const auto unbias = static_cast<scalar_t>(static_cast<double>(count) / static_cast<double>(count - 1));
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < running_mean.numel(); ++c) {
+      const scalar_t old_mean = rm[c] * keep, new_mean = mp[c] * take;
+      rm[c] = old_mean + new_mean;
+      const scalar_t unbiased = vp[c] * unbias;
+      const scalar_t old_var = rv[c] * keep, new_var = unbiased * take;
+      rv[c] = old_var + new_var;
+    }
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
-  m.impl("scale_shift_add_relu", &scale_shift_add_relu_cpu);
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
-  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
-}
+TORCH_LIBRARY_IMPL(fastcnn, CPU, m) { FASTCNN_REGISTER_BATCH_NORM_OPS(m, cpu); }
 
 }  // namespace fastcnn

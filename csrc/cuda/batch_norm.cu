@@ -54,6 +54,10 @@ struct Moments {
     m2 += b.m2 + delta * delta * (count * b.count / n);
     count = n;
   }
+  __device__ void store(acc_t* mean_out, acc_t* var_out, int64_t c) const {
+    mean_out[c] = mean;
+    var_out[c] = m2 / count;
+  }
 };
 
 // (sum dz, sum dz (x - mean)) of the backward.
@@ -64,6 +68,10 @@ struct GradSums {
   __device__ void merge(const GradSums& b) {
     dz += b.dz;
     dz_xmu += b.dz_xmu;
+  }
+  __device__ void store(acc_t* dz_out, acc_t* dz_xmu_out, int64_t c) const {
+    dz_out[c] = dz;
+    dz_xmu_out[c] = dz_xmu;
   }
 };
 
@@ -150,25 +158,15 @@ struct ReduceVisit {
   }
 };
 
-template <typename acc_t>
-__global__ void finalize_stats_kernel(const Moments<acc_t>* __restrict__ partial, int64_t splits, int64_t C,
-                                      acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+// Merges the splits of each channel in order; Acc::store writes the channel's two results (Moments: mean and biased
+// variance; GradSums: sum dz and sum dz (x - mean)).
+template <typename Acc, typename acc_t>
+__global__ void finalize_kernel(const Acc* __restrict__ partial, int64_t splits, int64_t C, acc_t* __restrict__ out0,
+                                acc_t* __restrict__ out1) {
   GRID_STRIDE_LOOP(c, C) {
-    Moments<acc_t> total = partial[c];
+    Acc total = partial[c];
     for (int64_t s = 1; s < splits; ++s) total.merge(partial[s * C + c]);
-    mean[c] = total.mean;
-    var[c] = total.m2 / total.count;
-  }
-}
-
-template <typename acc_t>
-__global__ void finalize_sums_kernel(const GradSums<acc_t>* __restrict__ partial, int64_t splits, int64_t C,
-                                     acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu) {
-  GRID_STRIDE_LOOP(c, C) {
-    GradSums<acc_t> total = partial[c];
-    for (int64_t s = 1; s < splits; ++s) total.merge(partial[s * C + c]);
-    sum_dz[c] = total.dz;
-    sum_dz_xmu[c] = total.dz_xmu;
+    total.store(out0, out1, c);
   }
 }
 
@@ -243,34 +241,22 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
-  const BnLayout L = bn_layout(input, "input");
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(L.format());
-  at::Tensor mean = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
-  at::Tensor var = at::empty_like(mean);
-  if (x.numel() == 0) return {mean, var};  // C = 0 (bn_layout refuses N * H * W = 0)
+void batch_norm_stats_cuda(const BnLayout& L, const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
+  const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry(L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor partial =
         launch_partial<Moments<acc_t>>(g, StatsVisit<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()}, x);
-    finalize_stats_kernel<acc_t><<<blocks_for(L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    finalize_kernel<<<blocks_for(L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const Moments<acc_t>*>(partial.const_data_ptr()), g.splits, L.C, mean.data_ptr<acc_t>(),
         var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cuda(const at::Tensor& input,
-                                                             const c10::optional<at::Tensor>& scale,
-                                                             const at::Tensor& shift,
-                                                             const c10::optional<at::Tensor>& residual,
-                                                             bool save_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  ApplyCall c = apply_call(input, scale, shift, residual, save_mask);
-  if (c.x.numel() == 0) return {c.out, c.mask};
+void scale_shift_add_relu_cuda(ApplyCall& c) {
+  const c10::cuda::CUDAGuard guard(c.x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.x.scalar_type(), "scale_shift_add_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(c.x.numel(), [&](auto index) {
@@ -279,11 +265,44 @@ std::tuple<at::Tensor, at::Tensor> scale_shift_add_relu_cuda(const at::Tensor& i
           <<<blocks_for(c.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               c.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(c.scale), c.shift.const_data_ptr<acc_t>(),
               ptr_or_null<scalar_t>(c.residual), c.out.data_ptr<scalar_t>(),
-              save_mask ? c.mask.data_ptr<uint8_t>() : nullptr, c.x.numel(), channel_of<index_t>(c.L));
+              c.mask.numel() ? c.mask.data_ptr<uint8_t>() : nullptr, c.x.numel(), channel_of<index_t>(c.L));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {c.out, c.mask};
+}
+
+// sum dz and sum dz (x - mean) of in into sum_dz and sum_dz_xmu (in's x has an element).
+void launch_reduce(const BackwardInputs& in, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu) {
+  const Geometry geo = geometry(in.L);
+  FASTCNN_DISPATCH_WITH_GATE(in.x, in.gate, "batch_norm_backward_reduce_cuda", {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ReduceVisit<scalar_t, gate_t, acc_t> visit{in.grad_out.const_data_ptr<scalar_t>(),
+                                                     in.gate.const_data_ptr<gate_t>(), in.x.const_data_ptr<scalar_t>(),
+                                                     ptr_or_null<acc_t>(in.mean)};
+    const at::Tensor partial = launch_partial<GradSums<acc_t>>(geo, visit, in.x);
+    finalize_kernel<<<blocks_for(in.L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), geo.splits, in.L.C,
+        sum_dz.data_ptr<acc_t>(), sum_dz_xmu.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// grad_x = a (dz - b (x - mean) - d) and dz (if dz has elements) for in (whose x has an element).
+void launch_elemt(const BackwardInputs& in, const at::Tensor& a, const c10::optional<at::Tensor>& b,
+                  const c10::optional<at::Tensor>& d, at::Tensor& grad_x, at::Tensor& dz) {
+  FASTCNN_DISPATCH_WITH_GATE(in.x, in.gate, "batch_norm_backward_elemt_cuda", {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_index_type(in.x.numel(), [&](auto index) {
+      using index_t = decltype(index);
+      elemt_kernel<scalar_t, gate_t, acc_t, index_t>
+          <<<blocks_for(in.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              in.grad_out.const_data_ptr<scalar_t>(), in.gate.const_data_ptr<gate_t>(),
+              in.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(in.mean), a.const_data_ptr<acc_t>(),
+              ptr_or_null<acc_t>(b), ptr_or_null<acc_t>(d), grad_x.data_ptr<scalar_t>(),
+              dz.numel() ? dz.data_ptr<scalar_t>() : nullptr, in.x.numel(), channel_of<index_t>(in.L));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& gate,
@@ -291,22 +310,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
                                                                    const c10::optional<at::Tensor>& mean) {
   const c10::cuda::CUDAGuard guard(input.device());
   ReduceCall c = reduce_call(grad_out, gate, input, mean);
-  const BackwardInputs& in = c.in;
-  if (in.x.numel() == 0) return {c.sum_dz, c.sum_dz_xmu};
-  const Geometry geo = geometry(in.L);
-  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
-    using scalar_t = decltype(s);
-    using gate_t = decltype(gt);
-    using acc_t = at::opmath_type<scalar_t>;
-    const ReduceVisit<scalar_t, gate_t, acc_t> visit{in.grad_out.const_data_ptr<scalar_t>(),
-                                                     in.gate.const_data_ptr<gate_t>(), in.x.const_data_ptr<scalar_t>(),
-                                                     ptr_or_null<acc_t>(in.mean)};
-    const at::Tensor partial = launch_partial<GradSums<acc_t>>(geo, visit, in.x);
-    finalize_sums_kernel<acc_t><<<blocks_for(in.L.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const GradSums<acc_t>*>(partial.const_data_ptr()), geo.splits, in.L.C,
-        c.sum_dz.data_ptr<acc_t>(), c.sum_dz_xmu.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  if (c.in.x.numel() > 0) launch_reduce(c.in, c.sum_dz, c.sum_dz_xmu);
   return {c.sum_dz, c.sum_dz_xmu};
 }
 
@@ -315,33 +319,47 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_elemt_cuda(
     const at::Tensor& a, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& d, bool want_dz) {
   const c10::cuda::CUDAGuard guard(input.device());
   ElemtCall c = elemt_call(grad_out, gate, input, mean, a, b, d, want_dz);
-  const BackwardInputs& in = c.in;
-  if (in.x.numel() == 0) return {c.grad_x, c.dz};
-  dispatch_with_gate(in.x, in.gate, [&](auto s, auto gt) {
-    using scalar_t = decltype(s);
-    using gate_t = decltype(gt);
-    using acc_t = at::opmath_type<scalar_t>;
-    with_index_type(in.x.numel(), [&](auto index) {
-      using index_t = decltype(index);
-      elemt_kernel<scalar_t, gate_t, acc_t, index_t>
-          <<<blocks_for(in.x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              in.grad_out.const_data_ptr<scalar_t>(), in.gate.const_data_ptr<gate_t>(),
-              in.x.const_data_ptr<scalar_t>(), ptr_or_null<acc_t>(in.mean), c.a->const_data_ptr<acc_t>(),
-              ptr_or_null<acc_t>(c.b), ptr_or_null<acc_t>(c.d), c.grad_x.data_ptr<scalar_t>(),
-              want_dz ? c.dz.data_ptr<scalar_t>() : nullptr, in.x.numel(), channel_of<index_t>(in.L));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  if (c.in.x.numel() > 0) launch_elemt(c.in, *c.a, c.b, c.d, c.grad_x, c.dz);
   return {c.grad_x, c.dz};
+}
+
+// The reduction, the coefficients as the tensor ops of fastcnn/ops/batch_norm/_training.py compute them (the same
+// ATen ops on the device, so the same bits), then the elementwise pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool want_dz) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  BackwardCall c = backward_call(grad_out, gate, input, weight, mean, var, want_dz);
+  if (c.in.x.numel() == 0) return {c.grad_x, c.grad_weight.zero_(), c.grad_bias.zero_(), c.dz};
+  launch_reduce(c.in, c.grad_bias, c.grad_weight);
+  const int64_t count = c.in.L.N * c.in.L.HW;
+  const at::Tensor invstd = at::rsqrt(c.var + eps);
+  const at::Tensor a = c.weight * invstd, b = invstd * invstd * c.grad_weight / count, d = c.grad_bias / count;
+  c.grad_weight.mul_(invstd);
+  launch_elemt(c.in, a, b, d, c.grad_x, c.dz);
+  return {c.grad_x, c.grad_weight, c.grad_bias, c.dz};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_scale_shift_cuda(const at::Tensor& weight, const at::Tensor& bias,
+                                                               const at::Tensor& mean, const at::Tensor& var,
+                                                               double eps) {
+  check_scale_shift_args(weight, bias, mean, var);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor scale = weight * at::rsqrt(var + eps);
+  return {scale, bias - mean * scale};
+}
+
+// The tensor ops of the composition (fastcnn/ops/batch_norm/__init__.py) on the device.
+void batch_norm_update_running_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                    const at::Tensor& var, double factor, int64_t count) {
+  check_running_args(running_mean, running_var, mean, var, count);
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  running_mean.mul_(1 - factor).add_(mean * factor);
+  running_var.mul_(1 - factor).add_(var * (static_cast<double>(count) / static_cast<double>(count - 1)) * factor);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
-  m.impl("scale_shift_add_relu", &scale_shift_add_relu_cuda);
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
-  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
-}
+TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) { FASTCNN_REGISTER_BATCH_NORM_OPS(m, cuda); }
 
 }  // namespace fastcnn

@@ -40,10 +40,7 @@ def update_running_statistics(bn, mean, var, count):
         return
     with torch.no_grad():
         factor = _momentum_factor(bn)
-        unbiased = var * (count / (count - 1))
-        for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-            acc = torch.promote_types(running.dtype, torch.float32)  # float64 buffers keep float64 precision
-            running.copy_(running.to(acc) * (1 - factor) + batch.to(acc) * factor)
+    bn_ops.update_running_statistics(bn.running_mean, bn.running_var, mean, var, factor, count)
 
 
 def running_scale_shift(bn, dtype):

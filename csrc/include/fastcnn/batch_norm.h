@@ -110,17 +110,29 @@ inline BackwardInputs backward_inputs(const at::Tensor& grad_out, const at::Tens
   return {L, x, std::move(g), std::move(t), optional_per_channel(mean, input, "mean"), g_stride, t_stride};
 }
 
-// Calls f(scalar_t{}, gate_t{}) for x's dtype and the gate's (uint8 mask or x's dtype).
-template <typename F>
-void dispatch_with_gate(const at::Tensor& x, const at::Tensor& gate, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_backward", [&] {
-    if (gate.scalar_type() == at::kByte) {
-      f(scalar_t(0), uint8_t(0));
-    } else {
-      f(scalar_t(0), scalar_t(0));
-    }
-  });
-}
+// Runs the statements `...` with scalar_t (x's dtype) and gate_t (the gate's: uint8 for a mask, else scalar_t)
+// defined, as AT_DISPATCH does for one dtype.
+#define FASTCNN_DISPATCH_WITH_GATE(x, gate, name, ...)                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), name, [&] { \
+    if ((gate).scalar_type() == at::kByte) {                                                \
+      using gate_t = uint8_t;                                                               \
+      __VA_ARGS__;                                                                          \
+    } else {                                                                                \
+      using gate_t = scalar_t;                                                              \
+      __VA_ARGS__;                                                                          \
+    }                                                                                       \
+  })
+
+// Registers a backend's kernels of every BatchNorm op, named <op>_<backend> (one list, so that the CPU and CUDA
+// backends cannot drift apart).
+#define FASTCNN_REGISTER_BATCH_NORM_OPS(m, backend)                                  \
+  m.impl("batch_norm_stats", &stats_op<batch_norm_stats_##backend>);                 \
+  m.impl("scale_shift_add_relu", &apply_op<scale_shift_add_relu_##backend>);         \
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_##backend);       \
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_##backend);         \
+  m.impl("batch_norm_backward", &batch_norm_backward_##backend);                     \
+  m.impl("batch_norm_scale_shift", &batch_norm_scale_shift_##backend);               \
+  m.impl("batch_norm_update_running", &batch_norm_update_running_##backend)
 
 // Each op's call, prepared the same way on every backend: arguments checked and laid out like input, outputs
 // allocated in input's layout. A backend's op then only dispatches on the dtypes and runs its kernels.
@@ -145,6 +157,29 @@ inline ApplyCall apply_call(const at::Tensor& input, const c10::optional<at::Ten
           optional_per_channel(shift, input, "shift").value(),
           at::empty_like(x, L.format()),
           save_mask ? at::empty_like(x, bytes, L.format()) : at::empty({0}, bytes)};
+}
+
+// The ops whose call is the same on every backend up to the work: Run gets the checked, laid-out arguments and
+// the allocated outputs (never for an empty input: C = 0, an empty branch of an Inception block).
+// batch_norm_stats: Run(L, x, mean, var) writes the per-channel mean and biased variance (accumulation dtype).
+template <void (*Run)(const BnLayout&, const at::Tensor&, at::Tensor&, at::Tensor&)>
+std::tuple<at::Tensor, at::Tensor> stats_op(const at::Tensor& input) {
+  const BnLayout L = bn_layout(input, "input");
+  const at::Tensor x = input.contiguous(L.format());
+  at::Tensor mean = at::empty({L.C}, x.options().dtype(bn_acc_dtype(x)));
+  at::Tensor var = at::empty_like(mean);
+  if (x.numel() > 0) Run(L, x, mean, var);
+  return {mean, var};
+}
+
+// scale_shift_add_relu: Run(call) writes call.out (and call.mask when it has elements).
+template <void (*Run)(ApplyCall&)>
+std::tuple<at::Tensor, at::Tensor> apply_op(const at::Tensor& input, const c10::optional<at::Tensor>& scale,
+                                            const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+                                            bool save_mask) {
+  ApplyCall c = apply_call(input, scale, shift, residual, save_mask);
+  if (c.x.numel() > 0) Run(c);
+  return {c.out, c.mask};
 }
 
 // batch_norm_backward_reduce: the per-channel sums of dz and dz * (x - mean), in the accumulation dtype.
@@ -177,6 +212,62 @@ inline ElemtCall elemt_call(const at::Tensor& grad_out, const at::Tensor& gate, 
   at::Tensor dz = want_dz ? at::empty_like(in.x, in.L.format()) : at::empty({0}, in.x.options());
   return {std::move(in), optional_per_channel(a, input, "a"), optional_per_channel(b, input, "b"),
           optional_per_channel(d, input, "d"), std::move(grad_x), std::move(dz)};
+}
+
+// batch_norm_backward: BatchNorm's whole input gradient through a ReLU gate in one call: the reduction, the
+// per-channel coefficients, then the elementwise pass. grad_bias (sum dz) and grad_weight (first sum dz (x - mean),
+// then scaled by invstd) are the reduction's outputs; dz is empty unless want_dz.
+struct BackwardCall {
+  BackwardInputs in;
+  at::Tensor var, weight;
+  at::Tensor grad_x, grad_weight, grad_bias, dz;
+};
+
+inline BackwardCall backward_call(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& input,
+                                  const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
+                                  bool want_dz, bool keep_slices = false) {
+  ReduceCall r = reduce_call(grad_out, gate, input, mean, keep_slices);
+  check_per_channel(var, input, "var");
+  check_per_channel(weight, input, "weight");
+  at::Tensor grad_x = at::empty_like(r.in.x, r.in.L.format());
+  at::Tensor dz = want_dz ? at::empty_like(r.in.x, r.in.L.format()) : at::empty({0}, r.in.x.options());
+  return {std::move(r.in), var.contiguous(), weight.contiguous(), std::move(grad_x), std::move(r.sum_dz_xmu),
+          std::move(r.sum_dz), std::move(dz)};
+}
+
+// batch_norm_scale_shift: scale = weight / sqrt(var + eps), shift = bias - mean * scale, per channel (all four of
+// one shape (C,), one floating dtype and device).
+inline void check_scale_shift_args(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+                                   const at::Tensor& var) {
+  for (const auto* t : {&bias, &mean, &var}) {
+    TORCH_CHECK(t->sizes() == weight.sizes() && t->scalar_type() == weight.scalar_type() &&
+                    t->device() == weight.device(),
+                "fastcnn: weight, bias, mean and var must share one shape, dtype and device, got ", weight.sizes(),
+                " ", weight.scalar_type(), " and ", t->sizes(), " ", t->scalar_type());
+  }
+  TORCH_CHECK(weight.dim() == 1 && at::isFloatingType(weight.scalar_type()),
+              "fastcnn: weight, bias, mean and var must be 1-D floating-point tensors, got ", weight.sizes(), " ",
+              weight.scalar_type());
+}
+
+// batch_norm_update_running: the running statistics updated in place, running = running * (1 - factor) + batch *
+// factor, with the unbiased batch variance var * count / (count - 1); buffers and batch statistics of one dtype
+// (float32 or float64), shape and device, the buffers dense.
+inline void check_running_args(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                               const at::Tensor& var, int64_t count) {
+  for (const auto* t : {&running_var, &mean, &var}) {
+    TORCH_CHECK(t->sizes() == running_mean.sizes() && t->scalar_type() == running_mean.scalar_type() &&
+                    t->device() == running_mean.device(),
+                "fastcnn: running_mean, running_var, mean and var must share one shape, dtype and device, got ",
+                running_mean.sizes(), " ", running_mean.scalar_type(), " and ", t->sizes(), " ", t->scalar_type());
+  }
+  TORCH_CHECK(running_mean.dim() == 1 && (running_mean.scalar_type() == at::kFloat ||
+                                          running_mean.scalar_type() == at::kDouble),
+              "fastcnn: the running statistics must be 1-D float32 or float64, got ", running_mean.sizes(), " ",
+              running_mean.scalar_type());
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "fastcnn: the running statistics must be contiguous");
+  TORCH_CHECK(count > 1, "fastcnn: the unbiased variance needs more than one value per channel, got ", count);
 }
 
 }  // namespace fastcnn

@@ -113,8 +113,8 @@ def batch_norm_add_relu(y, weight, bias, eps, residual=None, stats=None):
     backend, implementation = _backend_for(y)
     if backend == "reference":
         return reference.batch_norm_add_relu(y, weight, bias, eps, residual)
-    out, _mask, mean, var = implementation.TRAINING.batch_norm_add_relu(y, *_affine(weight, bias, y), residual, eps,
-                                                                        *_given_stats(stats, y))
+    out, _mask, mean, var = implementation.TRAINING.run.batch_norm_add_relu(y, *_affine(weight, bias, y), residual,
+                                                                            eps, *_given_stats(stats, y))
     return out, mean, var
 
 
@@ -140,8 +140,8 @@ def _norm_relu_conv2d(with_stats, y, weight, bias, eps, conv_weight, stride, pad
     if backend == "reference":
         out, mean, var = reference.batch_norm_relu_conv2d(y, weight, bias, eps, conv_weight, *args)
         return (out, mean, var, *reference.batch_norm_stats(out.detach())) if with_stats else (out, mean, var)
-    op = implementation.TRAINING.batch_norm_relu_conv2d_stats if with_stats else \
-        implementation.TRAINING.batch_norm_relu_conv2d
+    run = implementation.TRAINING.run
+    op = run.batch_norm_relu_conv2d_stats if with_stats else run.batch_norm_relu_conv2d
     return tuple(op(y, *_affine(weight, bias, y), conv_weight, *args, eps, *_given_stats(stats, y)))
 
 
@@ -151,6 +151,26 @@ def _given_stats(stats, y):
         return None, None
     mean, var = stats
     return _per_channel(mean, y, "mean").detach(), _per_channel(var, y, "var").detach()
+
+
+def update_running_statistics(running_mean, running_var, mean, var, factor, count):
+    """In place, without autograd: ``running = running * (1 - factor) + batch * factor`` for the mean and for the
+    unbiased variance ``var * count / (count - 1)`` (``count``: values per channel, N*H*W), each operation rounded in
+    the buffers' dtype (float32 buffers: float32; float64 buffers keep float64 precision). Eagerly on float32/float64
+    buffers of the statistics' dtype and device, one fastcnn._C call (the same bits); else these tensor ops."""
+    running, batch = (running_mean, running_var), (mean, var)
+    with torch.no_grad():
+        if (register.UPDATE_RUNNING is not None and not torch.compiler.is_compiling()
+                and running_mean.dtype == running_var.dtype == mean.dtype == var.dtype
+                and mean.dtype in (torch.float32, torch.float64) and running_mean.device.type in ("cpu", "cuda")
+                and running_mean.device == mean.device and running_mean.is_contiguous()
+                and running_var.is_contiguous()):
+            register.UPDATE_RUNNING(running_mean, running_var, mean, var, factor, count)
+            return
+        batch = (mean, var * (count / (count - 1)))
+        for r, b in zip(running, batch):
+            acc = torch.promote_types(r.dtype, torch.float32)  # float64 buffers keep float64 precision
+            r.copy_(r.to(acc) * (1 - factor) + b.to(acc) * factor)
 
 
 def _check_batch(y):
@@ -274,4 +294,5 @@ def batch_norm_relu_conv2d_epilogue_stats(y, weight, bias, eps, conv_weight, str
 
 __all__ = ["POOL_ROUTES", "ROUTES", "batch_norm_add_relu", "batch_norm_relu_conv2d",
            "batch_norm_relu_conv2d_epilogue_stats", "batch_norm_relu_conv2d_stats", "batch_norm_relu_pool",
-           "conv2d_batch_stats", "conv2d_epilogue_stats", "implementation", "scale_shift_add_relu"]
+           "conv2d_batch_stats", "conv2d_epilogue_stats", "implementation", "scale_shift_add_relu",
+           "update_running_statistics"]

@@ -35,11 +35,16 @@ from .._dispatch import accumulation_dtype, memory_format_of
 class Kernels(NamedTuple):
     """One backend's primitive ops: stats(x) -> (mean, var); apply(x, scale, shift, residual, save_mask) ->
     (out, mask); backward_reduce(grad_out, gate, x, mean) -> (sum_dz, sum_dz_xmu); backward_elemt(grad_out, gate,
-    x, mean, a, b, d, want_dz) -> (grad_x, dz)."""
+    x, mean, a, b, d, want_dz) -> (grad_x, dz). Optional, where the backend has them as one op each (fastcnn._C):
+    backward(grad_out, gate, x, weight, mean, var, eps, want_dz) -> (grad_x, grad_weight, grad_bias, dz), the reduce,
+    the coefficients and the elemt pass in one call, and scale_shift(weight, bias, mean, var, eps) -> (scale, shift);
+    both give the bits of the compositions below (`_composite_backward`, `_scale_shift`) that serve the others."""
     stats: Callable
     apply: Callable
     backward_reduce: Callable
     backward_elemt: Callable
+    backward: Optional[Callable] = None
+    scale_shift: Optional[Callable] = None
 
 
 def like_input(x, dtype=None):
@@ -49,7 +54,23 @@ def like_input(x, dtype=None):
 def _scale_shift(weight, bias, mean, var, eps):
     invstd = torch.rsqrt(var + eps)
     scale = weight.to(invstd.dtype) * invstd
-    return invstd, scale, bias.to(invstd.dtype) - mean * scale
+    return scale, bias.to(invstd.dtype) - mean * scale
+
+
+def _composite_backward(kernels):
+    """backward(grad_out, gate, y, weight, mean, var, eps, want_dz) -> (grad_y, grad_weight, grad_bias, dz) from the
+    backend's reduce and elemt ops: with M = N*H*W, grad_y = a (dz - b (y - mean) - d) (see the reference)."""
+
+    def backward(grad_out, gate, y, weight, mean, var, eps, want_dz):
+        sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, gate, y, mean)
+        invstd = torch.rsqrt(var + eps)
+        count = y.numel() // y.shape[1]
+        b = invstd * invstd * sum_dz_xmu / count
+        d = sum_dz / count
+        grad_y, dz = kernels.backward_elemt(grad_out, gate, y, mean, weight * invstd, b, d, want_dz)
+        return grad_y, (sum_dz_xmu * invstd).to(weight.dtype), sum_dz.to(weight.dtype), dz
+
+    return backward
 
 
 def register_apply_autograd(op_name, kernels):
@@ -96,21 +117,60 @@ def composite_conv_stats(kernels):
     return conv_stats
 
 
+def _eager_or_op(op, forward, setup_context, backward):
+    """A callable running `op` (a custom op with setup_context and backward registered) where torch.compile or export
+    traces it, and elsewhere an autograd.Function with the same forward, setup_context and backward: the same kernels
+    and bits, without the custom-op layer's per-call cost in eager mode (its autograd wrapper re-reads the schema to
+    fill in defaults and redispatches: about 0.1 ms a call, a few percent of a small block's training step)."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else Function.apply(*args)
+
+    return call
+
+
 def define_training_ops(suffix, kernels, conv_stats=None):
     """The training ops on `kernels`, registered as ``fastcnn::batch_norm_add_relu<suffix>``,
     ``fastcnn::batch_norm_relu_conv2d<suffix>``, ``fastcnn::batch_norm_relu_conv2d_stats<suffix>`` and
-    ``fastcnn::batch_norm_relu_backward<suffix>``; returns them as a namespace. `conv_stats` (default
-    `composite_conv_stats`) is the convolution + output statistics of ``batch_norm_relu_conv2d_stats``."""
+    ``fastcnn::batch_norm_relu_backward<suffix>``; returns them as a namespace, with ``run``: the first three as
+    `_eager_or_op` calls them (what fastcnn.ops runs). `conv_stats` (default `composite_conv_stats`) is the
+    convolution + output statistics of ``batch_norm_relu_conv2d_stats``."""
     conv_stats = conv_stats or composite_conv_stats(kernels)
+    scale_shift = kernels.scale_shift or _scale_shift
+    backward = kernels.backward or _composite_backward(kernels)
 
     def normalize_relu(y, weight, bias, residual, eps, save_mask, mean=None, var=None):
         if mean is None or var is None:
             mean, var = kernels.stats(y)
         else:  # (a custom op's outputs may not alias its inputs)
             mean, var = mean.clone(), var.clone()
-        _, scale, shift = _scale_shift(weight, bias, mean, var, eps)
+        scale, shift = scale_shift(weight, bias, mean, var, eps)
         out, mask = kernels.apply(y, scale, shift, residual, save_mask)
         return out, mask, mean, var
+
+    def add_relu_forward(y, weight, bias, residual, eps, mean=None, var=None):
+        return normalize_relu(y, weight, bias, residual, eps, True, mean, var)
+
+    def conv_forward(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean=None, var=None):
+        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False, mean, var)
+        return F.conv2d(activation, conv_weight, None, stride, padding, dilation, groups), mean, var
+
+    def conv_stats_forward(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean=None,
+                           var=None):
+        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False, mean, var)
+        out, out_mean, out_var = conv_stats(activation, conv_weight, stride, padding, dilation, groups)
+        return out, mean, var, out_mean, out_var
 
     @torch.library.custom_op(f"fastcnn::batch_norm_add_relu{suffix}", mutates_args=())
     def batch_norm_add_relu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -118,7 +178,7 @@ def define_training_ops(suffix, kernels, conv_stats=None):
                             var: Optional[torch.Tensor] = None
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, mask, mean, var)"""
-        return normalize_relu(y, weight, bias, residual, eps, True, mean, var)
+        return add_relu_forward(y, weight, bias, residual, eps, mean, var)
 
     @batch_norm_add_relu.register_fake
     def _(y, weight, bias, residual, eps, mean=None, var=None):
@@ -130,8 +190,7 @@ def define_training_ops(suffix, kernels, conv_stats=None):
                                eps: float, mean: Optional[torch.Tensor] = None, var: Optional[torch.Tensor] = None
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, mean, var)"""
-        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False, mean, var)
-        return F.conv2d(activation, conv_weight, None, stride, padding, dilation, groups), mean, var
+        return conv_forward(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean, var)
 
     @batch_norm_relu_conv2d.register_fake
     def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean=None, var=None):
@@ -144,9 +203,7 @@ def define_training_ops(suffix, kernels, conv_stats=None):
                                      var: Optional[torch.Tensor] = None
                                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, mean, var, out_mean, out_var): out_mean and out_var are out's batch statistics."""
-        activation, _, mean, var = normalize_relu(y, weight, bias, None, eps, False, mean, var)
-        out, out_mean, out_var = conv_stats(activation, conv_weight, stride, padding, dilation, groups)
-        return out, mean, var, out_mean, out_var
+        return conv_stats_forward(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean, var)
 
     @batch_norm_relu_conv2d_stats.register_fake
     def _(y, weight, bias, conv_weight, stride, padding, dilation, groups, eps, mean=None, var=None):
@@ -159,30 +216,30 @@ def define_training_ops(suffix, kernels, conv_stats=None):
                                  want_dz: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(grad_y, grad_weight, grad_bias, dz): with M = N*H*W, grad_y = a (dz - b (y - mean) - d) (see the
         reference)."""
-        sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, gate, y, mean)
-        invstd, scale, _ = _scale_shift(weight, torch.zeros_like(weight), mean, var, eps)
-        count = y.numel() // y.shape[1]
-        b = invstd * invstd * sum_dz_xmu / count
-        d = sum_dz / count
-        grad_y, dz = kernels.backward_elemt(grad_out, gate, y, mean, scale, b, d, want_dz)
-        return grad_y, (sum_dz_xmu * invstd).to(weight.dtype), sum_dz.to(weight.dtype), dz
+        return tuple(backward(grad_out, gate, y, weight, mean, var, eps, want_dz))
 
     @batch_norm_relu_backward.register_fake
     def _(grad_out, gate, y, weight, mean, var, eps, want_dz):
         return (like_input(y), torch.empty_like(weight), torch.empty_like(weight),
                 like_input(y) if want_dz else y.new_empty(0))
 
+    # The backward passes call `backward` directly (one compiled op where the backend has it) rather than the
+    # batch_norm_relu_backward op, and leave the gradients of outputs nobody used as None (set_materialize_grads):
+    # autograd would otherwise allocate and zero a tensor for each, the full-size uint8 mask included.
     def add_relu_setup(ctx, inputs, output):
         y, weight, _bias, residual, eps = inputs[:5]
         _out, mask, mean, var = output
         ctx.save_for_backward(y, weight, mask, mean, var)
         ctx.eps, ctx.has_residual = eps, residual is not None
+        ctx.mark_non_differentiable(mask)
+        ctx.set_materialize_grads(False)
 
     def add_relu_backward(ctx, grad_out, *_unused):  # (mask, mean and var get no gradient)
+        if grad_out is None:
+            return None, None, None, None, None, None, None
         y, weight, mask, mean, var = ctx.saved_tensors
         want_dz = ctx.has_residual and ctx.needs_input_grad[3]
-        grad_y, grad_weight, grad_bias, dz = batch_norm_relu_backward(grad_out, mask, y, weight, mean, var, ctx.eps,
-                                                                      want_dz)
+        grad_y, grad_weight, grad_bias, dz = backward(grad_out, mask, y, weight, mean, var, ctx.eps, want_dz)
         return grad_y, grad_weight, grad_bias, dz if want_dz else None, None, None, None
 
     batch_norm_add_relu.register_autograd(add_relu_backward, setup_context=add_relu_setup)
@@ -193,11 +250,14 @@ def define_training_ops(suffix, kernels, conv_stats=None):
         ctx.save_for_backward(y, weight, bias, conv_weight, mean, var)
         ctx.conv_args, ctx.eps = (stride, padding, dilation, groups), eps
         ctx.mark_non_differentiable(*output[3:])  # the output statistics of batch_norm_relu_conv2d_stats
+        ctx.set_materialize_grads(False)
 
     def conv_backward(ctx, grad_out, *_unused):  # (the statistics get no gradient)
+        if grad_out is None:
+            return (None,) * 11
         y, weight, bias, conv_weight, mean, var = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        _, scale, shift = _scale_shift(weight, bias, mean, var, ctx.eps)
+        scale, shift = scale_shift(weight, bias, mean, var, ctx.eps)
         activation = kernels.apply(y, scale, shift, None, False)[0]  # recomputed
         need_bn = any(ctx.needs_input_grad[:3])
         grad_activation, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
@@ -205,12 +265,17 @@ def define_training_ops(suffix, kernels, conv_stats=None):
             [need_bn, ctx.needs_input_grad[3], False])
         grad_y = grad_weight = grad_bias = None
         if need_bn:
-            grad_y, grad_weight, grad_bias, _ = batch_norm_relu_backward(grad_activation, activation, y, weight,
-                                                                         mean, var, ctx.eps, False)
+            grad_y, grad_weight, grad_bias, _ = backward(grad_activation, activation, y, weight, mean, var, ctx.eps,
+                                                         False)
         return grad_y, grad_weight, grad_bias, grad_conv_weight, None, None, None, None, None, None, None
 
     batch_norm_relu_conv2d.register_autograd(conv_backward, setup_context=conv_setup)
     batch_norm_relu_conv2d_stats.register_autograd(conv_backward, setup_context=conv_setup)
+    run = SimpleNamespace(
+        batch_norm_add_relu=_eager_or_op(batch_norm_add_relu, add_relu_forward, add_relu_setup, add_relu_backward),
+        batch_norm_relu_conv2d=_eager_or_op(batch_norm_relu_conv2d, conv_forward, conv_setup, conv_backward),
+        batch_norm_relu_conv2d_stats=_eager_or_op(batch_norm_relu_conv2d_stats, conv_stats_forward, conv_setup,
+                                                  conv_backward))
     return SimpleNamespace(batch_norm_add_relu=batch_norm_add_relu, batch_norm_relu_conv2d=batch_norm_relu_conv2d,
                            batch_norm_relu_conv2d_stats=batch_norm_relu_conv2d_stats,
-                           batch_norm_relu_backward=batch_norm_relu_backward)
+                           batch_norm_relu_backward=batch_norm_relu_backward, run=run)

@@ -21,6 +21,9 @@ from ._training import Kernels, composite_conv_stats, define_training_ops, like_
 
 # The fastcnn._C ops the cpu and cuda backends call (the route tables' stale-build check).
 COMPILED_OPS = ("batch_norm_stats", "scale_shift_add_relu", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+# Used where the build has them (one call each for what the compositions of the ops above do).
+ONE_CALL_OPS = ("batch_norm_backward", "batch_norm_scale_shift")
+UPDATE_RUNNING = getattr(torch.ops.fastcnn, "batch_norm_update_running", None) if _extension.LOADED else None
 POOL_OPS = ("batch_norm_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt", *EPILOGUE_OPS)
 
 KERNELS = CONV_STATS = TRAINING = None
@@ -48,12 +51,32 @@ if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_O
     def _elemt_fake(grad_out, gate, input, mean, a, b, d, want_dz):
         return like_input(input), like_input(input) if want_dz else input.new_empty(0)
 
+    # The one-call backward and the scale/shift op (an older build lacks them: the compositions stand in).
+    if all(hasattr(torch.ops.fastcnn, op) for op in ONE_CALL_OPS):
+        @torch.library.register_fake("fastcnn::batch_norm_backward")
+        def _backward_fake(grad_out, gate, input, weight, mean, var, eps, want_dz):
+            return (like_input(input), torch.empty_like(weight), torch.empty_like(weight),
+                    like_input(input) if want_dz else input.new_empty(0))
+
+        @torch.library.register_fake("fastcnn::batch_norm_scale_shift")
+        def _scale_shift_fake(weight, bias, mean, var, eps):
+            return torch.empty_like(weight), torch.empty_like(weight)
+
+        one_call = {"backward": torch.ops.fastcnn.batch_norm_backward,
+                    "scale_shift": torch.ops.fastcnn.batch_norm_scale_shift}
+    else:
+        one_call = {}
     KERNELS = Kernels(stats=torch.ops.fastcnn.batch_norm_stats, apply=torch.ops.fastcnn.scale_shift_add_relu,
                       backward_reduce=torch.ops.fastcnn.batch_norm_backward_reduce,
-                      backward_elemt=torch.ops.fastcnn.batch_norm_backward_elemt)
+                      backward_elemt=torch.ops.fastcnn.batch_norm_backward_elemt, **one_call)
     register_apply_autograd("fastcnn::scale_shift_add_relu", KERNELS)
     CONV_STATS = composite_conv_stats(KERNELS)
     TRAINING = define_training_ops("", KERNELS, CONV_STATS)
+
+if UPDATE_RUNNING is not None:
+    @torch.library.register_fake("fastcnn::batch_norm_update_running")
+    def _update_running_fake(running_mean, running_var, mean, var, factor, count):
+        return None
 
 if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in POOL_OPS):
     @torch.library.custom_op("fastcnn::batch_norm_relu_pool", mutates_args=())
@@ -80,6 +103,8 @@ if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in POOL_OPS):
         already."""
         open_gate = torch.empty(y.shape, dtype=torch.uint8, device=y.device,
                                 memory_format=memory_format_of(y)).fill_(1)
+        if KERNELS is not None and KERNELS.backward is not None:  # the same bits in one call
+            return tuple(KERNELS.backward(dz, open_gate, y, weight, mean, var, eps, False)[:3])
         sum_dz, sum_dz_ymu = torch.ops.fastcnn.batch_norm_backward_reduce(dz, open_gate, y, mean)
         invstd = torch.rsqrt(var + eps)
         count = y.numel() // y.shape[1]
