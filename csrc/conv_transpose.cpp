@@ -221,6 +221,10 @@ at::Tensor conv_transpose2d_act(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   if (input.numel() > 0 && stride[0] * stride[1] <= kMaxPhases) {
     if (is_one_tap_per_pixel(weight, stride, dilation, groups)) {
+      if (input.is_cpu()) {  // channels_last fp32/fp64 without padding: GEMM blocks stored with bias + ReLU
+        at::Tensor out = gemm_forward_channels_last_cpu(input, weight, b, padding, output_padding, relu);
+        if (out.defined()) return out;
+      }
       return gemm_shuffle_forward(input, weight, b, stride, padding, output_padding, relu);
     }
     if (use_phase_split()) {
@@ -228,13 +232,18 @@ at::Tensor conv_transpose2d_act(const at::Tensor& input, const at::Tensor& weigh
     }
   }
   const at::MemoryFormat fmt = memory_format_of(input);
-  // Without the activation ATen adds the bias, in the input's dtype (as eager and autocast do).
-  const c10::optional<at::Tensor> aten_bias =
-      relu || !b.defined() ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(b.to(input.scalar_type()));
+  // Without the activation ATen adds the bias, in the input's dtype (as eager and autocast do). On the CPU it does
+  // with the ReLU too when the bias has the input's dtype (oneDNN adds it in its own epilogue), and the ReLU runs in
+  // place on ATen's fresh output: the out-of-place bias + ReLU epilogue cost a second output-sized allocation.
+  const bool aten_bias_add = !relu || (input.is_cpu() && (!b.defined() || b.scalar_type() == input.scalar_type()));
+  const c10::optional<at::Tensor> aten_bias = aten_bias_add && b.defined()
+                                                  ? c10::optional<at::Tensor>(b.to(input.scalar_type()))
+                                                  : c10::optional<at::Tensor>();
   at::Tensor conv = at::convolution(input, weight, aten_bias, stride, padding,
                                     dilation, /*transposed=*/true, output_padding, groups);
   conv = conv.contiguous(fmt);
-  return relu ? relu_epilogue(conv, bias) : conv;
+  if (!relu) return conv;
+  return aten_bias_add ? conv.relu_() : relu_epilogue(conv, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_act_backward(
