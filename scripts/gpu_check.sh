@@ -65,7 +65,7 @@ run_tests() {
   else
     step pytest_q tests -k "cuda or triton" --continue-on-collection-errors --junitxml="$out/gpu_tests.xml"
   fi
-  step env TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/ops/test_triton_kernels.py
+  step env TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/ops/test_conv_relu_pool_triton.py
 }
 
 sanitize() {

@@ -44,6 +44,19 @@ def forward_backward(fn, tensors, grad_out=None):
     return out.detach(), grad_out, [None if t is None else t.grad for t in leaves]
 
 
+def assert_compiles_like_eager(module, x, backend):
+    """torch.compile(module, fullgraph=True) under `backend`: its output and input gradient equal eager's."""
+    torch._dynamo.reset()
+    with fastcnn.use_backend(backend):
+        out = torch.compile(module, fullgraph=True)(x.requires_grad_())
+        out.sum().backward()
+        eager_x = x.detach().clone().requires_grad_()
+        expected = module(eager_x)
+        expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, eager_x.grad)
+
+
 def saved_bytes(fn, *args):
     """Bytes autograd keeps for backward while running fn(*args), counting each storage once."""
     storages = {}

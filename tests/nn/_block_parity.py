@@ -39,7 +39,7 @@ def assert_block_matches_stock(block, stock, x, grad_out, backend, train):
         # Through the inner ReLUs, an element whose pre-activation lies within bf16 rounding of 0 may take either
         # side in fastcnn and in stock (each rounds differently), which moves a gradient by a whole |grad_out|: a
         # max-error comparison of block gradients is then a coin toss. The bf16 gradients of each fused training
-        # op are compared against stock in tests/ops/test_batch_norm_ops.py instead.
+        # op are compared against stock in tests/ops/test_batch_norm.py instead.
         return
     assert_close_to_oracle(grad_x, expected[1], exact[1], "grad_x")
     for name, grad in grads.items():

@@ -1,7 +1,10 @@
-"""Shared cases of the fused optimizer op tests (test_optim_ops.py, test_optim_ops_edges.py): sizes, dtypes and
-options to step with, the tensor lists a step updates, one step of each op, and the comparisons against the oracle."""
+"""Shared cases of the fused optimizer op tests (test_optim.py): sizes, dtypes and options to step with, the tensor
+lists a step updates, one step of each op, and the comparisons against the oracle. (Not _optim_cases.py: that is
+benchmarks/_optim_cases.py's name, and a run over both folders would import one for the other.)"""
 import pytest
 import torch
+
+from fastcnn.ops.optim import reference
 
 from _tolerances import assert_lockstep
 
@@ -22,6 +25,21 @@ DTYPE_IDS = ["f32", "f64", "bf16", "bf16-f32state", "f16-f32state"]
 
 
 STEPS = 4
+
+
+def each_case(options, shown=lambda value: True):
+    """Parametrizes an optimizer test over DEVICES, DTYPE_PAIRS and `options` (ids name the options that are shown)."""
+    def parametrize(test):
+        test = pytest.mark.parametrize("o", options,
+                                       ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if shown(v)))(test)
+        return pytest.mark.parametrize("device", DEVICES)(pytest.mark.parametrize("dtypes", DTYPE_PAIRS,
+                                                                                  ids=DTYPE_IDS)(test))
+    return parametrize
+
+
+def sizes_for(dtypes, o, big_options):
+    """Every size (1,000,003 elements too) for float32 params with `big_options`, else the small ones only."""
+    return SIZES if dtypes[0] == torch.float32 and o is big_options else SMALL_SIZES
 
 
 def assert_exact(result, expected, name):
@@ -69,6 +87,21 @@ def compare(fused, oracle, exact, names=None):
                 assert_exact(a, b, f"{name}[{i}]")
             else:
                 assert_lockstep(a, b, f"{name}[{i}]")
+
+
+def step_beside_oracle(fused, op, step, steps=STEPS, exact_after_first=None):
+    """Steps `fused` with fastcnn::<op> and a clone of it with the oracle, `steps` times on the same fresh gradients;
+    ``step(fn, lists, k)`` makes step k with fn. ``exact_after_first``: the tensors that equal the oracle's bit for
+    bit after the first step. Returns the oracle's lists."""
+    oracle = fused.clone()
+    for k in range(steps):
+        fused.new_grads()
+        oracle.copy_grads_from(fused)
+        step(getattr(torch.ops.fastcnn, op), fused, k)
+        step(getattr(reference, op), oracle, k)
+        if k == 0 and exact_after_first:
+            compare(fused, oracle, exact=True, names=exact_after_first)
+    return oracle
 
 
 def run(op, lists, *args):

@@ -1,7 +1,7 @@
 """The Triton backend of the fused BatchNorm ops (TRITON_INTERPRET=1 on CPU, compiled on a GPU): each primitive op
 against the reference, the ops through autograd against the reference backend (float64 oracle, 2x the reference's
 error), determinism, routing and argument errors; opcheck and torch.compile on the GPU. (Its float64 gradcheck is
-in test_batch_norm_ops.py.)"""
+in test_batch_norm.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,14 +1,19 @@
-"""The fused Conv2d + bias + ReLU (+ pool) op on every backend available here, against stock PyTorch."""
+"""The fused Conv2d + bias + ReLU (+ pool) op on every backend available here, against stock PyTorch: exact on
+small-integer data, random values against a float64 oracle, gradcheck, the saved code, bad input (a clear error naming
+the argument, never a crash or a silent wrong answer), torch.library registration (opcheck, torch.compile) and
+Hypothesis-drawn shapes. The Triton kernels called directly: test_conv_relu_pool_triton.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastcnn
+from fastcnn import _extension
 from fastcnn.ops.conv_relu_pool import reference
 
 from _blocks import (
     LECTURE_CASES,
     POOL_CASES,
+    assert_compiles_like_eager,
     backends_here,
     device_backends,
     forward_backward,
@@ -16,10 +21,13 @@ from _blocks import (
     saved_bytes,
     stock,
 )
+from _hypothesis import given, st
 from _tolerances import assert_close_to_oracle
 
 DEVICE_BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+POOLS = POOL_CASES + [("max", (3, 3), (2, 2))]
+needs_cpp = pytest.mark.skipif(not _extension.LOADED, reason="fastcnn._C is not built")
 
 
 def run_fused(backend, x, w, b, stride, padding, dilation, groups, pool, pool_size, pool_stride):
@@ -93,7 +101,7 @@ def test_random_values_within_twice_stock_error(device, backend, dtype, pool):
 
 
 @pytest.mark.parametrize("backend", [b for b in backends_here("cpu") if b != "triton"])  # float64: not Triton
-@pytest.mark.parametrize("pool,pool_size,pool_stride", POOL_CASES + [("max", (3, 3), (2, 2))])
+@pytest.mark.parametrize("pool,pool_size,pool_stride", POOLS)
 def test_gradcheck_float64(backend, pool, pool_size, pool_stride):
     x = torch.randn(1, 4, 7, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -125,7 +133,7 @@ COMPILED = [p for p in DEVICE_BACKENDS if p.values[1] != "reference"]
 
 
 @pytest.mark.parametrize("device,backend", COMPILED)
-@pytest.mark.parametrize("pool,pool_size,pool_stride", POOL_CASES + [("max", (3, 3), (2, 2))])
+@pytest.mark.parametrize("pool,pool_size,pool_stride", POOLS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_code_is_the_documented_encoding(device, backend, pool, pool_size, pool_stride, channels_last):
     x, w, b = integer_inputs(2, 3, 4, (9, 10), (3, 3), channels_last=channels_last, device=device)
@@ -174,3 +182,150 @@ def test_unbatched_input_like_conv2d():
     x, w, b = integer_inputs(1, 3, 4, (8, 8), (3, 3))
     out = fastcnn.functional.conv2d_relu_pool(x[0], w, b, padding="same")
     torch.testing.assert_close(out, stock(x[0], w, b, 1, "same", 1, 1, "max", 2, 2), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _bad_inputs():
+    return torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+
+
+@pytest.mark.parametrize("backend", backends_here("cpu"))
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda x, w, b: (x[:, :2], w, b), ValueError, "input has 2 channels"),
+    (lambda x, w, b: (x[0, 0], w, b), ValueError, "input must be 4-D"),
+    (lambda x, w, b: (x[None], w, b), ValueError, "input must be 4-D"),
+    (lambda x, w, b: (x[..., :2, :2], w, b), ValueError, "smaller than the kernel"),
+    (lambda x, w, b: (x[..., :3, :3], w, b), ValueError, "smaller than pool_size"),
+    (lambda x, w, b: (x, w, b.double()), TypeError, "bias has dtype torch.float64"),
+    (lambda x, w, b: (x, w.half(), b), TypeError, "weight has dtype torch.float16"),
+    (lambda x, w, b: (x.long(), w, b), TypeError, "input must be float32"),
+    (lambda x, w, b: (x, w, b.to("meta")), ValueError, "bias is on meta"),
+    (lambda x, w, b: (x, w, b[:3]), ValueError, r"bias must have shape \(4,\)"),
+    (lambda x, w, b: (x, w[..., 0], b), ValueError, "weight must be 4-D"),
+    (lambda x, w, b: (x, "w", b), TypeError, "weight must be a Tensor"),
+])
+def test_bad_tensors(backend, mutate, error, match):
+    x, w, b = mutate(*_bad_inputs())
+    with fastcnn.use_backend(backend), pytest.raises(error, match=match):
+        fastcnn.functional.conv2d_relu_pool(x, w, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stride=0), "stride must be >= 1"),
+    (dict(padding=-1), "padding must be >= 0"),
+    (dict(dilation=(1, 2, 3)), "dilation must be an int or a pair"),
+    (dict(groups=2), "weight of shape"),
+    (dict(pool="min"), "pool must be one of"),
+    (dict(pool_size=0), "pool_size must be >= 1"),
+    (dict(pool="avg", pool_size=3), "at most 8 elements"),
+    (dict(padding="full"), "padding must be an int, a pair, 'valid' or 'same'"),
+    (dict(padding="same", stride=2), "not supported for strided"),
+])
+def test_bad_arguments(kwargs, match):
+    x, w, b = _bad_inputs()
+    with pytest.raises(ValueError, match=match):
+        fastcnn.functional.conv2d_relu_pool(x, w, b, **kwargs)
+
+
+def test_forcing_an_unavailable_backend_says_why():
+    x, w, b = _bad_inputs()
+    with fastcnn.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors only"):
+        fastcnn.functional.conv2d_relu_pool(x, w, b)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcnn.set_backend("cudnn")
+
+
+def test_module_rejects_bad_pool_arguments():
+    with pytest.raises(ValueError, match="pool must be 'max' or 'avg'"):
+        fastcnn.nn.ConvReLUPool2d(3, 4, 3, pool="none")
+    with pytest.raises(ValueError, match="pool_stride must be >= 1"):
+        fastcnn.nn.ConvReLUPool2d(3, 4, 3, pool_stride=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library registration: opcheck (schema, fake kernels, autograd registration, aot_dispatch) and
+# torch.compile(fullgraph=True). On a GPU-less machine this covers the C++ CPU ops; the Triton ops are checked this way
+# on the GPU (the interpreter touches fake tensors' data, so it cannot run under fake mode).
+
+
+def _devices():
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("pool,pool_size,pool_stride", POOLS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_cpp_ops(device, pool, pool_size, pool_stride, channels_last):
+    x, w, b = (t.to(device) for t in integer_inputs(2, 4, 6, (9, 8), (3, 3), groups=2,
+                                                            channels_last=channels_last))
+    args = ([1, 1], [1, 1], [1, 1], 2, pool, list(pool_size), list(pool_stride))
+    torch.library.opcheck(torch.ops.fastcnn.conv2d_relu_pool,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), *args))
+    out, code = torch.ops.fastcnn.conv2d_relu_pool(x.detach(), w.detach(), b.detach(), *args)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastcnn.conv2d_relu_pool_backward,
+                          (grad, out, code, x.detach(), w.detach(), *args, [True, True, True]))
+    conv = torch.nn.functional.conv2d(x.detach(), w.detach(), None, 1, 1, 1, 2)
+    torch.library.opcheck(torch.ops.fastcnn.bias_relu_pool,
+                          (conv.requires_grad_(), b.detach().requires_grad_(), pool, list(pool_size),
+                           list(pool_stride)))
+    torch.library.opcheck(torch.ops.fastcnn.bias_relu_pool_backward,
+                          (grad, out, code, list(conv.shape[2:]), pool, list(pool_size), list(pool_stride), True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pool,pool_size,pool_stride", POOLS)
+def test_opcheck_triton_op(pool, pool_size, pool_stride):
+    x, w, b = (t.cuda().requires_grad_() for t in integer_inputs(2, 4, 6, (9, 8), (3, 3), groups=2))
+    op = fastcnn.ops.conv_relu_pool.register_triton.conv2d_relu_pool_triton
+    torch.library.opcheck(op, (x, w, b, [1, 1], [1, 1], [1, 1], 2, pool, list(pool_size), list(pool_stride)))
+
+
+def _compile_backends():
+    backends = []
+    if _extension.LOADED:
+        backends += ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+    return backends + ["reference", pytest.param("triton", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("backend", _compile_backends())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_module_under_torch_compile_fullgraph(backend, channels_last):
+    device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    block = fastcnn.nn.ConvReLUPool2d(3, 8, 3, padding=1).to(device)
+    x = torch.randn(2, 3, 12, 10, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_compiles_like_eager(block, x, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hypothesis-drawn shapes, on integer data so the comparison with stock PyTorch is exact
+
+HYPOTHESIS_BACKENDS = [b for b in backends_here("cpu") if b != "triton"]  # the interpreter: too slow for many examples
+
+
+@given(data=st.data())
+def test_random_shapes_match_stock_exactly(data):
+    """Hypothesis-drawn shapes: odd and prime sizes, groups, dilation, strides, 1x1 kernels, batch 1."""
+    groups = data.draw(st.sampled_from([1, 2, 3]), "groups")
+    c_in = groups * data.draw(st.integers(1, 4), "c_in per group")
+    c_out = groups * data.draw(st.integers(1, 4), "c_out per group")
+    kernel = data.draw(st.tuples(st.sampled_from([1, 2, 3, 5]), st.sampled_from([1, 2, 3])), "kernel")
+    stride = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 3)), "stride")
+    padding = data.draw(st.tuples(st.integers(0, 2), st.integers(0, 2)), "padding")
+    dilation = data.draw(st.tuples(st.integers(1, 2), st.integers(1, 2)), "dilation")
+    pool, pool_size, pool_stride = data.draw(st.sampled_from(POOLS), "pool")
+    min_size = [dilation[i] * (kernel[i] - 1) + 1 - 2 * padding[i] + stride[i] * (pool_size[i] - 1) for i in (0, 1)]
+    size = tuple(data.draw(st.integers(max(1, min_size[i]), 17), f"size{i}") for i in (0, 1))
+    batch = data.draw(st.sampled_from([1, 2, 3]), "batch")
+    dtype = data.draw(st.sampled_from(DTYPES), "dtype")
+    channels_last = data.draw(st.booleans(), "channels_last")
+    backend = data.draw(st.sampled_from(HYPOTHESIS_BACKENDS), "backend")
+    x, w, b = integer_inputs(batch, c_in, c_out, size, kernel, groups, dtype, channels_last,
+                             bias=data.draw(st.booleans(), "bias"))
+    assert_exactly_stock(backend, x, w, b, stride, padding, dilation, groups, pool, pool_size, pool_stride)

@@ -3,7 +3,7 @@ with roles swapped, ReLU mask applied on load, deterministic grad_bias) against 
 Runs under Triton's interpreter on CPU (float32/float16: the interpreter's bf16 tl.dot is broken, ENVIRONMENT.md)."""
 import pytest
 import torch
-from _transpose_cases import CASES, case_id, fused, stock
+from _conv_transpose_cases import CASES, case_args, case_id, fused, stock
 
 import fastcnn
 from fastcnn.ops import why_unavailable
@@ -14,11 +14,6 @@ from _tolerances import assert_close_to_oracle
 pytestmark = pytest.mark.skipif(why_unavailable("triton", "cpu") is not None and not torch.cuda.is_available(),
                                 reason="Triton cannot run here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _args(case, activation):
-    _, stride, padding, output_padding, dilation, groups = case
-    return (stride,) * 2, (padding,) * 2, (output_padding,) * 2, groups, (dilation,) * 2, activation
 
 
 def _random_inputs(case, size, c_in_g=3, c_out_g=2, batch=2, channels_last=False):
@@ -53,7 +48,7 @@ def _assert_within_twice_stock(tensors, args, dtype, grad_out=None):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("activation", ["relu", None])
 def test_random_values_within_twice_stock_error(case, channels_last, activation):
-    args = _args(case, activation)
+    args = case_args(case, activation)
     for dtype in (torch.float32, torch.float16):
         _assert_within_twice_stock(_random_inputs(case, (5, 3), channels_last=channels_last), args, dtype)
 
@@ -62,7 +57,7 @@ def test_split_reductions_are_deterministic_and_right():
     """Enough pixels that the weight and bias gradients reduce in several splits; two runs agree bit for bit."""
     case = CASES[0]
     x, w, b = _random_inputs(case, (16, 17), c_in_g=2, c_out_g=3)
-    args = _args(case, "relu")
+    args = case_args(case, "relu")
     grad_out, first = _assert_within_twice_stock((x, w, b), args, torch.float32)
     with fastcnn.use_backend("triton"):
         _, _, again = forward_backward(lambda *t: fused(*t, *args), (x, w, b), grad_out)
@@ -75,7 +70,7 @@ def test_broadcast_grad_out_and_mask_applied_on_load():
     case = CASES[2]
     x, w, b = _random_inputs(case, (4, 5))
     b -= 1.0  # most outputs <= 0: the mask matters
-    args = _args(case, "relu")
+    args = case_args(case, "relu")
     y = stock(x, w, b, *args)
     _assert_within_twice_stock((x, w, b), args, torch.float32, grad_out=torch.ones(()).expand(y.shape))
 
@@ -84,7 +79,7 @@ def test_broadcast_grad_out_and_mask_applied_on_load():
 def test_backward_op_computes_only_the_requested_gradients(output_mask):
     case = CASES[1]
     x, w, b = _random_inputs(case, (3, 4))
-    stride, padding, output_padding, groups, dilation, act = _args(case, "relu")
+    stride, padding, output_padding, groups, dilation, act = case_args(case, "relu")
     op = fastcnn.ops.conv_transpose.register_triton.conv_transpose2d_act_triton
     out = op(x, w, b, list(stride), list(padding), list(output_padding), groups, list(dilation), act)
     grad_out = torch.randn_like(out)

@@ -15,6 +15,12 @@ def case_id(case):
     return "k{}s{}p{}op{}d{}g{}".format(*case)
 
 
+def case_args(case, activation):
+    """The op's (stride, padding, output_padding, groups, dilation, activation) for a case."""
+    _, stride, padding, output_padding, dilation, groups = case
+    return (stride,) * 2, (padding,) * 2, (output_padding,) * 2, groups, (dilation,) * 2, activation
+
+
 def integer_inputs(n, c_in, c_out, size, kernel, groups=1, dtype=torch.float32, channels_last=False, bias=True):
     """Small integers: every sum is exact in every dtype, so fused and stock agree bit for bit."""
     x = torch.randint(-2, 3, (n, c_in, *size)).to(dtype)
