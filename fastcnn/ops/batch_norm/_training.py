@@ -148,7 +148,7 @@ def define_training_ops(suffix, kernels, conv_stats=None):
     convolution + output statistics of ``batch_norm_relu_conv2d_stats``."""
     conv_stats = conv_stats or composite_conv_stats(kernels)
     scale_shift = kernels.scale_shift or _scale_shift
-    backward = kernels.backward or _composite_backward(kernels)
+    one_call_backward = kernels.backward or _composite_backward(kernels)
 
     def normalize_relu(y, weight, bias, residual, eps, save_mask, mean=None, var=None):
         if mean is None or var is None:
@@ -216,16 +216,19 @@ def define_training_ops(suffix, kernels, conv_stats=None):
                                  want_dz: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(grad_y, grad_weight, grad_bias, dz): with M = N*H*W, grad_y = a (dz - b (y - mean) - d) (see the
         reference)."""
-        return tuple(backward(grad_out, gate, y, weight, mean, var, eps, want_dz))
+        return tuple(one_call_backward(grad_out, gate, y, weight, mean, var, eps, want_dz))
 
     @batch_norm_relu_backward.register_fake
     def _(grad_out, gate, y, weight, mean, var, eps, want_dz):
         return (like_input(y), torch.empty_like(weight), torch.empty_like(weight),
                 like_input(y) if want_dz else y.new_empty(0))
 
-    # The backward passes call `backward` directly (one compiled op where the backend has it) rather than the
-    # batch_norm_relu_backward op, and leave the gradients of outputs nobody used as None (set_materialize_grads):
-    # autograd would otherwise allocate and zero a tensor for each, the full-size uint8 mask included.
+    # The backward passes call the backend's one-call backward op where it has one, else the batch_norm_relu_backward
+    # op (an opaque op to AOT autograd: its composition of Triton ops is not traced), and leave the gradients of
+    # outputs nobody used as None (set_materialize_grads): autograd would otherwise allocate and zero a tensor for
+    # each, the full-size uint8 mask included.
+    backward = kernels.backward or batch_norm_relu_backward
+
     def add_relu_setup(ctx, inputs, output):
         y, weight, _bias, residual, eps = inputs[:5]
         _out, mask, mean, var = output
