@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 
 from fastcnn.ops.optim import reference as ref  # noqa: E402
 from fastcnn.triton_kernels import optim as tk  # noqa: E402
-from fastcnn.triton_kernels.optim import _common as optim_common  # noqa: E402
+from fastcnn.triton_kernels.optim import _common as kernels_common  # noqa: E402
 from tests._tolerances import assert_close_to_oracle, assert_lockstep  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,7 +186,7 @@ def _run_case(opt, case, spec, monkeypatch=None, per_tensor=False):
     got, stock, oracle = _clone(init), _clone(init), _clone(init, torch.float64)
     extra = _extras(spec)
     if per_tensor:
-        monkeypatch.setattr(optim_common, "MULTI_TENSOR", False)
+        monkeypatch.setattr(kernels_common, "MULTI_TENSOR", False)
     fn_k = getattr(tk, opt + "_")
     fn_r = getattr(ref, opt + "_")
     for step in range(STEPS):
@@ -225,7 +225,7 @@ def test_per_tensor_launches_match_reference(opt, case, monkeypatch):
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_found_inf_changes_nothing(opt, per_tensor, monkeypatch):
     if per_tensor:
-        monkeypatch.setattr(optim_common, "MULTI_TENSOR", False)
+        monkeypatch.setattr(kernels_common, "MULTI_TENSOR", False)
     spec = dict(grad_scale=128.0, found_inf=1.0, lr_tensor=0.1)
     if opt == "adam":
         spec["amsgrad"] = True
@@ -287,7 +287,7 @@ def test_lars_chunk_grows_for_huge_tensors():
     # No LARS tensor has more than LARS_MAX_PARTS partial sums for each update program to re-reduce.
     cfg = dict(BLOCK=1024, CHUNK=16384)
     small = torch.empty(1).expand(5000)
-    assert optim_common.chunk_size(cfg, [[small]], optim_common.LARS_MAX_PARTS) == 16384
+    assert kernels_common.chunk_size(cfg, [[small]], kernels_common.LARS_MAX_PARTS) == 16384
     huge = torch.empty(1).expand(102_760_448)  # VGG-16 fc6, without the memory
-    chunk = optim_common.chunk_size(cfg, [[huge]], optim_common.LARS_MAX_PARTS)
-    assert chunk % 1024 == 0 and -(-huge.numel() // chunk) <= optim_common.LARS_MAX_PARTS
+    chunk = kernels_common.chunk_size(cfg, [[huge]], kernels_common.LARS_MAX_PARTS)
+    assert chunk % 1024 == 0 and -(-huge.numel() // chunk) <= kernels_common.LARS_MAX_PARTS
