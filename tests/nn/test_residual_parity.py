@@ -3,7 +3,7 @@ running statistics, in train and eval mode, float32 / bfloat16, both memory form
 
 import pytest
 import torch
-from _block_parity import assert_block_matches_stock, run  # noqa: F401  (run: used by test_residual_triton)
+from _block_parity import assert_block_matches_stock
 from _residual_pairs import make_pair
 from torchvision.models import resnet as tv
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from _residual_pairs import make_pair
-from test_residual_parity import run
+from _block_parity import run
 from torchvision.models import resnet as tv
 
 import fastcnn
