@@ -178,46 +178,74 @@ def _quantiles(times_ms):
     return {"median_ms": statistics.median(times), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "reps": len(times)}
 
 
-def _time_cpu(fn, budget_s, min_reps, max_reps):
-    """One timed series; also ``other_cpu``: cores' worth of CPU that other processes used meanwhile."""
+def _time_cpu(fns, budget_s, min_reps, max_reps):
+    """One timed series of every callable in ``fns`` (name -> fn), interleaved: each round runs each callable once,
+    the cache flushed before each, in an order rotated by one every round. A slow drift of the machine's speed (a
+    neighbour on the host, the allocator's state, the clock) then lands on every provider alike instead of on
+    whichever ran during it, which is what makes the ratios between them trustworthy on a small shared machine.
+    Returns name -> quantiles, each with ``other_cpu``: cores' worth of CPU other processes used during the series."""
     flush = cache_flusher(torch.device("cpu"))
+    names = list(fns)
+    times = {name: [] for name in names}
     busy0, own0, wall0 = _machine_busy_s(), time.process_time(), time.perf_counter()
-    times, deadline = [], time.perf_counter() + budget_s
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < deadline):
-        flush()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    result = _quantiles(times)
+    deadline = wall0 + budget_s * len(names)
+    rounds = 0
+    while rounds < min_reps or (rounds < max_reps and time.perf_counter() < deadline):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            flush()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    other = None
     if busy0 is not None:
         other = (_machine_busy_s() - busy0) - (time.process_time() - own0)
-        result["other_cpu"] = round(max(0.0, other) / (time.perf_counter() - wall0), 3)
-    return result
+        other = round(max(0.0, other) / (time.perf_counter() - wall0), 3)
+    return {name: dict(_quantiles(t), **({} if other is None else {"other_cpu": other})) for name, t in times.items()}
 
 
-def bench(fn, device, budget_s=1.0, min_reps=5, max_reps=100, warmup=2, retries=3, retry_wait_s=20):
-    """Times ``fn()`` -> {median_ms, p20_ms, p80_ms, reps[, other_cpu, attempts]}. ``budget_s`` bounds the measured
-    time after warm-up: at least ``min_reps`` repeats, more while the budget lasts. On CPU a series during which
-    other processes used more than BUSY_CORES is repeated after a pause (up to ``retries`` times) and the least
-    disturbed series is kept, its ``other_cpu`` recorded."""
+def bench_all(fns, device, budget_s=1.0, min_reps=5, max_reps=100, warmup=2, retries=3, retry_wait_s=20):
+    """Times the providers of one case against each other: ``fns`` (name -> fn) -> name -> {median_ms, p20_ms,
+    p80_ms, reps[, other_cpu, attempts]}. ``budget_s`` bounds each provider's measured time after warm-up: at least
+    ``min_reps`` repeats, more while the budget lasts. On CPU the repeats are interleaved across providers
+    (`_time_cpu`); a series during which other processes used more than BUSY_CORES is repeated after a pause (up to
+    ``retries`` times) and the least disturbed series is kept, its ``other_cpu`` recorded. On GPU each provider is
+    timed on its own (CUDA events are not disturbed that way)."""
     if device.type == "cuda":
         import triton.testing  # on the GPU machine triton ships with torch
-        median, p20, p80 = triton.testing.do_bench(fn, warmup=max(25, 100 * budget_s),
-                                                   rep=1000 * budget_s, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
+        results = {}
+        for name, fn in fns.items():
+            median, p20, p80 = triton.testing.do_bench(fn, warmup=max(25, 100 * budget_s),
+                                                       rep=1000 * budget_s, quantiles=[0.5, 0.2, 0.8])
+            results[name] = {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
+        return results
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     best = None
     for attempt in range(1, retries + 2):
-        result = _time_cpu(fn, budget_s, min_reps, max_reps)
-        if best is None or result.get("other_cpu", 0) < best.get("other_cpu", 0):
-            best = result
-        if best.get("other_cpu", 0) <= BUSY_CORES or attempt > retries:
-            return dict(best, attempts=attempt)
-        print(f"  (other processes used {result['other_cpu']:.2f} cores meanwhile: timing again in "
-              f"{retry_wait_s}s)", flush=True)
+        results = _time_cpu(fns, budget_s, min_reps, max_reps)
+        other = next(iter(results.values())).get("other_cpu", 0)
+        if best is None or other < best[0]:
+            best = (other, results)
+        if best[0] <= BUSY_CORES or attempt > retries:
+            return {name: dict(result, attempts=attempt) for name, result in best[1].items()}
+        print(f"  (other processes used {other:.2f} cores meanwhile: timing again in {retry_wait_s}s)", flush=True)
         time.sleep(retry_wait_s)
-        fn()
+
+
+def bench(fn, device, **options):
+    """Times one callable (`bench_all` with one provider)."""
+    return bench_all({"fn": fn}, device, **options)["fn"]
+
+
+def time_providers(row, timed, device, timing, work, ceilings, dtype):
+    """Times a row's providers against each other (``timed``: name -> step; `bench_all`) and adds each one's times
+    and roofline fraction (``work`` = (flops, bytes)) to ``row["providers"][name]``."""
+    flops, nbytes = work
+    for name, result in bench_all(timed, device, warmup=1, **timing).items():
+        result["roofline"] = roofline_fraction(flops, nbytes, result["median_ms"], ceilings, dtype)
+        row["providers"][name].update(result)
 
 
 def cuda_graphed(fn):

@@ -151,10 +151,11 @@ def provider_steps(case, mode, factory):
 
 
 def measure(case, mode, factories, ceilings, timing, graphed):
-    """One row: every provider timed, checked, and (fwd+bwd) its saved-tensor bytes and peak memory measured."""
+    """One row: every provider checked and (fwd+bwd) its saved-tensor bytes and peak memory measured, then all of
+    them timed against each other (interleaved on CPU, `H.bench_all`)."""
     flops, nbytes = case.work(mode)
     row = dict(case.meta, mode=mode, flops=flops, bytes=nbytes, cuda_graph=graphed, providers={}, ratios={})
-    stock_out = None
+    stock_out, timed = None, {}
     for name, factory in factories:
         result = {}
         try:
@@ -164,18 +165,18 @@ def measure(case, mode, factories, ceilings, timing, graphed):
             result.update(checked_result)
             stock_out = stock_out or got  # eager runs first
             del got
-            timed = H.cuda_graphed(run) if graphed else run
-            result.update(H.bench(timed, case.device, warmup=1, **timing))
-            result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
             if mode == "fwd+bwd":
                 result["saved_bytes"] = H.saved_tensor_bytes(lambda: module(case.x), held=[case.x, *case.params])
                 result["peak_step_bytes"] = H.peak_step_bytes(run, case.zero_grad, case.device)
+            timed[name] = H.cuda_graphed(run) if graphed else run
         except Exception as exc:  # a provider that cannot run this case is recorded, not fatal
             if name == "eager":
                 raise  # no yardstick, no row
             result = {"error": f"{type(exc).__name__}: {exc}"[:500], "ok": False}
         case.zero_grad()
         row["providers"][name] = result
+    H.time_providers(row, timed, case.device, timing, (flops, nbytes), ceilings, case.dtype)
+    case.zero_grad()
     _add_ratios(row)
     return row
 

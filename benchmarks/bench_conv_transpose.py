@@ -144,15 +144,14 @@ def case_specs(args, device):
 def measure(case, factories, ceilings, timing):
     flops, nbytes = case.work()
     row = dict(case.meta, flops=flops, bytes=nbytes, providers={}, ratios={})
-    stock_out = None
+    stock_out, timed = None, {}
     for name, factory in factories:
         torch._dynamo.reset()
-        _, checked, step = provider_steps(case, factory)
-        got, result = H.checked_first_call(checked, stock_out, case.reference, case.dtype, case.device)
+        _, checked, timed[name] = provider_steps(case, factory)
+        got, row["providers"][name] = H.checked_first_call(checked, stock_out, case.reference, case.dtype,
+                                                           case.device)
         stock_out = stock_out or got
-        result.update(H.bench(step, case.device, warmup=1, **timing))
-        result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
-        row["providers"][name] = result
+    H.time_providers(row, timed, case.device, timing, (flops, nbytes), ceilings, case.dtype)
     return H.finish_row(row)
 
 

@@ -179,9 +179,10 @@ def provider_steps(case, factory):
 
 
 def measure(case, factories, timing):
-    """One row: every provider checked against the float64 oracle, timed, and (train) its memory measured."""
+    """One row: every provider checked against the float64 oracle and (train) its memory measured, then all of them
+    timed against each other (interleaved on CPU, `H.bench_all`)."""
     row = dict(case.meta, providers={}, ratios={})
-    stock_result = None
+    stock_result, timed = None, {}
     for name, factory in factories:
         result = {}
         try:
@@ -190,17 +191,19 @@ def measure(case, factories, timing):
             got, checked_result = H.checked_first_call(checked, stock_result, case.reference, case.dtype, case.device)
             result.update(checked_result)
             stock_result = stock_result or got  # eager runs first
-            result.update(H.bench(run, case.device, warmup=1, **timing))
             if case.mode == "train":
                 result["saved_bytes"] = H.saved_tensor_bytes(lambda: model(case.x),
                                                              held=[case.x, *model.parameters()])
                 result["peak_step_bytes"] = H.peak_step_bytes(run, lambda: model.zero_grad(set_to_none=True),
                                                               case.device)
+            timed[name] = run
         except Exception as exc:  # a provider that cannot run this case is recorded, not fatal
             if name == "eager":
                 raise
             result = {"error": f"{type(exc).__name__}: {exc}"[:500], "ok": False}
         row["providers"][name] = result
+    for name, result in H.bench_all(timed, case.device, warmup=1, **timing).items():
+        row["providers"][name].update(result)
     _add_ratios(row)
     return row
 

@@ -150,24 +150,26 @@ def measure(name, set_name, shapes, dtype, device, ceilings, timing):
     row = {"op": "optimizer step", "optimizer": name, "param_set": set_name, "params": numel,
            "tensors": len(shapes), "dtype": str(dtype).replace("torch.", ""), "mode": "step",
            "hyper": C.HYPER[name], "notes": notes, "providers": {}, "ratios": {}, "lars_over_sgd": {}}
-    partner, kept = C.check_partner(name), {}
+    partner, runs = C.check_partner(name), {}
     for provider, role, state_dtype, factory in factories:
         nbytes = C.step_bytes(name, shapes, dtype, state_dtype, role)
         result = {"role": role, "state_dtype": str(state_dtype).replace("torch.", ""), "bytes": nbytes,
                   "bytes_per_param": nbytes / numel}
-        run = None  # the previous provider's params and state go before this one's are made
         try:
-            run = start(factory, init, grads)
-            result.update(H.bench(run, device, **timing))
-            result["gbps"] = nbytes / (result["median_ms"] * 1e-3) / 1e9
-            result["copy_fraction"] = result["gbps"] / ceilings["copy_gbps"]
-            if role == "fastcnn" or provider == partner:
-                kept[provider] = run
+            runs[provider] = start(factory, init, grads)
         except Exception as exc:  # a provider that cannot run this case is recorded, not fatal
             if provider == partner:
                 raise  # nothing to check against
             result = {"role": role, "error": f"{type(exc).__name__}: {exc}"[:500], "ok": False}
         row["providers"][provider] = result
+    # Timed against each other (interleaved on CPU), every provider's params and state alive at once.
+    for provider, timed in H.bench_all(runs, device, **timing).items():
+        result = row["providers"][provider]
+        result.update(timed)
+        result["gbps"] = result["bytes"] / (result["median_ms"] * 1e-3) / 1e9
+        result["copy_fraction"] = result["gbps"] / ceilings["copy_gbps"]
+    kept = {provider: run for provider, run in runs.items()
+            if row["providers"][provider]["role"] == "fastcnn" or provider == partner}
     steps = max(run.steps for run in kept.values())
     for run in kept.values():
         while run.steps < steps:

@@ -124,19 +124,18 @@ def case_specs(args, device):
 def measure(case, factories, ceilings, timing):
     flops, nbytes = case.work()
     row = dict(case.meta, flops=flops, bytes=nbytes, providers={}, ratios={})
-    stock_out = None
+    stock_out, timed = None, {}
     for name, factory in factories:
         torch._dynamo.reset()
-        run, checked, timed = provider_steps(case, factory)
+        run, checked, timed[name] = provider_steps(case, factory)
         got, result = H.checked_first_call(checked, stock_out, case.reference, case.dtype, case.device)
         stock_out = stock_out or got
-        result.update(H.bench(timed, case.device, warmup=1, **timing))
-        result["roofline"] = H.roofline_fraction(flops, nbytes, result["median_ms"], ceilings, case.dtype)
         if case.train:
             params = list(case.stock.parameters()) + list(case.fused.parameters())
             result["saved_bytes"] = H.saved_tensor_bytes(lambda: run(case.x), held=[case.x, *params])
-            result["peak_step_bytes"] = H.peak_step_bytes(timed, lambda: None, case.device)
+            result["peak_step_bytes"] = H.peak_step_bytes(timed[name], lambda: None, case.device)
         row["providers"][name] = result
+    H.time_providers(row, timed, case.device, timing, (flops, nbytes), ceilings, case.dtype)
     return H.finish_row(row)
 
 
