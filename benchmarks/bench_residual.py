@@ -104,7 +104,10 @@ def providers(device):
             found.append((f"fastcnn[{backend}]", lambda case, b=backend: (H.WithBackend(case.fused, b), case.fused)))
         else:
             notes.append(f"fastcnn[{backend}] not benchmarked: {reason}")
-    notes.append("the reference backend is plain PyTorch (not timed)")
+    # What a user gets: each op's route and the block's module route (fastcnn/nn/residual.py, inception.py ROUTES),
+    # which may send the whole block to its stock layers where the fused block measured slower.
+    found.append(("fastcnn", lambda case: (case.fused, case.fused)))
+    notes.append("the reference backend is plain PyTorch (not timed); fastcnn = the routed default")
     return found, notes
 
 

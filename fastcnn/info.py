@@ -4,17 +4,18 @@ import platform
 import torch
 
 from . import _extension
-from .ops import BACKENDS, TABLES
+from .ops import BACKENDS, MODULE_TABLES, TABLES
 
 OPS = tuple(TABLES)  # every op the report covers: one per route table
 
 
-def _routes(table, device):
-    """The route table's entries for `device` tensors, in order: 'backend [measured]'."""
-    entries = [f"{r.backend} [{r.measured}]" + "".join(f" {k}={v}" for k, v in r._asdict().items()
+def _routes(table, device, last="reference", label=None):
+    """The route table's entries for `device` tensors, in order: 'backend [measured]' (or `label` for every entry's
+    backend), then what runs where none matches."""
+    entries = [f"{label or r.backend} [{r.measured}]" + "".join(f" {k}={v}" for k, v in r._asdict().items()
                                                        if k not in ("backend", "measured", "device") and v)
                for r in table.routes if r.device in (None, device)]
-    return " -> ".join(entries + ["reference"])
+    return " -> ".join(entries + [last])
 
 
 def report():
@@ -40,6 +41,10 @@ def report():
             for backend in BACKENDS:
                 reason = TABLES[op].why_not(backend, device)
                 lines.append(f"  {device:4} {backend:9} {'available' if reason is None else 'unavailable: ' + reason}")
+    for module, table in MODULE_TABLES.items():
+        lines.append(f"\n{module} (runs its stock layers where measured slower than them):")
+        for device in ("cpu", "cuda"):
+            lines.append(f"  {device:4} route: {_routes(table, device, last='fused', label='stock')}")
     if not torch.cuda.is_available():
         lines.append("(no CUDA device here: the cuda rows say what CUDA tensors would get on a GPU machine)")
     return "\n".join(lines)

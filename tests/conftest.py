@@ -49,6 +49,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fused_modules_run_fused(request):
+    """Fused modules run fused in every test - their agreement with stock is what the tests check - also where a
+    module route table sends them to their stock layers for speed (float32 residual and Inception blocks on CPU);
+    the tests of that routing are marked ``module_routes`` and see the routes as users do."""
+    if request.node.get_closest_marker("module_routes"):
+        yield
+        return
+    from fastcnn.ops import fused_modules_everywhere
+
+    with fused_modules_everywhere():
+        yield
+
+
 @pytest.fixture
 def one_intra_op_thread():
     """Runs a test with one intra-op thread: for tiny tensors extra threads cost more in synchronisation than they

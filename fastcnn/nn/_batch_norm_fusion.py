@@ -25,6 +25,11 @@ def uses_batch_statistics(bn):
     return bn.training or bn.running_mean is None
 
 
+def statistics_mode(bn):
+    """The mode a module route keys on: "train" when `bn` normalises with batch statistics, else "eval"."""
+    return "train" if uses_batch_statistics(bn) else "eval"
+
+
 def _momentum_factor(bn):
     """nn.BatchNorm2d's exponential_average_factor, counting this batch."""
     if bn.num_batches_tracked is not None:

@@ -13,8 +13,23 @@ import torch.nn.functional as F
 
 from ..ops.channel_slice import BranchEpilogue, concat_branches
 from ..ops import memory_format_of
-from ._batch_norm_fusion import norm_relu_conv2d, running_scale_shift, update_running_statistics, uses_batch_statistics
+from ..ops._dispatch import STOCK, ModuleRoutes, Route
+from ._batch_norm_fusion import (
+    norm_relu_conv2d,
+    running_scale_shift,
+    statistics_mode,
+    update_running_statistics,
+    uses_batch_statistics,
+)
 from .unfused import is_unfused
+
+_RESULTS = "benchmarks/results/2026-12-06_cpu-intel-r-xeon-r-processor_inception.json"
+# On CPU the fused block loses to stock (GoogLeNet inception3a, float32, interleaved, stock / fused): 0.91x
+# inference, 0.97x training - so there it runs its stock branches until a measurement says otherwise.
+ROUTES = ModuleRoutes("inception block", [
+    Route(STOCK, measured=f"{_RESULTS}#inception3a-train", device="cpu", dtypes=(torch.float32,), mode="train"),
+    Route(STOCK, measured=f"{_RESULTS}#inception3a-infer", device="cpu", dtypes=(torch.float32,), mode="eval"),
+])
 
 
 class BasicConv2d(nn.Module):
@@ -127,7 +142,7 @@ class InceptionBlock(nn.Module):
             and all(_is_basic_conv(unit) for _, units in self._chains() for unit in units)
 
     def forward(self, x):
-        if not self._can_fuse() or is_unfused():
+        if not self._can_fuse() or is_unfused() or ROUTES.runs_stock(x, statistics_mode(self.branch1.bn)):
             return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
         branches = [self._branch_epilogue(units, x if pre is None else pre(x)) for pre, units in self._chains()]
         out, stats = concat_branches(branches, memory_format_of(x))

@@ -1,16 +1,31 @@
 """Drop-in ResNet residual blocks: torchvision's ``BasicBlock`` and ``Bottleneck`` (same constructor, attributes,
 init and state_dict keys), whose forward runs fastcnn's fused ops when ``fused=True``."""
+import torch
 import torch.nn as nn
 
 from ..ops import batch_norm as bn_ops
+from ..ops._dispatch import STOCK, ModuleRoutes, Route
 from ._batch_norm_fusion import (
     conv_statistics,
     norm_relu_conv2d_statistics,
     running_scale_shift,
+    statistics_mode,
     update_running_statistics,
     uses_batch_statistics,
 )
 from .unfused import is_unfused
+
+_RESULTS = "benchmarks/results/2026-12-06_cpu-intel-r-xeon-r-processor"
+# On CPU the fused blocks lose to stock (float32, interleaved, stock / fused): Bottleneck layer1 0.97x / layer2
+# 0.95x training, 0.98x / 0.93x eval; whole ResNet-50 0.94x training, 0.89x inference. The convolutions (oneDNN,
+# the same calls) are ~75% of a step; what is left is too small for the saved passes to pay for the per-op
+# overhead of the fused chain. So on CPU the blocks run their stock layers until a measurement says otherwise.
+ROUTES = ModuleRoutes("residual block", [
+    Route(STOCK, measured=f"{_RESULTS}_residual.json#layer2-train", device="cpu", dtypes=(torch.float32,),
+          mode="train"),
+    Route(STOCK, measured=f"{_RESULTS}_residual.json#layer2-infer", device="cpu", dtypes=(torch.float32,),
+          mode="eval"),
+])
 
 
 def _conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
@@ -26,8 +41,8 @@ class _ResidualBlock(nn.Module):
     """Shared forward: the block is a chain of (conv, norm) stages with ReLU between them, then
     ``relu(last_stage(x) + identity)``, where identity is ``downsample(x)`` or ``x``.
 
-    Fused forward (BatchNorm2d norms only; anything else, or inside ``fastcnn.nn.unfused()``, runs the stock module
-    sequence):
+    Fused forward (BatchNorm2d norms only; anything else, inside ``fastcnn.nn.unfused()``, or where ``ROUTES``
+    measured the fused block slower than stock - float32 on CPU - runs the stock module sequence):
 
     * training: each convolution's output ``y`` gets its batch statistics from one fused reduction (in the
       convolution's epilogue on the triton backend, where fastcnn runs its own convolution); BN-apply + ReLU
@@ -46,7 +61,7 @@ class _ResidualBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x):
-        if not self._can_fuse() or is_unfused():
+        if not self._can_fuse() or is_unfused() or ROUTES.runs_stock(x, statistics_mode(self._stages()[0][1])):
             return self._stock_forward(x)
         return self._fused_forward(x)
 

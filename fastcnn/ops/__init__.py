@@ -9,11 +9,21 @@ import importlib
 import pkgutil
 
 from ._args import pair
-from ._dispatch import BACKENDS, TABLES, accumulation_dtype, memory_format_of, set_backend, use_backend, why_unavailable
+from ._dispatch import (
+    BACKENDS,
+    MODULE_TABLES,
+    TABLES,
+    accumulation_dtype,
+    fused_modules_everywhere,
+    memory_format_of,
+    set_backend,
+    use_backend,
+    why_unavailable,
+)
 
 OP_PACKAGES = tuple(module.name for module in pkgutil.iter_modules(__path__) if module.ispkg)
 for _name in OP_PACKAGES:
     globals()[_name] = importlib.import_module(f".{_name}", __name__)
 
-__all__ = ["BACKENDS", "OP_PACKAGES", "TABLES", "accumulation_dtype", "memory_format_of", "pair", "set_backend",
-           "use_backend", "why_unavailable", *OP_PACKAGES]
+__all__ = ["BACKENDS", "MODULE_TABLES", "OP_PACKAGES", "TABLES", "accumulation_dtype", "fused_modules_everywhere",
+           "memory_format_of", "pair", "set_backend", "use_backend", "why_unavailable", *OP_PACKAGES]

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import threading
 import warnings
 from typing import NamedTuple, Optional, Tuple
 
@@ -191,6 +192,46 @@ class RouteTable:
                 self._warned = True
                 warnings.warn(f"fastcnn: {self.op}: {reason}; using the next backend", RuntimeWarning, stacklevel=3)
         return "reference"
+
+
+MODULE_TABLES = {}  # fused module kind -> ModuleRoutes, in import order (fastcnn.info walks it)
+_module_routes_on = threading.local()
+
+
+class ModuleRoutes:
+    """Where a fused module as a whole is measured slower than the stock modules it replaces, so it runs those.
+
+    A fused module (a residual or an Inception block) chains several fastcnn ops, and each op routes itself; whether
+    the chain beats stock PyTorch's layer sequence is measured on the whole module (benchmarks/bench_residual.py,
+    bench_inception.py). ``routes`` are `Route` entries with backend `STOCK`; `runs_stock(x, mode)` is True when one
+    matches the call (``mode``: "train" with batch statistics, "eval" with running ones), and the module then runs
+    its stock forward: stock's numbers, stock's speed, the same parameters and buffers. A forced backend
+    (FASTCNN_BACKEND / `set_backend`) or `fused_modules_everywhere()` turns the entries off, so forcing a backend
+    tests and times fastcnn's own path.
+    """
+
+    def __init__(self, module, routes):
+        if any(entry.backend != STOCK for entry in routes):
+            raise ValueError(f"fastcnn: {module}: a module route can only send the module to {STOCK!r}")
+        self.module, self.routes = module, tuple(routes)
+        MODULE_TABLES[module] = self
+
+    def runs_stock(self, x, mode):
+        if _forced is not None or getattr(_module_routes_on, "off", 0):
+            return False
+        layout = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
+        return any(entry.matches(x.device.type, x.dtype, layout, mode, None) for entry in self.routes)
+
+
+@contextlib.contextmanager
+def fused_modules_everywhere():
+    """Fused modules run fused even where their `ModuleRoutes` send them to stock (in this thread): to test or time
+    fastcnn's own path."""
+    _module_routes_on.off = getattr(_module_routes_on, "off", 0) + 1
+    try:
+        yield
+    finally:
+        _module_routes_on.off -= 1
 
 
 def route(table, x, mode=None):

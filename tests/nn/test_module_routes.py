@@ -1,0 +1,95 @@
+"""Module route tables: where a fused block was measured slower than its stock layers (float32 residual and Inception
+blocks on CPU), it runs those layers - the same numbers and state as stock - unless a backend is forced or
+`fused_modules_everywhere()` is active; elsewhere (float64 here) it runs fused. `fastcnn.info` lists the tables."""
+import pytest
+import torch
+
+import fastcnn
+from fastcnn.info import report
+from fastcnn.nn import inception, residual
+
+pytestmark = pytest.mark.module_routes
+
+
+def _bottleneck():
+    return fastcnn.nn.Bottleneck(32, 8)
+
+
+def _inception():
+    return fastcnn.nn.InceptionBlock(16, 4, 4, 8, 2, 4, 4)
+
+
+def block_in_channels(block):
+    return 32 if isinstance(block, residual._ResidualBlock) else 16
+
+
+def _counting_fused_forward(monkeypatch, kind):
+    """Counts the calls of the block kind's fused forward."""
+    calls = []
+    method = "_fused_forward" if kind is residual._ResidualBlock else "_branch_epilogue"
+    original = getattr(kind, method)
+
+    def counted(self, *args):
+        calls.append(method)
+        return original(self, *args)
+
+    monkeypatch.setattr(kind, method, counted)
+    return calls
+
+
+@pytest.mark.parametrize("make,kind", [(_bottleneck, residual._ResidualBlock), (_inception, inception.InceptionBlock)])
+@pytest.mark.parametrize("train", [True, False])
+def test_cpu_float32_runs_stock_layers_unless_fused_is_asked_for(monkeypatch, make, kind, train):
+    block = make().train(train)
+    x = torch.randn(2, block_in_channels(block), 8, 8)
+    calls = _counting_fused_forward(monkeypatch, kind)
+    with torch.no_grad():
+        block(x)
+    assert calls == []  # routed to the stock layers
+    with torch.no_grad(), fastcnn.nn.fused_modules_everywhere():
+        block(x)
+    assert calls  # fused when asked for
+    calls.clear()
+    with torch.no_grad(), fastcnn.use_backend("cpu"):
+        block(x)
+    assert calls  # a forced backend runs fastcnn's path
+
+
+@pytest.mark.parametrize("make,kind", [(_bottleneck, residual._ResidualBlock), (_inception, inception.InceptionBlock)])
+def test_unmeasured_dtype_runs_fused(monkeypatch, make, kind):
+    block = make().double()
+    calls = _counting_fused_forward(monkeypatch, kind)
+    with torch.no_grad():
+        block(torch.randn(2, block_in_channels(block), 8, 8, dtype=torch.float64))
+    assert calls
+
+
+def test_routed_block_trains_exactly_as_stock():
+    """The routed block is the stock layer sequence: outputs, gradients and running statistics equal torchvision's
+    Bottleneck with the same state, bit for bit."""
+    from torchvision.models.resnet import Bottleneck
+
+    ours, stock = _bottleneck(), Bottleneck(32, 8)
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 32, 8, 8)
+    out, expected = ours(x), stock(x)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(out, expected)
+    for (name, p), q in zip(ours.named_parameters(), stock.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(ours.named_buffers(), stock.buffers()):
+        assert torch.equal(b, c), name
+
+
+def test_info_lists_the_module_routes():
+    text = report()
+    assert "residual block (runs its stock layers where measured slower than them):" in text
+    assert "_residual.json#layer2-train" in text and "_inception.json#inception3a-infer" in text
+
+
+def test_a_module_route_only_sends_to_stock():
+    from fastcnn.ops._dispatch import ModuleRoutes, Route
+
+    with pytest.raises(ValueError, match="can only send the module to 'reference'"):
+        ModuleRoutes("test block", [Route("cpu", device="cpu")])
