@@ -50,16 +50,17 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _fused_modules_run_fused(request):
-    """Fused modules run fused in every test - their agreement with stock is what the tests check - also where a
-    module route table sends them to their stock layers for speed (float32 residual and Inception blocks on CPU);
-    the tests of that routing are marked ``module_routes`` and see the routes as users do."""
-    if request.node.get_closest_marker("module_routes"):
+def _fastcnn_paths_run(request):
+    """fastcnn's own kernels and fused modules run in every test - their agreement with stock is what the tests
+    check - also where a route table sends a call to stock PyTorch for speed (small convolutions, the float32
+    residual and Inception blocks on CPU); the tests of that routing are marked ``stock_routes`` and see the routes
+    as users do."""
+    if request.node.get_closest_marker("stock_routes"):
         yield
         return
-    from fastcnn.ops import fused_modules_everywhere
+    from fastcnn.ops import skip_stock_routes
 
-    with fused_modules_everywhere():
+    with skip_stock_routes():
         yield
 
 

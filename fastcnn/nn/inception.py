@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..ops.channel_slice import BranchEpilogue, concat_branches
 from ..ops import memory_format_of
-from ..ops._dispatch import STOCK, ModuleRoutes, Route
+from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route
 from ._batch_norm_fusion import (
     norm_relu_conv2d,
     running_scale_shift,
@@ -23,7 +23,7 @@ from ._batch_norm_fusion import (
 )
 from .unfused import is_unfused
 
-_RESULTS = "benchmarks/results/2026-12-06_cpu-intel-r-xeon-r-processor_inception.json"
+_RESULTS = f"{CPU_RESULTS}_inception.json"
 # On CPU the fused block loses to stock (GoogLeNet inception3a, float32, interleaved, stock / fused): 0.91x
 # inference, 0.97x training - so there it runs its stock branches until a measurement says otherwise.
 ROUTES = ModuleRoutes("inception block", [

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import batch_norm as bn_ops
-from ..ops._dispatch import STOCK, ModuleRoutes, Route
+from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route
 from ._batch_norm_fusion import (
     conv_statistics,
     norm_relu_conv2d_statistics,
@@ -15,15 +15,14 @@ from ._batch_norm_fusion import (
 )
 from .unfused import is_unfused
 
-_RESULTS = "benchmarks/results/2026-12-06_cpu-intel-r-xeon-r-processor"
 # On CPU the fused blocks lose to stock (float32, interleaved, stock / fused): Bottleneck layer1 0.97x / layer2
 # 0.95x training, 0.98x / 0.93x eval; whole ResNet-50 0.94x training, 0.89x inference. The convolutions (oneDNN,
 # the same calls) are ~75% of a step; what is left is too small for the saved passes to pay for the per-op
 # overhead of the fused chain. So on CPU the blocks run their stock layers until a measurement says otherwise.
 ROUTES = ModuleRoutes("residual block", [
-    Route(STOCK, measured=f"{_RESULTS}_residual.json#layer2-train", device="cpu", dtypes=(torch.float32,),
+    Route(STOCK, measured=f"{CPU_RESULTS}_residual.json#layer2-train", device="cpu", dtypes=(torch.float32,),
           mode="train"),
-    Route(STOCK, measured=f"{_RESULTS}_residual.json#layer2-infer", device="cpu", dtypes=(torch.float32,),
+    Route(STOCK, measured=f"{CPU_RESULTS}_residual.json#layer2-infer", device="cpu", dtypes=(torch.float32,),
           mode="eval"),
 ])
 
@@ -77,8 +76,8 @@ class _ResidualBlock(nn.Module):
             out = self.relu(norm(conv(out)))
         conv, norm = stages[-1]
         out = norm(conv(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        out += x if self.downsample is None else self.downsample(x)  # in place, as torchvision's blocks add
+        return self.relu(out)
 
     def _fused_forward(self, x):
         stages = self._stages()

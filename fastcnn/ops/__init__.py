@@ -14,7 +14,7 @@ from ._dispatch import (
     MODULE_TABLES,
     TABLES,
     accumulation_dtype,
-    fused_modules_everywhere,
+    skip_stock_routes,
     memory_format_of,
     set_backend,
     use_backend,
@@ -25,5 +25,5 @@ OP_PACKAGES = tuple(module.name for module in pkgutil.iter_modules(__path__) if 
 for _name in OP_PACKAGES:
     globals()[_name] = importlib.import_module(f".{_name}", __name__)
 
-__all__ = ["BACKENDS", "MODULE_TABLES", "OP_PACKAGES", "TABLES", "accumulation_dtype", "fused_modules_everywhere",
+__all__ = ["BACKENDS", "MODULE_TABLES", "OP_PACKAGES", "TABLES", "accumulation_dtype", "skip_stock_routes",
            "memory_format_of", "pair", "set_backend", "use_backend", "why_unavailable", *OP_PACKAGES]

@@ -19,7 +19,6 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import threading
 import warnings
 from typing import NamedTuple, Optional, Tuple
 
@@ -30,6 +29,8 @@ from .. import _extension
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 STOCK = "reference"  # plain PyTorch is stock PyTorch: a route to it says "fastcnn is not faster here"
 UNMEASURED = "unmeasured"
+# The CPU run the CPU entries come from (one results file per suite: <CPU_RESULTS>_<suite>.json)
+CPU_RESULTS = "benchmarks/results/2026-12-06_cpu-intel-r-xeon-r-processor"
 NO_TRITON = "no Triton kernel for this op"
 
 
@@ -181,8 +182,9 @@ class RouteTable:
             return _forced
         layout = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
         size = None if self.size_class is None else self.size_class(x)
+        skip_stock = stock_routes_skipped()
         for entry in self.routes:
-            if not entry.matches(device, dtype, layout, mode, size):
+            if not entry.matches(device, dtype, layout, mode, size) or (skip_stock and entry.backend == STOCK):
                 continue
             reason = self.why_not(entry.backend, device, dtype)
             if reason is None:
@@ -195,7 +197,7 @@ class RouteTable:
 
 
 MODULE_TABLES = {}  # fused module kind -> ModuleRoutes, in import order (fastcnn.info walks it)
-_module_routes_on = threading.local()
+_stock_routes_skipped = 0  # depth of skip_stock_routes(); a plain global, which torch.compile guards on
 
 
 class ModuleRoutes:
@@ -206,7 +208,7 @@ class ModuleRoutes:
     bench_inception.py). ``routes`` are `Route` entries with backend `STOCK`; `runs_stock(x, mode)` is True when one
     matches the call (``mode``: "train" with batch statistics, "eval" with running ones), and the module then runs
     its stock forward: stock's numbers, stock's speed, the same parameters and buffers. A forced backend
-    (FASTCNN_BACKEND / `set_backend`) or `fused_modules_everywhere()` turns the entries off, so forcing a backend
+    (FASTCNN_BACKEND / `set_backend`) or `skip_stock_routes()` turns the entries off, so forcing a backend
     tests and times fastcnn's own path.
     """
 
@@ -217,21 +219,28 @@ class ModuleRoutes:
         MODULE_TABLES[module] = self
 
     def runs_stock(self, x, mode):
-        if _forced is not None or getattr(_module_routes_on, "off", 0):
+        if _forced is not None or stock_routes_skipped():
             return False
         layout = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
         return any(entry.matches(x.device.type, x.dtype, layout, mode, None) for entry in self.routes)
 
 
 @contextlib.contextmanager
-def fused_modules_everywhere():
-    """Fused modules run fused even where their `ModuleRoutes` send them to stock (in this thread): to test or time
-    fastcnn's own path."""
-    _module_routes_on.off = getattr(_module_routes_on, "off", 0) + 1
+def skip_stock_routes():
+    """fastcnn's own path runs wherever it can: route tables pass over their `STOCK` entries and fused modules run
+    fused where their `ModuleRoutes` would send them to their stock layers - to test or time fastcnn's kernels where
+    the routes, measured for speed, would run stock PyTorch."""
+    global _stock_routes_skipped
+    _stock_routes_skipped += 1
     try:
         yield
     finally:
-        _module_routes_on.off -= 1
+        _stock_routes_skipped -= 1
+
+
+def stock_routes_skipped():
+    """Whether `skip_stock_routes()` is active."""
+    return _stock_routes_skipped > 0
 
 
 def route(table, x, mode=None):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..ops import fused_modules_everywhere
+from ..ops import skip_stock_routes
 from .metrics import EpochMetrics
 from .schedules import build_scheduler
 from .tolerances import PARITY_FACTOR, PARITY_FLOOR, PARITY_WINDOW, PRECISION_DTYPES, STEP_STATISTIC, parity_bound
@@ -278,14 +278,14 @@ def _progress_bar(enabled, **options):
     return tqdm(**options)
 
 
-@fused_modules_everywhere()  # the fused side runs fastcnn's path also where a module route would run stock layers
+@skip_stock_routes()  # the fused side runs fastcnn's path also where a module route would run stock layers
 def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", precision="32", device="cpu",
            channels_last=False, window=PARITY_WINDOW, max_steps=None, schedule=None, loss_fn=None, progress=True,
            model_kwargs=None, **optimizer_kwargs):
     """Train a fused model and its stock twin in a teacher-forced lockstep and report how they compare.
 
     The fused model runs fastcnn's fused path in every module, also where a module route table sends a block to its
-    stock layers for speed on this device (`fastcnn.nn.fused_modules_everywhere`): verify checks fastcnn's kernels.
+    stock layers for speed on this device (`fastcnn.nn.skip_stock_routes`): verify checks fastcnn's kernels.
 
     Args:
         model: a zoo name (``"vgg11"``: built with ``fused=True`` and ``fused=False``, stock weights copied into the

@@ -1,6 +1,6 @@
 """Module route tables: where a fused block was measured slower than its stock layers (float32 residual and Inception
 blocks on CPU), it runs those layers - the same numbers and state as stock - unless a backend is forced or
-`fused_modules_everywhere()` is active; elsewhere (float64 here) it runs fused. `fastcnn.info` lists the tables."""
+`skip_stock_routes()` is active; elsewhere (float64 here) it runs fused. `fastcnn.info` lists the tables."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ import fastcnn
 from fastcnn.info import report
 from fastcnn.nn import inception, residual
 
-pytestmark = pytest.mark.module_routes
+pytestmark = pytest.mark.stock_routes
 
 
 def _bottleneck():
@@ -46,7 +46,7 @@ def test_cpu_float32_runs_stock_layers_unless_fused_is_asked_for(monkeypatch, ma
     with torch.no_grad():
         block(x)
     assert calls == []  # routed to the stock layers
-    with torch.no_grad(), fastcnn.nn.fused_modules_everywhere():
+    with torch.no_grad(), fastcnn.nn.skip_stock_routes():
         block(x)
     assert calls  # fused when asked for
     calls.clear()
@@ -82,7 +82,7 @@ def test_routed_block_trains_exactly_as_stock():
         assert torch.equal(b, c), name
 
 
-def test_info_lists_the_module_routes():
+def test_info_lists_the_stock_routes():
     text = report()
     assert "residual block (runs its stock layers where measured slower than them):" in text
     assert "_residual.json#layer2-train" in text and "_inception.json#inception3a-infer" in text

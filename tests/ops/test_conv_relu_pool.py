@@ -329,3 +329,21 @@ def test_random_shapes_match_stock_exactly(data):
     x, w, b = integer_inputs(batch, c_in, c_out, size, kernel, groups, dtype, channels_last,
                              bias=data.draw(st.booleans(), "bias"))
     assert_exactly_stock(backend, x, w, b, stride, padding, dilation, groups, pool, pool_size, pool_stride)
+
+
+@needs_cpp
+@pytest.mark.stock_routes
+def test_small_cpu_inputs_route_to_stock_unless_fastcnn_is_asked_for():
+    """Below SMALL_INPUT elements the CPU route table runs stock PyTorch (measured faster there); a forced backend or
+    skip_stock_routes() runs fastcnn's kernel; larger inputs run it by default."""
+    from fastcnn.ops.conv_relu_pool import ROUTES, SMALL_INPUT
+
+    small, large = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 128, 128)
+    assert small.numel() < SMALL_INPUT <= large.numel()
+    assert fastcnn.ops._dispatch.route(ROUTES, small) == "reference"
+    assert fastcnn.ops._dispatch.route(ROUTES, large) == "cpu"
+    assert fastcnn.ops._dispatch.route(ROUTES, small.double()) == "reference"  # any dtype: the cost is per call
+    with fastcnn.ops.skip_stock_routes():
+        assert fastcnn.ops._dispatch.route(ROUTES, small) == "cpu"
+    with fastcnn.use_backend("cpu"):
+        assert fastcnn.ops._dispatch.route(ROUTES, small) == "cpu"

@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from .._args import pair
-from .._dispatch import Route, RouteTable, accumulation_dtype, autocast, load_triton, memory_format_of, route
+from .._dispatch import (
+    CPU_RESULTS,
+    Route,
+    RouteTable,
+    accumulation_dtype,
+    autocast,
+    load_triton,
+    memory_format_of,
+    route,
+)
 from . import reference
 from . import register
 from ..conv_relu_pool import check_conv_relu_pool
@@ -41,7 +50,10 @@ _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 ROUTES = RouteTable("batch_norm", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    Route("cpu", device="cpu"),
+    # CPU, fp32 channels_last, batch 2, stock / fastcnn interleaved: the VGG-16-BN Conv+BN+ReLU+pool blocks train
+    # 0.93-1.20x (four of five blocks 1.05-1.20x) and infer 0.98-1.04x; the residual and Inception blocks, which
+    # also run these ops, lose as a whole and run their stock layers on CPU (their module routes).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_bn_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT)
 
 
@@ -185,7 +197,7 @@ def _pair(v):
 
 POOL_ROUTES = RouteTable("batch_norm_relu_pool", [
     Route("cuda", device="cuda"),
-    Route("cpu", device="cpu"),
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_bn_block.json#block1-block5", device="cpu"),
 ], compiled=register.POOL_OPS)
 
 

@@ -8,18 +8,32 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import Route, RouteTable, autocast, load_triton, route
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import POOLS
 
 _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 
+SMALL_INPUT = 1 << 17  # input elements below which a call is "small" (between the sweep's 50k loss and 200k win)
+
+
+def _size_class(x):
+    return "small" if x.numel() < SMALL_INPUT else "large"
+
+
 ROUTES = RouteTable("conv2d_relu_pool", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    Route("cpu", device="cpu"),
-], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
+    # CPU, fp32, stock / fastcnn interleaved. Small inputs lose: the epilogue's fixed cost (a second pass, the
+    # saved code's allocation) outweighs the passes it saves - 2x128x14x14 0.83x forward, 0.89x forward+backward;
+    # from 2x128x28x28 (200k elements) on fastcnn wins, 1.04-1.33x. So below SMALL_INPUT elements stock runs.
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14", device="cpu", size="small"),
+    # VGG-16 block-ending convs at batch 2: forward 1.03-1.33x NCHW, 0.99-1.07x channels_last; forward+backward
+    # 0.98-1.58x NCHW, 1.01-1.11x channels_last. At parity where the oneDNN convolution (the same call as stock's) is
+    # ~99% of the time (512 channels).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
+], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",), size_class=_size_class)
 
 
 def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
