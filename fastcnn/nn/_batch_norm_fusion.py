@@ -2,10 +2,10 @@
 
 * Batch statistics (training, or a BatchNorm without running statistics) come from fastcnn's fused ops - where
   fastcnn.ops runs a convolution that can, reduced in its epilogue (`conv_statistics`,
-  `norm_relu_conv2d_statistics`; the triton backend), elsewhere by the BatchNorm op itself, since ATen's convolutions (oneDNN, cuDNN)
-  cannot take the reduction and a separate pass costs the same wherever it runs; the running statistics are then
-  updated exactly as ``nn.BatchNorm2d`` does (momentum, or the cumulative average when momentum
-  is None; the unbiased variance).
+  `norm_relu_conv2d_statistics`; the triton backend), elsewhere by the BatchNorm op itself, since ATen's
+  convolutions (oneDNN, cuDNN) cannot take the reduction and a separate pass costs the same wherever it runs; the
+  running statistics are then updated exactly as ``nn.BatchNorm2d`` does (momentum, or the cumulative average when
+  momentum is None; the unbiased variance).
 * Running statistics (eval): the same map with ``scale = gamma / sqrt(running_var + eps)``,
   ``shift = beta - running_mean * scale`` (in the accumulation dtype), applied in the epilogue pass after the
   convolution. It is recomputed from the live tensors at every forward - C values per BatchNorm, nothing next to
