@@ -49,19 +49,23 @@ class Case:
     """One shape x dtype x layout: the stock block, fastcnn's module sharing its parameters, inputs, and the
     float64 oracle (forward output and the three gradients)."""
 
-    def __init__(self, block, channels, res, batch, dtype, fmt, device):
+    def __init__(self, block, channels, res, batch, dtype, fmt, device, pool="max"):
         torch.manual_seed(0)
         conv = nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
-        self.stock = nn.Sequential(conv, nn.ReLU(inplace=True), nn.MaxPool2d(2)).to(memory_format=fmt)
-        self.fused = fastcnn.nn.ConvReLUPool2d.from_modules(*self.stock)
+        self.pooled = pool == "max"  # else pool="none": Conv2d -> ReLU and fastcnn's ConvReLU2d
+        layers = (conv, nn.ReLU(inplace=True)) + ((nn.MaxPool2d(2),) if self.pooled else ())
+        self.stock = nn.Sequential(*layers).to(memory_format=fmt)
+        fused = fastcnn.nn.ConvReLUPool2d if self.pooled else fastcnn.nn.ConvReLU2d
+        self.fused = fused.from_modules(*self.stock)
         self.params = [conv.weight, conv.bias]
         self.x = torch.randn(batch, channels, res, res, device=device, dtype=dtype).to(memory_format=fmt)
         self.x.requires_grad_()
-        self.grad_out = torch.randn(batch, channels, res // 2, res // 2, device=device, dtype=dtype)
+        out_res = res // 2 if self.pooled else res
+        self.grad_out = torch.randn(batch, channels, out_res, out_res, device=device, dtype=dtype)
         self.grad_out = self.grad_out.to(memory_format=fmt)
         self.meta = {"op": OP, "block": block, "shape": {"N": batch, "C_in": channels, "C_out": channels,
                                                          "H": res, "W": res, "kernel": 3, "padding": 1},
-                     "dtype": dtype_name(dtype), "layout": LAYOUT_NAME[fmt]}
+                     "dtype": dtype_name(dtype), "layout": LAYOUT_NAME[fmt], "pool": pool}
         self.dtype, self.device = dtype, device
         self.reference = self._oracle(conv)
 
@@ -74,10 +78,10 @@ class Case:
         w = conv.weight.detach().double().contiguous().requires_grad_()
         b = conv.bias.detach().double().requires_grad_()
         z = F.conv2d(x, w, b, padding=1)
-        out = F.max_pool2d(F.relu(z), 2)
+        out = F.max_pool2d(F.relu(z), 2) if self.pooled else F.relu(z)
         with torch.no_grad():
             stock_err = (self.stock(self.x).double() - out).abs().max()
-            ambiguous = self._ambiguous_windows(z, 4 * stock_err)
+            ambiguous = self._ambiguous_windows(z, 4 * stock_err) if self.pooled else z.abs() < 4 * stock_err
         self.check_grad_out = self.grad_out.masked_fill(ambiguous, 0)
         self.meta["check_masked_windows"] = ambiguous.double().mean().item()
         out.backward(self.check_grad_out.double())
@@ -228,8 +232,9 @@ def cases_for(args, device):
 
 
 def suite_name(args):
-    """conv_block[_sweep][_quick][_<blocks>]: a partial run never overwrites the full run's file."""
+    """conv_block[_sweep][_quick][_pool-none][_<blocks>]: a partial run never overwrites the full run's file."""
     suite = "conv_block" + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "")
+    suite += "_pool-none" if args.pool == "none" else ""
     return suite + ("_" + args.blocks.replace(",", "-") if args.blocks and not (args.sweep or args.quick) else "")
 
 
@@ -244,6 +249,8 @@ def parse_args(argv):
                         help="only the first table (GPU: bf16 channels_last; CPU: fp32 contiguous)")
     parser.add_argument("--no-max-autotune", action="store_true", help="leave torch.compile max-autotune out")
     parser.add_argument("--res-scale", type=float, default=1.0, help="scale every block's resolution")
+    parser.add_argument("--pool", choices=["max", "none"], default="max",
+                        help="none: Conv2d -> ReLU against fastcnn's ConvReLU2d (the convs a pool does not follow)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed repeats per provider")
     parser.add_argument("--retries", type=int, help="CPU: times a series disturbed by other processes is "
                         "repeated after a pause (default 3; 0 with --quick)")
@@ -277,7 +284,7 @@ def main(argv=None):
     timing = {"budget_s": args.budget, "retries": args.retries}
     try:
         for sweep_axis, spec in cases_for(args, device):
-            case = Case(*spec, device)
+            case = Case(*spec, device, pool=args.pool)
             graphed = bool(sweep_axis) and device.type == "cuda" and spec[3] <= CUDA_GRAPH_MAX_BATCH
             for mode in MODES:
                 row = measure(case, mode, factories, ceilings, timing, graphed and mode == "fwd")
