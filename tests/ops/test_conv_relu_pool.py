@@ -347,3 +347,19 @@ def test_small_cpu_inputs_route_to_stock_unless_fastcnn_is_asked_for():
         assert fastcnn.ops._dispatch.route(ROUTES, small) == "cpu"
     with fastcnn.use_backend("cpu"):
         assert fastcnn.ops._dispatch.route(ROUTES, small) == "cpu"
+
+
+
+@needs_cpp
+@pytest.mark.stock_routes
+def test_cpu_conv_relu_without_pool_routes_to_stock():
+    """With no pool to fuse, the CPU route table runs stock (measured faster at every size); with a pool, fastcnn's
+    kernel; skip_stock_routes() runs fastcnn's kernel for both."""
+    from fastcnn.ops._dispatch import route
+    from fastcnn.ops.conv_relu_pool import ROUTES
+
+    x = torch.randn(1, 8, 128, 128)
+    assert route(ROUTES, x, mode="relu") == "reference"
+    assert route(ROUTES, x, mode="relu-pool") == "cpu"
+    with fastcnn.ops.skip_stock_routes():
+        assert route(ROUTES, x, mode="relu") == "cpu"

@@ -29,6 +29,11 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     # saved code's allocation) outweighs the passes it saves - 2x128x14x14 0.83x forward, 0.89x forward+backward;
     # from 2x128x28x28 (200k elements) on fastcnn wins, 1.04-1.33x. So below SMALL_INPUT elements stock runs.
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14", device="cpu", size="small"),
+    # Without a pool (mode "relu") there is no pass to save on CPU: stock's oneDNN convolution adds the bias and
+    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.77-0.98x at every size of the
+    # sweep, forward+backward 0.82-1.04x. So stock runs.
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
+          mode="relu"),
     # VGG-16 block-ending convs at batch 2: forward 1.03-1.33x NCHW, 0.99-1.07x channels_last; forward+backward
     # 0.98-1.58x NCHW, 1.01-1.11x channels_last. At parity where the oneDNN convolution (the same call as stock's) is
     # ~99% of the time (512 channels).
@@ -84,7 +89,7 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     input, weight, bias = autocast(input, weight, bias)
     stride, padding, dilation, pool_size, pool_stride = check_conv_relu_pool(
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride)
-    backend = route(ROUTES, input)
+    backend = route(ROUTES, input, mode="relu" if pool == "none" else "relu-pool")
     if backend == "reference" or input.numel() == 0:
         return reference.conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size,
                                           pool_stride)
