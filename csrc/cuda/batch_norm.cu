@@ -360,6 +360,9 @@ void batch_norm_update_running_cuda(at::Tensor& running_mean, at::Tensor& runnin
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) { FASTCNN_REGISTER_BATCH_NORM_OPS(m, cuda); }
+TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
+  FASTCNN_REGISTER_BATCH_NORM_FORWARD_OPS(m, cuda);
+  FASTCNN_REGISTER_BATCH_NORM_BACKWARD_OPS(m, cuda);
+}
 
 }  // namespace fastcnn

@@ -123,16 +123,18 @@ inline BackwardInputs backward_inputs(const at::Tensor& grad_out, const at::Tens
     }                                                                                       \
   })
 
-// Registers a backend's kernels of every BatchNorm op, named <op>_<backend> (one list, so that the CPU and CUDA
-// backends cannot drift apart).
-#define FASTCNN_REGISTER_BATCH_NORM_OPS(m, backend)                                  \
+// Registers a backend's kernels of the BatchNorm ops, named <op>_<backend> (one list each for the forward and the
+// backward ops, so that the CPU and CUDA backends cannot drift apart).
+#define FASTCNN_REGISTER_BATCH_NORM_FORWARD_OPS(m, backend)                          \
   m.impl("batch_norm_stats", &stats_op<batch_norm_stats_##backend>);                 \
   m.impl("scale_shift_add_relu", &apply_op<scale_shift_add_relu_##backend>);         \
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_##backend);       \
-  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_##backend);         \
-  m.impl("batch_norm_backward", &batch_norm_backward_##backend);                     \
   m.impl("batch_norm_scale_shift", &batch_norm_scale_shift_##backend);               \
   m.impl("batch_norm_update_running", &batch_norm_update_running_##backend)
+
+#define FASTCNN_REGISTER_BATCH_NORM_BACKWARD_OPS(m, backend)                         \
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_##backend);       \
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_##backend);         \
+  m.impl("batch_norm_backward", &batch_norm_backward_##backend)
 
 // Each op's call, prepared the same way on every backend: arguments checked and laid out like input, outputs
 // allocated in input's layout. A backend's op then only dispatches on the dtypes and runs its kernels.
