@@ -10,8 +10,9 @@ from .._dispatch import memory_format_of
 
 # The fastcnn._C ops the cpu and cuda backends call (the route table's stale-build check).
 COMPILED_OPS = ("conv2d_relu_pool", "conv2d_relu_pool_backward")
-# The epilogue alone, which the transposed convolution and the BatchNorm + pool op build on.
-EPILOGUE_OPS = ("bias_relu_pool", "bias_relu_pool_backward")
+# The epilogue alone, which the transposed convolution and the BatchNorm + pool op build on (its backward with a
+# BatchNorm scale: scale * dz and the scale gradient in the kernel's pass).
+EPILOGUE_OPS = ("bias_relu_pool", "bias_relu_pool_backward", "bias_relu_pool_scaled_backward")
 
 
 def allocate_conv_outputs(input, weight, stride, padding, dilation, pool, pool_size, pool_stride):
@@ -72,10 +73,6 @@ def _has_schemas(ops):
     return _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in ops)
 
 
-# The backward with a scale (scale * dz and the scale gradient in the kernel's pass); absent from older builds, which
-# then take the two products in Python.
-_SCALED_BACKWARD = _has_schemas(EPILOGUE_OPS + ("bias_relu_pool_scaled_backward",))
-
 if _has_schemas(EPILOGUE_OPS + COMPILED_OPS):
     @torch.library.register_fake("fastcnn::bias_relu_pool")
     def _bias_relu_pool_fake(conv, bias, pool, pool_size, pool_stride, scale=None):
@@ -86,14 +83,13 @@ if _has_schemas(EPILOGUE_OPS + COMPILED_OPS):
         grad_conv = out.new_empty((*out.shape[:2], *conv_size)).contiguous(memory_format=memory_format_of(out))
         return grad_conv, out.new_empty(out.shape[1] if bias_grad else 0)
 
-    if _SCALED_BACKWARD:
-        @torch.library.register_fake("fastcnn::bias_relu_pool_scaled_backward")
-        def _bias_relu_pool_backward_scaled_fake(grad_out, out, code, conv_size, pool, pool_size, pool_stride,
-                                                 bias_grad, scale, conv):
-            grad_conv, grad_bias = _bias_relu_pool_backward_fake(grad_out, out, code, conv_size, pool, pool_size,
-                                                                 pool_stride, bias_grad)
-            with_sums = scale is not None and conv is not None
-            return grad_conv, grad_bias, (scale.new_empty(scale.shape[0]) if with_sums else out.new_empty(0))
+    @torch.library.register_fake("fastcnn::bias_relu_pool_scaled_backward")
+    def _bias_relu_pool_backward_scaled_fake(grad_out, out, code, conv_size, pool, pool_size, pool_stride, bias_grad,
+                                             scale, conv):
+        grad_conv, grad_bias = _bias_relu_pool_backward_fake(grad_out, out, code, conv_size, pool, pool_size,
+                                                             pool_stride, bias_grad)
+        with_sums = scale is not None and conv is not None
+        return grad_conv, grad_bias, (scale.new_empty(scale.shape[0]) if with_sums else out.new_empty(0))
 
     @torch.library.register_fake("fastcnn::conv2d_relu_pool")
     def _conv2d_relu_pool_fake(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
@@ -116,18 +112,16 @@ if _has_schemas(EPILOGUE_OPS + COMPILED_OPS):
     def _bias_relu_pool_backward(ctx, grad_out, _grad_code):
         """With z = conv * scale + bias and dz the gradient at z (the kernel's, routed through the pool and ReLU):
         grad_conv = scale * dz, grad_bias = sum dz, grad_scale = sum dz * conv (sums over N, H, W). With a scale, the
-        kernel's scaled backward does all three in its one pass (a build without it: the two products here)."""
+        kernel's scaled backward does all three in its one pass."""
         out, code, scale, conv = ctx.saved_tensors
-        if scale is not None and _SCALED_BACKWARD:
+        if scale is None:
+            grad_conv, grad_bias = torch.ops.fastcnn.bias_relu_pool_backward(grad_out, out, code, *ctx.args,
+                                                                             ctx.bias_grad)
+            grad_scale = None
+        else:
             grad_conv, grad_bias, grad_scale = torch.ops.fastcnn.bias_relu_pool_scaled_backward(
                 grad_out, out, code, *ctx.args, ctx.bias_grad, scale, conv)
-            return (grad_conv, grad_bias.to(ctx.bias_dtype) if ctx.bias_grad else None, None, None, None,
-                    grad_scale if conv is not None else None)
-        dz, grad_bias = torch.ops.fastcnn.bias_relu_pool_backward(grad_out, out, code, *ctx.args, ctx.bias_grad)
-        grad_conv = dz if scale is None else (dz * scale.reshape(-1, 1, 1)).to(dz.dtype)
-        grad_scale = None
-        if conv is not None:
-            grad_scale = (dz.to(scale.dtype) * conv.to(scale.dtype)).sum(dim=(0, 2, 3))
+            grad_scale = grad_scale if conv is not None else None
         return grad_conv, grad_bias.to(ctx.bias_dtype) if ctx.bias_grad else None, None, None, None, grad_scale
 
     torch.library.register_autograd("fastcnn::bias_relu_pool", _bias_relu_pool_backward,
