@@ -180,7 +180,7 @@ class RouteTable:
             if reason is not None:
                 raise RuntimeError(f"fastcnn: backend {_forced!r} was forced but cannot run {self.op} here: {reason}")
             return _forced
-        layout = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
+        layout = layout_of(x)
         size = None if self.size_class is None else self.size_class(x)
         skip_stock = stock_routes_skipped()
         for entry in self.routes:
@@ -221,7 +221,7 @@ class ModuleRoutes:
     def runs_stock(self, x, mode):
         if _forced is not None or stock_routes_skipped():
             return False
-        layout = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
+        layout = layout_of(x)
         return any(entry.matches(x.device.type, x.dtype, layout, mode, None) for entry in self.routes)
 
 
@@ -290,6 +290,11 @@ def memory_format_of(x):
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def layout_of(x):
+    """The layout a `Route` keys on: "channels_last" or "contiguous" (`memory_format_of`)."""
+    return "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
 
 
 def accumulation_dtype(dtype):
