@@ -3,13 +3,16 @@ correctness against a float64 oracle, saved-activation and peak memory, roofline
 
 Timing. GPU: ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed before every repeat; median and the
 20%/80% quantiles). CPU: ``time.perf_counter`` around each call after warm-up, a 64 MiB buffer rewritten before every
-repeat so the last-level cache does not flatter anyone; median and the 20%/80% quantiles of the repeats. CPU calls
-are synchronous, so no synchronisation is needed before reading the clock; on GPU the events synchronise.
+repeat so the last-level cache does not flatter anyone; median and the 20%/80% quantiles of the repeats, the providers
+interleaved in a fresh random order every round and their ratios paired round by round (`_time_cpu`, `paired_ratio`).
+CPU calls are synchronous, so no synchronisation is needed before reading the clock; on GPU the events synchronise.
 """
 import datetime
 import json
+import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -172,26 +175,41 @@ def _machine_busy_s():
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
+def _pick(ordered, q):
+    """The ``q`` quantile of a sorted list (the element at index floor(q n))."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def _quantiles(times_ms):
     times = sorted(times_ms)
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "reps": len(times)}
+    return {"median_ms": statistics.median(times), "p20_ms": _pick(times, 0.2), "p80_ms": _pick(times, 0.8),
+            "reps": len(times)}
 
 
-def _time_cpu(fns, budget_s, min_reps, max_reps):
+ROUNDS = "rounds_ms"  # a CPU timing's per-round times, aligned by round across a series' providers (not saved)
+
+
+def _time_cpu(fns, budget_s, min_reps, max_reps, seed=0):
     """One timed series of every callable in ``fns`` (name -> fn), interleaved: each round runs each callable once,
-    the cache flushed before each, in an order rotated by one every round. A slow drift of the machine's speed (a
-    neighbour on the host, the allocator's state, the clock) then lands on every provider alike instead of on
-    whichever ran during it, which is what makes the ratios between them trustworthy on a small shared machine.
-    Returns name -> quantiles, each with ``other_cpu``: cores' worth of CPU other processes used during the series."""
+    the cache flushed before each, in a fresh random order every round (``random.Random(seed)``, made anew for each
+    series, so a run is reproducible). A slow drift of the machine's speed (a neighbour on the host, the allocator's
+    state, the clock) then lands on every provider alike instead of on whichever ran during it. The order is a
+    random permutation rather than a rotation because a rotation keeps each provider's predecessor fixed (it preserves
+    cyclic adjacency), and what ran just before a call - its cache and allocator leftovers, the core's frequency -
+    shifts that call's time: a control timing stock against the same stock module twice swung 0.95-1.08 with
+    rotated orders and per-provider medians, 0.997-1.004 with random orders and paired ratios (2-core VM).
+    Returns name -> quantiles, each with ``other_cpu``: cores' worth of CPU other processes used during the series,
+    and ``rounds_ms``: its time in each round, aligned by round across the providers, for `paired_ratio`
+    (`write_results` leaves these out of the JSON)."""
     flush = cache_flusher(torch.device("cpu"))
+    order = random.Random(seed)
     names = list(fns)
     times = {name: [] for name in names}
     busy0, own0, wall0 = _machine_busy_s(), time.process_time(), time.perf_counter()
     deadline = wall0 + budget_s * len(names)
     rounds = 0
     while rounds < min_reps or (rounds < max_reps and time.perf_counter() < deadline):
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+        for name in order.sample(names, len(names)):
             flush()
             start = time.perf_counter()
             fns[name]()
@@ -201,16 +219,45 @@ def _time_cpu(fns, budget_s, min_reps, max_reps):
     if busy0 is not None:
         other = (_machine_busy_s() - busy0) - (time.process_time() - own0)
         other = round(max(0.0, other) / (time.perf_counter() - wall0), 3)
-    return {name: dict(_quantiles(t), **({} if other is None else {"other_cpu": other})) for name, t in times.items()}
+    return {name: dict(_quantiles(t), **({} if other is None else {"other_cpu": other}), **{ROUNDS: t})
+            for name, t in times.items()}
+
+
+RATIO_QUANTILES = (0.2, 0.8)  # the spread of the paired per-round ratios recorded beside each ratio
+
+
+def paired_ratio(base, ours):
+    """``base``'s time / ``ours``'s time (> 1: ``ours`` faster) from two timing results of the same series (dicts from
+    `bench_all`) -> (ratio, [p20, p80] or None). Where both have per-round times (CPU, `_time_cpu`): the median over
+    rounds of the paired ratio base[r] / ours[r], taken as exp(median(log)) so that swapping the two inverts it
+    exactly, and the 20%/80% quantiles of those per-round ratios as the spread; a drift of the machine's speed during
+    the series then cancels within each pair instead of landing on whichever provider's median it moves. Otherwise
+    (GPU ``do_bench``, no rounds): the ratio of the medians, and no spread."""
+    b, o = base.get(ROUNDS), ours.get(ROUNDS)
+    if not b or not o or len(b) != len(o):
+        return base["median_ms"] / ours["median_ms"], None
+    logs = sorted(math.log(x / y) for x, y in zip(b, o))
+    return math.exp(statistics.median(logs)), [math.exp(_pick(logs, q)) for q in RATIO_QUANTILES]
+
+
+def set_ratios(row, name, baselines, passed=True):
+    """``row["ratios"][name][b]`` = `paired_ratio` of each baseline ``b`` over fastcnn provider ``name`` (None when it
+    did not pass its check), and ``row["ratio_spread"][name][b]`` = [p20, p80] of the paired per-round ratios (None
+    without rounds: GPU, or a failed check)."""
+    results = row["providers"]
+    pairs = {b: paired_ratio(results[b], results[name]) if passed else (None, None) for b in baselines}
+    row.setdefault("ratios", {})[name] = {b: ratio for b, (ratio, _) in pairs.items()}
+    row.setdefault("ratio_spread", {})[name] = {b: spread for b, (_, spread) in pairs.items()}
 
 
 def bench_all(fns, device, budget_s=1.0, min_reps=5, max_reps=100, warmup=2, retries=3, retry_wait_s=20):
     """Times the providers of one case against each other: ``fns`` (name -> fn) -> name -> {median_ms, p20_ms,
-    p80_ms, reps[, other_cpu, attempts]}. ``budget_s`` bounds each provider's measured time after warm-up: at least
-    ``min_reps`` repeats, more while the budget lasts. On CPU the repeats are interleaved across providers
-    (`_time_cpu`); a series during which other processes used more than BUSY_CORES is repeated after a pause (up to
-    ``retries`` times) and the least disturbed series is kept, its ``other_cpu`` recorded. On GPU each provider is
-    timed on its own (CUDA events are not disturbed that way)."""
+    p80_ms, reps[, other_cpu, attempts, rounds_ms]}. ``budget_s`` bounds each provider's measured time after warm-up:
+    at least ``min_reps`` repeats, more while the budget lasts. On CPU the repeats are interleaved across providers in
+    a random order per round (`_time_cpu`), each provider's per-round times kept aligned in ``rounds_ms`` for the
+    paired ratios (`paired_ratio`, `set_ratios`); a series during which other processes used more than BUSY_CORES is
+    repeated after a pause (up to ``retries`` times) and the least disturbed series is kept whole, its ``other_cpu``
+    recorded. On GPU each provider is timed on its own (CUDA events are not disturbed that way; no rounds)."""
     if device.type == "cuda":
         import triton.testing  # on the GPU machine triton ships with torch
         results = {}
@@ -358,13 +405,12 @@ def begin_run(args, dtype):
 
 
 def finish_row(row, baselines=("eager", "compile")):
-    """Adds each fastcnn provider's ratios (baseline time / fastcnn time; None when its result was wrong) and the
-    row's status: "ok" only when every fastcnn provider passed the correctness check."""
+    """Adds each fastcnn provider's ratios (baseline time / fastcnn time, paired round by round on CPU: `set_ratios`;
+    None when its result was wrong) with their spread, and the row's status: "ok" only when every fastcnn provider
+    passed the correctness check."""
     fastcnn_names = [n for n in row["providers"] if n.startswith("fastcnn")]
     for n in fastcnn_names:
-        r = row["providers"][n]
-        row["ratios"][n] = {b: row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None
-                            for b in baselines}
+        set_ratios(row, n, baselines, row["providers"][n]["ok"])
     row["status"] = "ok" if all(row["providers"][n]["ok"] for n in fastcnn_names) else "failed"
     return row
 
@@ -472,6 +518,16 @@ def disturbed_note(timings):
             "cores (`other_cpu`, marked ‡): those numbers are suspect")
 
 
+def _without_rounds(value):
+    """A copy of ``value`` (rows) without the per-round times (`ROUNDS`): they served the ratios, the file keeps the
+    quantiles."""
+    if isinstance(value, dict):
+        return {k: _without_rounds(v) for k, v in value.items() if k != ROUNDS}
+    if isinstance(value, list):
+        return [_without_rounds(v) for v in value]
+    return value
+
+
 def write_results(suite, env, ceilings, rows, out_dir=None, notes=(), complete=True):
     """Writes ``<out_dir>/<YYYY-MM-DD>_<device-slug>_<suite>.json`` and returns its path. ``complete=False`` marks a
     run still going or aborted (written after every case, so a killed run leaves what it measured)."""
@@ -482,7 +538,7 @@ def write_results(suite, env, ceilings, rows, out_dir=None, notes=(), complete=T
     name = f"{datetime.date.today().isoformat()}_{device_slug(env)}_{suite}.json"
     path = os.path.join(out_dir, name)
     payload = {"schema": SCHEMA_VERSION, "suite": suite, "complete": complete, "environment": env,
-               "ceilings": ceilings, "notes": list(notes), "rows": rows}
+               "ceilings": ceilings, "notes": list(notes), "rows": _without_rounds(rows)}
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")

@@ -186,14 +186,13 @@ def measure(case, mode, factories, ceilings, timing, graphed):
 
 
 def _add_ratios(row):
-    """ratio = baseline median / fastcnn median (> 1: fastcnn faster); none for a fastcnn provider that failed its
-    check. A baseline's check is recorded but does not gate it: stock PyTorch is the yardstick, not the subject."""
+    """ratio = baseline time / fastcnn time (> 1: fastcnn faster; on CPU the median of the per-round paired ratios,
+    with their spread: `H.set_ratios`); none for a fastcnn provider that failed its check. A baseline's check is
+    recorded but does not gate it: stock PyTorch is the yardstick, not the subject."""
     fastcnn_names = [n for n in row["providers"] if n.startswith("fastcnn")]
     baselines = [n for n, r in row["providers"].items() if n not in fastcnn_names and "median_ms" in r]
     for name in fastcnn_names:
-        r = row["providers"][name]
-        row["ratios"][name] = {b: (row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None)
-                               for b in baselines}
+        H.set_ratios(row, name, baselines, row["providers"][name]["ok"])
     row["status"] = "ok" if all(row["providers"][n]["ok"] for n in fastcnn_names) else "failed"
 
 

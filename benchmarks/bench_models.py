@@ -209,13 +209,12 @@ def measure(case, factories, timing):
 
 
 def _add_ratios(row):
-    """ratio = baseline median / fastcnn median (> 1: fastcnn faster), for each fastcnn provider that passed."""
+    """ratio = baseline time / fastcnn time (> 1: fastcnn faster; on CPU the median of the per-round paired ratios,
+    with their spread: `H.set_ratios`), for each fastcnn provider that passed."""
     ours = [n for n in row["providers"] if n.startswith("fastcnn")]
     baselines = [n for n, r in row["providers"].items() if n not in ours and "median_ms" in r]
     for name in ours:
-        r = row["providers"][name]
-        row["ratios"][name] = {b: row["providers"][b]["median_ms"] / r["median_ms"] if r["ok"] else None
-                               for b in baselines}
+        H.set_ratios(row, name, baselines, row["providers"][name]["ok"])
     row["status"] = "ok" if all(row["providers"][n]["ok"] for n in ours) else "failed"
 
 

@@ -184,18 +184,20 @@ def measure(name, set_name, shapes, dtype, device, ceilings, timing):
 
 
 def _add_ratios(row):
-    """ratios[fastcnn provider][baseline] = baseline median / fastcnn median (> 1: fastcnn faster), and for LARS
-    lars_over_sgd[provider] = LARS median / the same backend's SGD-momentum median; none for a failed check."""
+    """ratios[fastcnn provider][baseline] = baseline time / fastcnn time (> 1: fastcnn faster), and for LARS
+    lars_over_sgd[provider] = LARS time / the same backend's SGD-momentum time; on CPU each the median of the
+    per-round paired ratios (`H.paired_ratio`; the ratios' spread in ratio_spread: `H.set_ratios`); none for a
+    failed check."""
     results = row["providers"]
     fastcnn_names = [n for n, r in results.items() if r["role"] == "fastcnn"]
     baselines = [n for n, r in results.items() if r["role"] == "baseline" and "median_ms" in r]
     for name in fastcnn_names:
         r = results[name]
         passed = r.get("ok", False) and "median_ms" in r
-        row["ratios"][name] = {b: results[b]["median_ms"] / r["median_ms"] if passed else None for b in baselines}
+        H.set_ratios(row, name, baselines, passed)
         sgd = results.get(f"{name} SGD-momentum", {})
         if row["optimizer"] == "LARS" and "median_ms" in sgd:
-            row["lars_over_sgd"][name] = r["median_ms"] / sgd["median_ms"] if passed else None
+            row["lars_over_sgd"][name] = H.paired_ratio(r, sgd)[0] if passed else None
     row["status"] = "ok" if all(results[n].get("ok") for n in fastcnn_names) and fastcnn_names else "failed"
 
 
