@@ -7,11 +7,15 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops import pair
+from ..ops.conv_relu_pool import runs_stock
+from ..ops.conv_relu_pool.reference import relu_pool
 from .unfused import in_stock_slot
 
 
 class _FusedConv2d(nn.Conv2d):
-    """Shared plumbing: padding modes other than zeros pad first, exactly as nn.Conv2d does."""
+    """Shared plumbing: padding modes other than zeros pad first, exactly as nn.Conv2d does. Where the op's route
+    sends a call to stock PyTorch (`runs_stock`), the modules run as the stock layers they replace - nn.Conv2d's
+    forward, an in-place ReLU, the pool - so a routed call costs what the stock layers cost."""
 
     def _fused_conv_args(self, input):
         if self.padding_mode != "zeros":
@@ -53,6 +57,8 @@ class ConvReLU2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
+        if runs_stock(input, self.weight, "none"):
+            return relu_pool(super().forward(input), "none", None, None)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
@@ -93,6 +99,8 @@ class ConvReLUPool2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
+        if runs_stock(input, self.weight, self.pool):
+            return relu_pool(super().forward(input), self.pool, self.pool_size, self.pool_stride)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu_pool(input, self.weight, self.bias, self.stride, padding, self.dilation,
                                            self.groups, self.pool, self.pool_size, self.pool_stride)

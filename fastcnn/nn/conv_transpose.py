@@ -1,9 +1,10 @@
 """Drop-in fused transposed convolution: IS an ``nn.ConvTranspose2d`` (same constructor, defaults, init, parameters
 and state_dict keys ``weight``/``bias``) whose forward also applies the activation in the same kernel's epilogue."""
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import functional
-from ..ops.conv_transpose import ACTIVATIONS
+from ..ops.conv_transpose import ACTIVATIONS, runs_stock
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -11,6 +12,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
 
     Kernels decompose the layer by stride phase (no zero insertion): kernel == stride (the 2x2 stride-2 U-Net
     upsampling) is one GEMM with a pixel-shuffle store, and the bias and activation are fused into the epilogue.
+    Where the op's route sends a call to stock PyTorch (small calls on CPU), the module runs as
+    ``nn.ConvTranspose2d`` and an in-place ReLU.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
@@ -37,6 +40,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.activation = None if activation == "none" else activation
 
     def forward(self, input, output_size=None):
+        if runs_stock(input, self.weight, self.bias, self.stride, self.groups):  # as the stock layers it replaces
+            out = super().forward(input, output_size)
+            return out if self.activation is None else F.relu(out, inplace=True)
         if self.padding_mode != "zeros":
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,

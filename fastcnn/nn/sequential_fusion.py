@@ -63,9 +63,14 @@ class FusedSequential(nn.Sequential):
             return super().forward(input)
 
     def _batch_norm_replaced(self):
-        layers = list(self)
-        return any(fused_batch_norm_of(layer) not in (None, following)
-                   for layer, following in zip(layers, layers[1:] + [None]))
+        """True when a fused conv's next slot no longer holds the FusedBatchNorm2d it applies (one pass, each call:
+        the slots may be replaced at any time)."""
+        expected = None  # the FusedBatchNorm2d the previous slot's fused conv applies
+        for layer in self._modules.values():
+            if expected is not None and layer is not expected:
+                return True
+            expected = fused_batch_norm_of(layer)
+        return expected is not None
 
 
 def _fusable_pool(module):

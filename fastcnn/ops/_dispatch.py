@@ -110,7 +110,7 @@ class Route(NamedTuple):
     dtypes: Optional[Tuple[torch.dtype, ...]] = None
     layout: Optional[str] = None  # "contiguous" | "channels_last" (memory_format_of the input)
     mode: Optional[str] = None  # op-defined, e.g. "train" | "eval"
-    size: Optional[str] = None  # op-defined size class (the table's size_class(x))
+    size: Optional[str] = None  # op-defined size class (the op passes it to route())
 
     def matches(self, device, dtype, layout, mode, size):
         return ((self.device is None or self.device == device) and (self.dtypes is None or dtype in self.dtypes)
@@ -131,14 +131,13 @@ class RouteTable:
         triton: None when the op's Triton ops loaded, else why the triton backend cannot serve it (`load_triton`;
             `NO_TRITON` when the op has no Triton kernel at all).
         no_float64: backends whose kernels do not take float64.
-        size_class: ``x -> str``, the size class entries key on (None: the op has none).
     """
 
-    def __init__(self, op, routes, *, compiled=(), triton=NO_TRITON, no_float64=(),
-                 size_class=None):
+    def __init__(self, op, routes, *, compiled=(), triton=NO_TRITON, no_float64=()):
         self.op, self.routes, self.compiled = op, tuple(routes), tuple(compiled)
-        self.triton, self.no_float64, self.size_class = triton, tuple(no_float64), size_class
+        self.triton, self.no_float64 = triton, tuple(no_float64)
         self._warned = False
+        self._chosen = {}  # (device, dtype, layout, mode, size, stock skipped) -> backend, see choose
         # Looked up once here, not per call: torch.compile cannot trace the dispatcher query.
         self._missing = {backend: [name for name in self.compiled if not _extension.has_kernel(name, backend)]
                          for backend in ("cpu", "cuda")}
@@ -171,18 +170,29 @@ class RouteTable:
         return (f"fastcnn._C was built from older sources without a {backend.upper()} kernel for "
                 f"fastcnn::{missing[0]}; rebuild it")
 
-    def choose(self, x, mode=None):
-        """The backend for one call on tensor `x`: the forced one (checked), else the first matching entry that can
-        run here, else "reference"."""
-        device, dtype = x.device.type, x.dtype
+    def choose(self, x, mode=None, size=None):
+        """The backend for one call on tensor `x` (of the op's `mode` and size class `size`, both op-defined): the
+        forced one (checked), else the first matching entry that can run here, else "reference".
+
+        The answer for each key of a call is remembered (a few dict entries per op): it depends only on the key, the
+        table and what loaded at import - never on tensor values or module state -, and a forced backend is not
+        remembered. This runs on every call of every fused module, so it reads each property of `x` once. Under
+        torch.compile the answer is worked out at each trace, so guards stay on the key's inputs."""
+        device = "cpu" if x.is_cpu else x.device.type
         if _forced is not None:
-            reason = self.why_not(_forced, device, dtype)
+            reason = self.why_not(_forced, device, x.dtype)
             if reason is not None:
                 raise RuntimeError(f"fastcnn: backend {_forced!r} was forced but cannot run {self.op} here: {reason}")
             return _forced
-        layout = layout_of(x)
-        size = None if self.size_class is None else self.size_class(x)
-        skip_stock = stock_routes_skipped()
+        key = (device, x.dtype, layout_of(x), mode, size, _stock_routes_skipped > 0)
+        if torch.compiler.is_compiling():
+            return self._first_that_runs(*key)
+        backend = self._chosen.get(key)
+        if backend is None:
+            backend = self._chosen[key] = self._first_that_runs(*key)
+        return backend
+
+    def _first_that_runs(self, device, dtype, layout, mode, size, skip_stock):
         for entry in self.routes:
             if not entry.matches(device, dtype, layout, mode, size) or (skip_stock and entry.backend == STOCK):
                 continue
@@ -192,7 +202,7 @@ class RouteTable:
             if entry.backend in ("cpu", "cuda") and _extension.LOADED and not self._warned \
                     and self.stale_build(entry.backend) == reason:
                 self._warned = True
-                warnings.warn(f"fastcnn: {self.op}: {reason}; using the next backend", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"fastcnn: {self.op}: {reason}; using the next backend", RuntimeWarning, stacklevel=4)
         return "reference"
 
 
@@ -243,9 +253,9 @@ def stock_routes_skipped():
     return _stock_routes_skipped > 0
 
 
-def route(table, x, mode=None):
+def route(table, x, mode=None, size=None):
     """The backend that runs `table`'s op on `x` (see `RouteTable.choose`)."""
-    return table.choose(x, mode)
+    return table.choose(x, mode, size)
 
 
 def load_triton(module, package):
@@ -271,13 +281,45 @@ def wrap_triton(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+def eager_or_op(op, setup_context, backward, forward=None):
+    """A callable running the custom op `op` (whose autograd is `setup_context` + `backward`) where torch.compile or
+    export traces it, and elsewhere an autograd.Function with the same setup_context and backward around `forward`
+    (default `op` itself, which then runs with grad mode off: no autograd of its own), and with grad mode off (no
+    graph to record: inference, torch.no_grad) `forward` alone: the same kernels and bits, without the custom-op
+    autograd layer's per-call cost in eager mode (its wrapper re-reads the schema to fill in defaults and
+    redispatches: about 0.1 ms a call, a few percent of a small layer's training step)."""
+    forward = forward or op
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return Function.apply(*args) if torch.is_grad_enabled() else forward(*args)
+
+    return call
+
+
+def autocast_enabled(x):
+    """Whether an autocast region is enabled for tensor `x`'s device type."""
+    return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+
+
 def autocast(*tensors):
     """Autocast as conv2d does: under an enabled autocast region, floating tensors other than float64 run in the
     autocast dtype. (Custom ops are invisible to autocast, so the cast happens here, for every backend.)"""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(tensors[0]):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in tensors)
 
@@ -293,8 +335,10 @@ def memory_format_of(x):
 
 
 def layout_of(x):
-    """The layout a `Route` keys on: "channels_last" or "contiguous" (`memory_format_of`)."""
-    return "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
+    """The layout a `Route` keys on: "channels_last" or "contiguous" (as `memory_format_of`)."""
+    if x.is_contiguous() or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return "contiguous"
+    return "channels_last"
 
 
 def accumulation_dtype(dtype):

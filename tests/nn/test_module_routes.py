@@ -93,3 +93,28 @@ def test_a_module_route_only_sends_to_stock():
 
     with pytest.raises(ValueError, match="can only send the module to 'reference'"):
         ModuleRoutes("test block", [Route("cpu", device="cpu")])
+
+
+@pytest.mark.parametrize("pool", ["max", "avg", "none"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_routed_conv_module_computes_exactly_as_its_stock_layers(pool, padding_mode):
+    """A fused conv module whose op routes to stock (a small CPU call) is Conv2d -> ReLU [-> pool]: outputs and
+    gradients bit for bit, padding modes and hooks included, and without the fused op (no fastcnn kernel runs)."""
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1, padding_mode=padding_mode)
+    relu = torch.nn.ReLU()
+    stock_pool = {"max": torch.nn.MaxPool2d(2), "avg": torch.nn.AvgPool2d(2), "none": None}[pool]
+    if stock_pool is None:
+        fused, stock = fastcnn.nn.ConvReLU2d.from_modules(conv, relu), torch.nn.Sequential(conv, relu)
+    else:
+        fused = fastcnn.nn.ConvReLUPool2d.from_modules(conv, relu, stock_pool)
+        stock = torch.nn.Sequential(conv, relu, stock_pool)
+    seen = []
+    fused.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(2, 5, 6, 7, requires_grad=True)
+    out = fused(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+    expected = stock(x)
+    assert torch.equal(out, expected) and seen[0] is out
+    assert "fastcnn" not in str(out.grad_fn.name())
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, conv.weight, conv.bias))):
+        assert torch.equal(got, want)

@@ -333,21 +333,26 @@ def test_random_shapes_match_stock_exactly(data):
 
 @needs_cpp
 @pytest.mark.stock_routes
-def test_small_cpu_inputs_route_to_stock_unless_fastcnn_is_asked_for():
-    """Below SMALL_INPUT elements the CPU route table runs stock PyTorch (measured faster there); a forced backend or
-    skip_stock_routes() runs fastcnn's kernel; larger inputs run it by default."""
-    from fastcnn.ops.conv_relu_pool import ROUTES, SMALL_INPUT
+def test_small_cpu_calls_route_to_stock_unless_fastcnn_is_asked_for():
+    """Below SMALL_OUTPUT convolution-output elements (N * C_out * H * W) the CPU route table runs stock PyTorch
+    (measured faster there) - counted at the output, so a first layer (3 channels in, 16 out) is large; a forced
+    backend or skip_stock_routes() runs fastcnn's kernel; larger calls run it by default."""
+    from fastcnn.ops.conv_relu_pool import SMALL_OUTPUT, runs_stock
 
+    w = torch.randn(8, 8, 3, 3)
     small, large = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 128, 128)
-    assert small.numel() < SMALL_INPUT <= large.numel()
-    assert fastcnn.ops._dispatch.route(ROUTES, small) == "reference"
-    assert fastcnn.ops._dispatch.route(ROUTES, large) == "cpu"
-    assert fastcnn.ops._dispatch.route(ROUTES, small.double()) == "reference"  # any dtype: the cost is per call
+    first_layer, w_first = torch.randn(2, 3, 64, 64), torch.randn(16, 3, 3, 3)
+    assert small.numel() < first_layer.numel() < SMALL_OUTPUT <= 2 * 16 * 64 * 64
+    assert runs_stock(small, w, "max") and runs_stock(small, w, "avg")
+    assert not runs_stock(large, w, "max") and not runs_stock(first_layer, w_first, "max")
+    assert runs_stock(small.double(), w.double(), "max")  # any dtype: the cost is per call
+    assert not runs_stock(small.numpy(), w, "max")  # not a tensor: the op's checks name the argument
     with fastcnn.ops.skip_stock_routes():
-        assert fastcnn.ops._dispatch.route(ROUTES, small) == "cpu"
+        assert not runs_stock(small, w, "max")
     with fastcnn.use_backend("cpu"):
-        assert fastcnn.ops._dispatch.route(ROUTES, small) == "cpu"
-
+        assert not runs_stock(small, w, "max")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op routes on the cast dtype
+        assert not runs_stock(small, w, "max")
 
 
 @needs_cpp

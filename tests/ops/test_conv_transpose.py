@@ -273,3 +273,42 @@ def test_bad_tensors(backend, mutate, error, match):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastcnn.functional.conv_transpose2d(*_bad_inputs(), **kwargs)
+
+
+@needs_cpp
+@pytest.mark.stock_routes
+def test_small_cpu_calls_route_to_stock_by_kind_and_mode():
+    """On CPU a call runs stock below SMALL_OUTPUT output elements of its kind (kernel == stride or not) and mode
+    (training where autograd records it); larger calls, skip_stock_routes() and a forced backend run fastcnn's."""
+    from fastcnn.ops.conv_transpose import SMALL_OUTPUT, runs_stock
+
+    w_gemm, w_overlap = torch.randn(16, 16, 2, 2), torch.randn(16, 16, 4, 4)
+    x = torch.randn(2, 16, 32, 32)  # 131072 output elements at stride 2
+    assert SMALL_OUTPUT[True, "infer"] <= 2 * 16 * 64 * 64 < SMALL_OUTPUT[True, "train"]
+    assert not runs_stock(x, w_gemm, None, (2, 2), 1)
+    assert runs_stock(x.requires_grad_(), w_gemm, None, (2, 2), 1)
+    with torch.no_grad():
+        assert not runs_stock(x, w_gemm, None, (2, 2), 1)
+    assert runs_stock(x.detach(), w_overlap, None, (2, 2), 1)
+    assert not runs_stock(torch.randn(2, 16, 256, 256), w_overlap, None, (2, 2), 1)
+    with fastcnn.ops.skip_stock_routes():
+        assert not runs_stock(x, w_gemm, None, (2, 2), 1)
+    with fastcnn.use_backend("cpu"):
+        assert not runs_stock(x, w_gemm, None, (2, 2), 1)
+
+
+@pytest.mark.stock_routes
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_routed_module_computes_exactly_as_stock(activation):
+    """Where the route sends a call to stock, fastcnn.nn.ConvTranspose2d is nn.ConvTranspose2d (and an in-place
+    ReLU): the same outputs and gradients bit for bit, output_size included."""
+    stock = torch.nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1)
+    ours = fastcnn.nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, activation=activation)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    out, want = ours(x, output_size=(10, 10)), stock(x, output_size=(10, 10))
+    want = want if activation is None else torch.relu(want)
+    assert torch.equal(out, want) and "fastcnn" not in out.grad_fn.name()
+    got = torch.autograd.grad(out.square().sum(), (x, ours.weight, ours.bias))
+    for g, w in zip(got, torch.autograd.grad(want.square().sum(), (x, stock.weight, stock.bias))):
+        assert torch.equal(g, w)

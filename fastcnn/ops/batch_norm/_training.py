@@ -29,7 +29,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import accumulation_dtype, memory_format_of
+from .._dispatch import accumulation_dtype, eager_or_op, memory_format_of
 
 
 class Kernels(NamedTuple):
@@ -117,34 +117,11 @@ def composite_conv_stats(kernels):
     return conv_stats
 
 
-def _eager_or_op(op, forward, setup_context, backward):
-    """A callable running `op` (a custom op with setup_context and backward registered) where torch.compile or export
-    traces it, and elsewhere an autograd.Function with the same forward, setup_context and backward: the same kernels
-    and bits, without the custom-op layer's per-call cost in eager mode (its autograd wrapper re-reads the schema to
-    fill in defaults and redispatches: about 0.1 ms a call, a few percent of a small block's training step)."""
-
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = forward(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else Function.apply(*args)
-
-    return call
-
-
 def define_training_ops(suffix, kernels, conv_stats=None):
     """The training ops on `kernels`, registered as ``fastcnn::batch_norm_add_relu<suffix>``,
     ``fastcnn::batch_norm_relu_conv2d<suffix>``, ``fastcnn::batch_norm_relu_conv2d_stats<suffix>`` and
     ``fastcnn::batch_norm_relu_backward<suffix>``; returns them as a namespace, with ``run``: the first three as
-    `_eager_or_op` calls them (what fastcnn.ops runs). `conv_stats` (default `composite_conv_stats`) is the
+    `eager_or_op` calls them (what fastcnn.ops runs). `conv_stats` (default `composite_conv_stats`) is the
     convolution + output statistics of ``batch_norm_relu_conv2d_stats``."""
     conv_stats = conv_stats or composite_conv_stats(kernels)
     scale_shift = kernels.scale_shift or _scale_shift
@@ -275,10 +252,10 @@ def define_training_ops(suffix, kernels, conv_stats=None):
     batch_norm_relu_conv2d.register_autograd(conv_backward, setup_context=conv_setup)
     batch_norm_relu_conv2d_stats.register_autograd(conv_backward, setup_context=conv_setup)
     run = SimpleNamespace(
-        batch_norm_add_relu=_eager_or_op(batch_norm_add_relu, add_relu_forward, add_relu_setup, add_relu_backward),
-        batch_norm_relu_conv2d=_eager_or_op(batch_norm_relu_conv2d, conv_forward, conv_setup, conv_backward),
-        batch_norm_relu_conv2d_stats=_eager_or_op(batch_norm_relu_conv2d_stats, conv_stats_forward, conv_setup,
-                                                  conv_backward))
+        batch_norm_add_relu=eager_or_op(batch_norm_add_relu, add_relu_setup, add_relu_backward, add_relu_forward),
+        batch_norm_relu_conv2d=eager_or_op(batch_norm_relu_conv2d, conv_setup, conv_backward, conv_forward),
+        batch_norm_relu_conv2d_stats=eager_or_op(batch_norm_relu_conv2d_stats, conv_setup, conv_backward,
+                                                 conv_stats_forward))
     return SimpleNamespace(batch_norm_add_relu=batch_norm_add_relu, batch_norm_relu_conv2d=batch_norm_relu_conv2d,
                            batch_norm_relu_conv2d_stats=batch_norm_relu_conv2d_stats,
                            batch_norm_relu_backward=batch_norm_relu_backward, run=run)

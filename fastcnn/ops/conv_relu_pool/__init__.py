@@ -8,27 +8,33 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, autocast_enabled, load_triton, route
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import POOLS
 
 _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 
-SMALL_INPUT = 1 << 17  # input elements below which a call is "small" (between the sweep's 50k loss and 200k win)
+SMALL_OUTPUT = 1 << 17  # N * C_out * H * W below which a call is "small" (between a 65k loss and a 131k win)
 
 
-def _size_class(x):
-    return "small" if x.numel() < SMALL_INPUT else "large"
+def _size_class(input, weight):
+    """"small" or "large" by ``N * C_out * H * W`` - the convolution output's elements at stride 1, over which the
+    fused epilogue saves its pass (while its fixed cost is per call). The input's elements alone would call the
+    first layer of a network (3 channels in, 16 out) small, where fastcnn wins most."""
+    n, _, h, w = input.shape
+    return "small" if n * weight.shape[0] * h * w < SMALL_OUTPUT else "large"
 
 
 ROUTES = RouteTable("conv2d_relu_pool", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # CPU, fp32, stock / fastcnn interleaved. Small inputs lose: the epilogue's fixed cost (a second pass, the
-    # saved code's allocation) outweighs the passes it saves - 2x128x14x14 0.83x forward, 0.89x forward+backward;
-    # from 2x128x28x28 (200k elements) on fastcnn wins, 1.04-1.33x. So below SMALL_INPUT elements stock runs.
-    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14", device="cpu", size="small"),
+    # CPU, fp32, stock / fastcnn interleaved (paired rounds). Small calls lose: the epilogue's fixed cost (a second
+    # pass, the saved code's allocation) outweighs the passes it saves - 2x128x14x14 0.83x forward, 0.89x
+    # forward+backward; 2x16->32x32x32 (65k output elements) 0.98x / 0.96x; from 2x3->16x64x64 (131k) on fastcnn
+    # wins, 1.04-1.76x. So below SMALL_OUTPUT output elements stock runs.
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32", device="cpu",
+          size="small"),
     # Without a pool (mode "relu") there is no pass to save on CPU: stock's oneDNN convolution adds the bias and
     # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.77-0.98x at every size of the
     # sweep, forward+backward 0.82-1.04x. So stock runs.
@@ -38,7 +44,19 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     # 0.98-1.58x NCHW, 1.01-1.11x channels_last. At parity where the oneDNN convolution (the same call as stock's) is
     # ~99% of the time (512 channels).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
-], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",), size_class=_size_class)
+], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
+
+
+def _mode(pool):
+    return "relu" if pool == "none" else "relu-pool"
+
+
+def runs_stock(input, weight, pool):
+    """True where `ROUTES` sends a call on tensor `input` with `weight` and `pool` to stock PyTorch (outside
+    autocast, under which the op routes on the cast dtype): a fused conv module then runs as the stock layers it
+    replaces, without the op's argument layer (stock's own checks apply, as they would to those layers)."""
+    return (isinstance(input, torch.Tensor) and input.dim() == 4 and not autocast_enabled(input)
+            and ROUTES.choose(input, _mode(pool), _size_class(input, weight)) == STOCK)
 
 
 def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
@@ -89,14 +107,14 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     input, weight, bias = autocast(input, weight, bias)
     stride, padding, dilation, pool_size, pool_stride = check_conv_relu_pool(
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride)
-    backend = route(ROUTES, input, mode="relu" if pool == "none" else "relu-pool")
+    backend = route(ROUTES, input, _mode(pool), _size_class(input, weight))
     if backend == "reference" or input.numel() == 0:
         return reference.conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size,
                                           pool_stride)
-    op = _triton.conv2d_relu_pool_triton if backend == "triton" else torch.ops.fastcnn.conv2d_relu_pool
+    op = _triton.run_conv2d_relu_pool_triton if backend == "triton" else register.run_conv2d_relu_pool
     out, _code = op(input, weight, bias, list(stride), list(padding), list(dilation), groups, pool,
                     list(pool_size), list(pool_stride))
     return out
 
 
-__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool"]
+__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "runs_stock"]

@@ -6,7 +6,7 @@ import torch
 
 from ... import _extension
 from .._args import conv_output_size
-from .._dispatch import memory_format_of
+from .._dispatch import eager_or_op, memory_format_of
 
 # The fastcnn._C ops the cpu and cuda backends call (the route table's stale-build check).
 COMPILED_OPS = ("conv2d_relu_pool", "conv2d_relu_pool_backward")
@@ -48,10 +48,11 @@ def allocate_grads(input, weight, output_mask):
     return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
 
 
-def register_conv_autograd(forward_op, backward_op):
-    """Autograd for a fused-block op with the conv2d_relu_pool signature. Saved for backward: input and weight
-    (which the caller holds anyway), the pooled output and the compact code - never the full-resolution activation.
-    Only the gradients autograd asks for are computed."""
+def register_conv_autograd(op, backward_op):
+    """Autograd for ``op``, a fused-block op with the conv2d_relu_pool signature; returns what runs it (`eager_or_op`).
+    Saved for backward: input and weight (which the caller holds anyway), the pooled output and the compact code -
+    never the full-resolution activation. Only the gradients autograd asks for are computed; the code gets none (and
+    no zero tensor is made for it)."""
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride = inputs
@@ -59,14 +60,19 @@ def register_conv_autograd(forward_op, backward_op):
         ctx.save_for_backward(input, weight, out, code)
         ctx.args = (stride, padding, dilation, groups, pool, pool_size, pool_stride)
         ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(code)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, _grad_code):
-        input, weight, out, code = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        if grad_out is None or not any(mask):
+            return (None,) * 10
+        input, weight, out, code = ctx.saved_tensors
         grads = backward_op(grad_out, out, code, input, weight, *ctx.args, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 7
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    return eager_or_op(op, setup_context, backward)
 
 
 def _has_schemas(ops):
@@ -126,4 +132,5 @@ if _has_schemas(EPILOGUE_OPS + COMPILED_OPS):
 
     torch.library.register_autograd("fastcnn::bias_relu_pool", _bias_relu_pool_backward,
                                     setup_context=_bias_relu_pool_setup)
-    register_conv_autograd("fastcnn::conv2d_relu_pool", torch.ops.fastcnn.conv2d_relu_pool_backward)
+    run_conv2d_relu_pool = register_conv_autograd(torch.ops.fastcnn.conv2d_relu_pool.default,
+                                                  torch.ops.fastcnn.conv2d_relu_pool_backward)

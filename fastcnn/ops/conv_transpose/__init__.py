@@ -10,20 +10,59 @@ The CUDA order is provisional until timed on a GPU (see benchmarks/bench_conv_tr
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, pair
-from .._dispatch import CPU_RESULTS, Route, RouteTable, autocast, load_triton, route
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, autocast_enabled, load_triton, route
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import ACTIVATIONS, output_size
 
 _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 
+# Output elements (N * C_out * H_out * W_out) below which a call is "small", by (kernel == stride, mode): where on CPU
+# fastcnn's fixed per-call cost (its autograd node, the epilogue pass in backward) outweighs what it saves.
+SMALL_OUTPUT = {(True, "infer"): 1 << 17, (True, "train"): 1 << 18, (False, "infer"): 1 << 21,
+                (False, "train"): 1 << 20}
+
+
+def _mode(input, weight, bias):
+    """"train" where autograd records the call, else "infer"."""
+    recorded = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+    return "train" if recorded else "infer"
+
+
+def _size_class(input, weight, stride, groups, mode):
+    """"small" or "large" by the output's elements (taken as ``N * C_out * H * stride * W * stride``) against
+    `SMALL_OUTPUT` of the call's kind (one GEMM where kernel == stride) and mode."""
+    n, _, h, w = input.shape
+    _, c_out, kh, kw = weight.shape
+    out = n * c_out * groups * h * stride[0] * w * stride[1]
+    gemm = kh == stride[0] and kw == stride[1]
+    return "small" if out < SMALL_OUTPUT[gemm, mode] else "large"
+
+
 ROUTES = RouteTable("conv_transpose2d_act", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # CPU, fp32 channels_last, U-Net decoder shapes at batch 2, stock / fastcnn interleaved: forward 1.04-1.52x,
-    # forward+backward 1.12-1.70x (k2s2 and k4s2p1).
+    # CPU, fp32, stock / fastcnn in paired rounds. Small calls lose (NCHW sweep, batch 2): kernel == stride
+    # 0.97-1.04x forward below 131k output elements, 0.87-0.98x forward+backward below 262k; kernel != stride
+    # (oneDNN, then the ReLU: nothing fused to win in forward) 0.79-0.96x forward up to 800k, 0.86-0.99x
+    # forward+backward. So stock runs there.
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_transpose_sweep.json#k2s2 128->128 @2-k4s2p1 64->32 @56",
+          device="cpu", size="small"),
+    # Above: forward 1.26-2.30x, forward+backward 1.09-1.34x (the sweep); U-Net decoder shapes at batch 2,
+    # channels_last, forward 1.03-1.52x, forward+backward 1.12-1.70x (k2s2 and k4s2p1).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_transpose.json#k2s2,k4s2p1", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
+
+
+def runs_stock(input, weight, bias, stride, groups):
+    """True where `ROUTES` sends a call on tensor `input` to stock PyTorch (outside autocast, under which the op routes
+    on the cast dtype): the fused module then runs as nn.ConvTranspose2d and its ReLU, without the op's argument
+    layer (stock's own checks apply)."""
+    if not isinstance(input, torch.Tensor) or input.dim() != 4 or autocast_enabled(input):
+        return False
+    mode = _mode(input, weight, bias)
+    return ROUTES.choose(input, mode, _size_class(input, weight, stride, groups, mode)) == STOCK
 
 
 def check_conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, activation):
@@ -71,13 +110,15 @@ def conv_transpose2d_act(input, weight, bias, stride, padding, output_padding, g
     input, weight, bias = autocast(input, weight, bias)
     stride, padding, output_padding, dilation, activation = check_conv_transpose(
         input, weight, bias, stride, padding, output_padding, groups, dilation, activation)
-    backend = route(ROUTES, input)
+    mode = _mode(input, weight, bias)
+    backend = route(ROUTES, input, mode, _size_class(input, weight, stride, groups, mode))
     if backend == "reference" or input.numel() == 0:
         return reference.conv_transpose2d_act(input, weight, bias, stride, padding, output_padding, groups,
                                               dilation, activation)
-    op = _triton.conv_transpose2d_act_triton if backend == "triton" else torch.ops.fastcnn.conv_transpose2d_act
+    op = _triton.run_conv_transpose2d_act_triton if backend == "triton" else register.run_conv_transpose2d_act
     return op(input, weight, bias, list(stride), list(padding), list(output_padding), groups, list(dilation),
               activation)
 
 
-__all__ = ["ACTIVATIONS", "ROUTES", "check_conv_transpose", "conv_transpose2d_act", "output_size"]
+__all__ = ["ACTIVATIONS", "ROUTES", "SMALL_OUTPUT", "check_conv_transpose", "conv_transpose2d_act", "output_size",
+           "runs_stock"]

@@ -5,7 +5,7 @@ and autograd of fastcnn._C's ops (schemas in csrc/fastcnn.cpp), registered only 
 import torch
 
 from ... import _extension
-from .._dispatch import memory_format_of
+from .._dispatch import eager_or_op, memory_format_of
 from .reference import output_size
 
 # The fastcnn._C ops the cpu and cuda backends call (the route table's stale-build check).
@@ -31,10 +31,10 @@ def allocate_grads(input, weight, groups, output_mask):
     return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
 
 
-def register_transpose_autograd(forward_op, backward_op):
-    """Autograd for an op with the conv_transpose2d_act signature. Saved: input and weight (which the caller holds
-    anyway) and, for the ReLU, the output, whose sign is the ReLU mask; no pre-activation tensor. Only the gradients
-    autograd asks for are computed."""
+def register_transpose_autograd(op, backward_op):
+    """Autograd for ``op``, an op with the conv_transpose2d_act signature; returns what runs it (`eager_or_op`).
+    Saved: input and weight (which the caller holds anyway) and, for the ReLU, the output, whose sign is the ReLU
+    mask; no pre-activation tensor. Only the gradients autograd asks for are computed."""
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, output_padding, groups, dilation, activation = inputs
@@ -48,7 +48,8 @@ def register_transpose_autograd(forward_op, backward_op):
         grads = backward_op(grad_out, grad_out if out is None else out, input, weight, *ctx.args, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 6
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    return eager_or_op(op, setup_context, backward)
 
 
 if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_OPS):
@@ -61,4 +62,5 @@ if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_O
                                             dilation, activation, output_mask):
         return allocate_grads(input, weight, groups, output_mask)
 
-    register_transpose_autograd("fastcnn::conv_transpose2d_act", torch.ops.fastcnn.conv_transpose2d_act_backward)
+    run_conv_transpose2d_act = register_transpose_autograd(torch.ops.fastcnn.conv_transpose2d_act.default,
+                                                           torch.ops.fastcnn.conv_transpose2d_act_backward)
