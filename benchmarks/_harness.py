@@ -370,8 +370,9 @@ class WithBackend(torch.nn.Module):
 QUICK_RES_SCALE = 0.25  # --quick in the layer-level suites: resolutions scaled by at most this
 
 
-def layer_suite_args(description, default_batch, argv=None):
-    """The command line shared by the layer-level suites (residual blocks, transposed convolution)."""
+def layer_suite_args(description, default_batch, argv=None, sweep=None):
+    """The command line shared by the layer-level suites (residual blocks, transposed convolution); ``sweep``: the
+    help of the suite's --sweep flag, where it has one."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,6 +386,9 @@ def layer_suite_args(description, default_batch, argv=None):
     parser.add_argument("--retries", type=int, help="CPU: repeats of a series disturbed by other work "
                         "(default 3; 0 with --quick)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results)")
+    if sweep:
+        parser.add_argument("--sweep", action="store_true", help=sweep)
+    parser.set_defaults(sweep=False)
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.res_scale = args.batch or 1, min(args.res_scale, QUICK_RES_SCALE)

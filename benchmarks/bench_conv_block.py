@@ -32,9 +32,13 @@ LAYOUTS = {  # (dtype, memory format) tables per device; the first is the headli
     "cpu": [(torch.float32, torch.contiguous_format), (torch.float32, torch.channels_last)],
 }
 DEFAULT_BATCH = {"cuda": 64, "cpu": 2}
-SWEEP = {  # batch sizes at 128 channels x sweep resolution; resolutions at 128 channels x default batch
-    "cuda": {"batches": [1, 2, 4, 8, 16, 32, 64, 128, 256], "resolution": 112, "resolutions": [14, 28, 56, 112, 224]},
-    "cpu": {"batches": [1, 2, 4, 8], "resolution": 56, "resolutions": [14, 28, 56, 112]},
+SWEEP = {  # batch sizes at 128 channels x sweep resolution; resolutions at 128 channels x default batch; "thin":
+    # the small layers of a narrow network at the default batch, ((C_in, C_out), resolution) - on CPU the
+    # stage-opening convs of the encoder-decoder's VGG-11 encoder at width 0.25 and 64^2 (bench_models.py)
+    "cuda": {"batches": [1, 2, 4, 8, 16, 32, 64, 128, 256], "resolution": 112, "resolutions": [14, 28, 56, 112, 224],
+             "thin": []},
+    "cpu": {"batches": [1, 2, 4, 8], "resolution": 56, "resolutions": [14, 28, 56, 112],
+            "thin": [((3, 16), 64), ((16, 32), 32), ((32, 64), 16), ((64, 128), 8)]},
 }
 CUDA_GRAPH_MAX_BATCH = 8  # sweep forwards at or below this batch are replayed from CUDA graphs (launch-bound)
 MODES = ("fwd", "fwd+bwd")
@@ -51,19 +55,20 @@ class Case:
 
     def __init__(self, block, channels, res, batch, dtype, fmt, device, pool="max"):
         torch.manual_seed(0)
-        conv = nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+        c_in, c_out = channels if isinstance(channels, tuple) else (channels, channels)
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, device=device, dtype=dtype)
         self.pooled = pool == "max"  # else pool="none": Conv2d -> ReLU and fastcnn's ConvReLU2d
         layers = (conv, nn.ReLU(inplace=True)) + ((nn.MaxPool2d(2),) if self.pooled else ())
         self.stock = nn.Sequential(*layers).to(memory_format=fmt)
         fused = fastcnn.nn.ConvReLUPool2d if self.pooled else fastcnn.nn.ConvReLU2d
         self.fused = fused.from_modules(*self.stock)
         self.params = [conv.weight, conv.bias]
-        self.x = torch.randn(batch, channels, res, res, device=device, dtype=dtype).to(memory_format=fmt)
+        self.x = torch.randn(batch, c_in, res, res, device=device, dtype=dtype).to(memory_format=fmt)
         self.x.requires_grad_()
         out_res = res // 2 if self.pooled else res
-        self.grad_out = torch.randn(batch, channels, out_res, out_res, device=device, dtype=dtype)
+        self.grad_out = torch.randn(batch, c_out, out_res, out_res, device=device, dtype=dtype)
         self.grad_out = self.grad_out.to(memory_format=fmt)
-        self.meta = {"op": OP, "block": block, "shape": {"N": batch, "C_in": channels, "C_out": channels,
+        self.meta = {"op": OP, "block": block, "shape": {"N": batch, "C_in": c_in, "C_out": c_out,
                                                          "H": res, "W": res, "kernel": 3, "padding": 1},
                      "dtype": dtype_name(dtype), "layout": LAYOUT_NAME[fmt], "pool": pool}
         self.dtype, self.device = dtype, device
@@ -222,6 +227,8 @@ def cases_for(args, device):
             yield "batch", ("sweep", 128, s["resolution"], n, dtype, fmt)
         for res in s["resolutions"]:
             yield "resolution", ("sweep", 128, res, batch, dtype, fmt)
+        for channels, res in s["thin"]:
+            yield "thin", ("sweep", channels, res, batch, dtype, fmt)
         return
     blocks = [b for b in VGG16_BLOCKS if b[0] in args.blocks.split(",")] if args.blocks else VGG16_BLOCKS
     blocks = [VGG16_BLOCKS[2], VGG16_BLOCKS[4]] if args.quick else blocks

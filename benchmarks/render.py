@@ -79,7 +79,8 @@ def fmt_memory(row, best):
 
 def size_label(row):
     s = row["shape"]
-    return f"{s['N']}×{s['C_in']}×{s['H']}×{s['W']}"
+    channels = s["C_in"] if s.get("C_out", s["C_in"]) == s["C_in"] else f"{s['C_in']}→{s['C_out']}"
+    return f"{s['N']}×{channels}×{s['H']}×{s['W']}"
 
 
 def table(data, rows):
@@ -172,9 +173,10 @@ def render_conv_block(data, chart, plt):
     for (dtype, layout), rows in groups(data["rows"]).items():
         lines += [f"### {dtype}, {layout}", ""]
         if any(r.get("sweep") for r in rows):
-            for axis in ("batch", "resolution"):
+            for axis, title in (("batch", "Sweep over batch"), ("resolution", "Sweep over resolution"),
+                                ("thin", "Narrow layers (C_in→C_out)")):
                 picked = [r for r in rows if r.get("sweep") == axis]
-                lines += [f"Sweep over {axis}:", ""] + table(data, picked) + [""] if picked else []
+                lines += [f"{title}:", ""] + table(data, picked) + [""] if picked else []
         else:
             lines += table(data, rows) + [""]
     if plt is not None:
