@@ -25,9 +25,10 @@ def uses_batch_statistics(bn):
     return bn.training or bn.running_mean is None
 
 
-def statistics_mode(bn):
-    """The mode a module route keys on: "train" when `bn` normalises with batch statistics, else "eval"."""
-    return "train" if uses_batch_statistics(bn) else "eval"
+def statistics_mode(norm):
+    """The mode a module route keys on: "eval" when `norm` normalises with running statistics, else "train" (any
+    norm layer: one without running statistics always normalises with the batch's)."""
+    return "train" if norm.training or getattr(norm, "running_mean", None) is None else "eval"
 
 
 def _momentum_factor(bn):

@@ -60,7 +60,8 @@ class _ResidualBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x):
-        if not self._can_fuse() or is_unfused() or ROUTES.runs_stock(x, statistics_mode(self._stages()[0][1])):
+        # The route first: on CPU it sends the block to its stock layers whatever they are, so the cheapest test.
+        if is_unfused() or ROUTES.runs_stock(x, statistics_mode(self.bn1)) or not self._can_fuse():
             return self._stock_forward(x)
         return self._fused_forward(x)
 

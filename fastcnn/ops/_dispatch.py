@@ -226,13 +226,23 @@ class ModuleRoutes:
         if any(entry.backend != STOCK for entry in routes):
             raise ValueError(f"fastcnn: {module}: a module route can only send the module to {STOCK!r}")
         self.module, self.routes = module, tuple(routes)
+        self._chosen = {}  # (device, dtype, layout, mode) -> runs stock
         MODULE_TABLES[module] = self
 
     def runs_stock(self, x, mode):
-        if _forced is not None or stock_routes_skipped():
+        """Whether a call on `x` in `mode` runs the stock layers; remembered per key, as `RouteTable.choose` does."""
+        if _forced is not None or _stock_routes_skipped > 0:
             return False
-        layout = layout_of(x)
-        return any(entry.matches(x.device.type, x.dtype, layout, mode, None) for entry in self.routes)
+        key = ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode)
+        if torch.compiler.is_compiling():
+            return self._matches(*key)
+        stock = self._chosen.get(key)
+        if stock is None:
+            stock = self._chosen[key] = self._matches(*key)
+        return stock
+
+    def _matches(self, device, dtype, layout, mode):
+        return any(entry.matches(device, dtype, layout, mode, None) for entry in self.routes)
 
 
 @contextlib.contextmanager
