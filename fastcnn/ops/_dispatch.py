@@ -176,21 +176,16 @@ class RouteTable:
 
         The answer for each key of a call is remembered (a few dict entries per op): it depends only on the key, the
         table and what loaded at import - never on tensor values or module state -, and a forced backend is not
-        remembered. This runs on every call of every fused module, so it reads each property of `x` once. Under
-        torch.compile the answer is worked out at each trace, so guards stay on the key's inputs."""
+        remembered (`_remembered`). This runs on every call of every fused module, so it reads each property of `x`
+        once."""
         device = "cpu" if x.is_cpu else x.device.type
         if _forced is not None:
             reason = self.why_not(_forced, device, x.dtype)
             if reason is not None:
                 raise RuntimeError(f"fastcnn: backend {_forced!r} was forced but cannot run {self.op} here: {reason}")
             return _forced
-        key = (device, x.dtype, layout_of(x), mode, size, _stock_routes_skipped > 0)
-        if torch.compiler.is_compiling():
-            return self._first_that_runs(*key)
-        backend = self._chosen.get(key)
-        if backend is None:
-            backend = self._chosen[key] = self._first_that_runs(*key)
-        return backend
+        return _remembered(self._chosen, (device, x.dtype, layout_of(x), mode, size, _stock_routes_skipped > 0),
+                           self._first_that_runs)
 
     def _first_that_runs(self, device, dtype, layout, mode, size, skip_stock):
         for entry in self.routes:
@@ -204,6 +199,17 @@ class RouteTable:
                 self._warned = True
                 warnings.warn(f"fastcnn: {self.op}: {reason}; using the next backend", RuntimeWarning, stacklevel=4)
         return "reference"
+
+
+def _remembered(memo, key, decide):
+    """``decide(*key)``, remembered in the dict `memo`; under torch.compile worked out at each trace instead, so
+    guards stay on the key's inputs, not on the dict."""
+    if torch.compiler.is_compiling():
+        return decide(*key)
+    answer = memo.get(key)
+    if answer is None:
+        answer = memo[key] = decide(*key)
+    return answer
 
 
 MODULE_TABLES = {}  # fused module kind -> ModuleRoutes, in import order (fastcnn.info walks it)
@@ -233,13 +239,8 @@ class ModuleRoutes:
         """Whether a call on `x` in `mode` runs the stock layers; remembered per key, as `RouteTable.choose` does."""
         if _forced is not None or _stock_routes_skipped > 0:
             return False
-        key = ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode)
-        if torch.compiler.is_compiling():
-            return self._matches(*key)
-        stock = self._chosen.get(key)
-        if stock is None:
-            stock = self._chosen[key] = self._matches(*key)
-        return stock
+        return _remembered(self._chosen, ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode),
+                           self._matches)
 
     def _matches(self, device, dtype, layout, mode):
         return any(entry.matches(device, dtype, layout, mode, None) for entry in self.routes)
