@@ -118,8 +118,12 @@ if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in POOL_OPS):
         ctx.save_for_backward(y, weight, out, code, mean, var)
         ctx.y_bias_like = None if y_bias is None else (y_bias.shape, y_bias.dtype, y_bias.device)
         ctx.eps, ctx.pool_args = eps, (pool, pool_size, pool_stride)
+        ctx.mark_non_differentiable(code, mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensor for the outputs that get no gradient (the code above all)
 
     def _pool_backward(ctx, grad_out, _grad_code, _grad_mean, _grad_var):
+        if grad_out is None:
+            return (None,) * 8
         y, weight, out, code, mean, var = ctx.saved_tensors
         need_y, need_y_bias, need_weight, need_bias = ctx.needs_input_grad[:4]
         grad_y = grad_weight = grad_bias = None
