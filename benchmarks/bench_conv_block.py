@@ -149,6 +149,9 @@ def providers(device, without_max_autotune):
             found.append((f"fastcnn[{backend}]", lambda case, mode, b=backend: H.WithBackend(case.fused, b)))
         else:
             notes.append(f"fastcnn[{backend}] not benchmarked on {device.type}: {reason}")
+    # What a user gets: the op's route (fastcnn/ops/conv_relu_pool ROUTES), which sends measured-slower cases to stock.
+    found.append(("fastcnn", lambda case, mode: case.fused))
+    notes.append("fastcnn = the routed default; fastcnn[<backend>] = that backend forced")
     return found, notes
 
 

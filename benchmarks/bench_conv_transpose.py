@@ -148,6 +148,9 @@ def providers(device):
         if reason is None and backend != "triton":
             found.append((f"fastcnn[{backend}+phase-split]",
                           lambda case, b=backend: WithPhaseSplit(H.WithBackend(case.fused, b))))
+    # What a user gets: the op's route (fastcnn/ops/conv_transpose ROUTES), which sends measured-slower cases to stock.
+    found.append(("fastcnn", lambda case: case.fused))
+    notes.append("fastcnn = the routed default; fastcnn[<backend>] = that backend forced")
     return found, notes
 
 

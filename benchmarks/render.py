@@ -34,9 +34,13 @@ def targets_for(data, dtype, layout):
     return t
 
 
-def best_fastcnn(row):
-    """The fastest of fastcnn's own backends (not fastcnn[reference], which is plain PyTorch) whose result passed its
-    check, or None."""
+def shown_fastcnn(row):
+    """The fastcnn provider a row's ratios are shown for: the routed default ``fastcnn`` where the row has it (what a
+    user gets: stock where the route measured fastcnn slower), else the fastest of fastcnn's own backends (not
+    fastcnn[reference], which is plain PyTorch) whose result passed its check; None when none passed."""
+    routed = row["providers"].get("fastcnn")
+    if routed is not None:
+        return "fastcnn" if routed.get("ok") and "median_ms" in routed else None
     passing = [n for n, r in row["providers"].items()
                if n.startswith("fastcnn") and n != "fastcnn[reference]" and r.get("ok") and "median_ms" in r]
     return min(passing, key=lambda n: row["providers"][n]["median_ms"], default=None)
@@ -66,14 +70,14 @@ def fmt_ratio(value, target):
     return f"{value:.2f}× {'✓' if value >= target else '✗'} (≥{target})"
 
 
-def fmt_memory(row, best):
+def fmt_memory(row, shown):
     saved = {n: r.get("saved_bytes") for n, r in row["providers"].items() if r.get("saved_bytes")}
-    if best not in saved or "eager" not in saved:
+    if shown not in saved or "eager" not in saved:
         return "", ""
-    mine, stock = saved[best]["activations"], saved["eager"]["activations"]
+    mine, stock = saved[shown]["activations"], saved["eager"]["activations"]
     text = f"{mine / MIB:.2f} / {stock / MIB:.2f} ({100 * (mine / stock - 1):+.0f}%)" if stock else ""
     peaks = {n: r.get("peak_step_bytes") for n, r in row["providers"].items()}
-    peak = f"{peaks[best] / MIB:.0f} / {peaks['eager'] / MIB:.0f}" if peaks.get(best) and peaks.get("eager") else ""
+    peak = f"{peaks[shown] / MIB:.0f} / {peaks['eager'] / MIB:.0f}" if peaks.get(shown) and peaks.get("eager") else ""
     return text, peak
 
 
@@ -88,23 +92,23 @@ def table(data, rows):
     providers = list(rows[0]["providers"])
     baselines = [p for p in providers if not p.startswith("fastcnn")]
     target = targets_for(data, rows[0]["dtype"], rows[0]["layout"])
-    head = ["case", "input N×C×H×W", "mode"] + [f"{p} ms" for p in providers] + ["best fastcnn"] + \
+    head = ["case", "input N×C×H×W", "mode"] + [f"{p} ms" for p in providers] + ["fastcnn shown"] + \
         [f"× {b}" for b in baselines] + ["roofline", "rel. err", "saved activations MiB (fastcnn / eager)",
                                          "peak step MiB (fastcnn / eager)"]
     lines = [markdown_row(head), "|" + "---|" * len(head)]
     for row in rows:
-        best = best_fastcnn(row)
-        r = row["providers"].get(best, {})
+        shown = shown_fastcnn(row)
+        r = row["providers"].get(shown, {})
         cells = [row.get("sweep", row["block"]), size_label(row), row["mode"]]
         cells += [fmt_ms(p, row["providers"][p]) for p in providers]
-        cells.append(best or "none passed")
+        cells.append(shown or "none passed")
         for b in baselines:
             goal = target[row["mode"]].get(b) if target else None
-            cells.append(fmt_ratio(row["ratios"][best].get(b) if best else None, goal))
-        roof = f"{100 * r['roofline']:.0f}%" if best else "—"
-        if best and target and "roofline" in target:
+            cells.append(fmt_ratio(row["ratios"][shown].get(b) if shown else None, goal))
+        roof = f"{100 * r['roofline']:.0f}%" if shown else "—"
+        if shown and target and "roofline" in target:
             roof += f" {'✓' if r['roofline'] >= target['roofline'] else '✗'} (≥{100 * target['roofline']:.0f}%)"
-        cells += [roof, f"{r['rel_rms_err']:.1e}" if best else "—", *fmt_memory(row, best)]
+        cells += [roof, f"{r['rel_rms_err']:.1e}" if shown else "—", *fmt_memory(row, shown)]
         lines.append(markdown_row(cells))
     errors = sorted({f"- {p}: {r['error']}" for row in rows for p, r in row["providers"].items() if "error" in r})
     return lines + ([""] + ["Errors (the rows show `error`):"] + errors if errors else [])
@@ -255,9 +259,11 @@ def main(argv=None):
     paths = sorted(glob.glob(os.path.join(args.results, "*.json")))
     lines = ["# Benchmark results", "",
              "Rendered by `benchmarks/render.py` from `benchmarks/results/*.json`; do not edit by hand. Times are "
-             "medians in ms with the 20%–80% quantiles; ratios are baseline time / the time of the fastest of "
-             "fastcnn's own backends that passed its correctness check (> 1: fastcnn is faster; `fastcnn[reference]` "
-             "is plain PyTorch, timed for reference only), ✓/✗ against the targets of `shared/BENCHMARKS.md`. ‡: other "
+             "medians in ms with the 20%–80% quantiles; ratios are baseline time / fastcnn time (> 1: fastcnn is "
+             "faster; on CPU the median of per-round paired ratios) for the routed default `fastcnn` - what a user "
+             "gets - where a suite times it, else for the fastest of fastcnn's own backends that passed its "
+             "correctness check (`fastcnn[<backend>]`: that backend forced; `fastcnn[reference]` is plain PyTorch, "
+             "timed for reference only), ✓/✗ against the targets of `shared/BENCHMARKS.md`. ‡: other "
              "processes were busy during that timing. GPU runs count for "
              "the targets; CPU runs are labelled CPU. See `benchmarks/README.md` for what is measured and how.", ""]
     if plt is None:

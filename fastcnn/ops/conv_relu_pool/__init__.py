@@ -29,20 +29,21 @@ def _size_class(input, weight):
 ROUTES = RouteTable("conv2d_relu_pool", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # CPU, fp32, stock / fastcnn interleaved (paired rounds). Small calls lose: the epilogue's fixed cost (a second
-    # pass, the saved code's allocation) outweighs the passes it saves - 2x128x14x14 0.83x forward, 0.89x
-    # forward+backward; 2x16->32x32x32 (65k output elements) 0.98x / 0.96x; from 2x3->16x64x64 (131k) on fastcnn
-    # wins, 1.04-1.76x. So below SMALL_OUTPUT output elements stock runs.
-    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32", device="cpu",
+    # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
+    # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
+    # 2x128x14x14 0.84x forward / 0.91x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
+    # 0.89x / 0.94x and smaller 0.66-0.92x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.05-1.62x. So below
+    # SMALL_OUTPUT output elements stock runs.
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32-2x64x8x8", device="cpu",
           size="small"),
     # Without a pool (mode "relu") there is no pass to save on CPU: stock's oneDNN convolution adds the bias and
-    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.77-0.98x at every size of the
-    # sweep, forward+backward 0.82-1.04x. So stock runs.
+    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.61-0.99x at every size of the
+    # sweep, forward+backward 0.78-1.04x. So stock runs.
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
-    # VGG-16 block-ending convs at batch 2: forward 1.03-1.33x NCHW, 0.99-1.07x channels_last; forward+backward
-    # 0.98-1.58x NCHW, 1.01-1.11x channels_last. At parity where the oneDNN convolution (the same call as stock's) is
-    # ~99% of the time (512 channels).
+    # VGG-16 block-ending convs at batch 2 (conv_block.json): forward 1.03-1.54x NCHW, 0.99-1.05x channels_last;
+    # forward+backward 1.01-1.19x NCHW, 0.99-1.10x channels_last. At parity where the oneDNN convolution (the same
+    # call as stock's) is ~99% of the time (512 channels).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
