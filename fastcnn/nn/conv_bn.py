@@ -28,10 +28,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route
 from ..ops.batch_norm import batch_norm_relu_pool, scale_shift_add_relu
+from ..ops.conv_relu_pool.reference import relu_pool
 from ._batch_norm_fusion import running_scale_shift, update_running_statistics, uses_batch_statistics
 from .conv import _FusedConv2d, pool_module_options, pool_options
 from .unfused import in_stock_slot
+
+SMALL_OUTPUT = 1 << 18  # N * C_out * H * W below which a fused conv-BN call is "small"
+
+# CPU, fp32, stock / fastcnn in paired rounds: small blocks lose to the fused chain's fixed cost per call - VGG-16's
+# conv-BN blocks at batch 1 and a quarter of the resolution (8k-200k output elements) 0.84-0.88x inference,
+# 0.91-0.95x training; from 2x512x28x28 (800k) on fastcnn is at parity or wins, 0.99-1.22x (conv_bn_block.json).
+# So below SMALL_OUTPUT the block runs its stock layers.
+ROUTES = ModuleRoutes("conv-BN block", [
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_bn_block_quick.json#block1-block5", device="cpu",
+          dtypes=(torch.float32,), size="small"),
+])
+
+
+def _size_class(input, weight):
+    n, _, h, w = input.shape
+    return "small" if n * weight.shape[0] * h * w < SMALL_OUTPUT else "large"
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -91,6 +109,8 @@ class _ConvBatchNormReLU(_FusedConv2d):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")  # nn.BatchNorm2d's message
         norm = self.batch_norm
+        if ROUTES.runs_stock(input, size=_size_class(input, self.weight)):  # the stock layers, exactly
+            return relu_pool(nn.BatchNorm2d.forward(norm, super().forward(input)), *self._pool_arguments())
         input, padding = self._fused_conv_args(input)
         conv_args = (self.stride, padding, self.dilation, self.groups)
         if uses_batch_statistics(norm):

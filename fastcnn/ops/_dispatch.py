@@ -221,8 +221,9 @@ class ModuleRoutes:
 
     A fused module (a residual or an Inception block) chains several fastcnn ops, and each op routes itself; whether
     the chain beats stock PyTorch's layer sequence is measured on the whole module (benchmarks/bench_residual.py,
-    bench_inception.py). ``routes`` are `Route` entries with backend `STOCK`; `runs_stock(x, mode)` is True when one
-    matches the call (``mode``: "train" with batch statistics, "eval" with running ones), and the module then runs
+    bench_inception.py). ``routes`` are `Route` entries with backend `STOCK`; `runs_stock(x, mode, size)` is True when
+    one matches the call (``mode``: "train" with batch statistics, "eval" with running ones; ``size``: the module's
+    size class, where it has one), and the module then runs
     its stock forward: stock's numbers, stock's speed, the same parameters and buffers. A forced backend
     (FASTCNN_BACKEND / `set_backend`) or `skip_stock_routes()` turns the entries off, so forcing a backend
     tests and times fastcnn's own path.
@@ -232,18 +233,19 @@ class ModuleRoutes:
         if any(entry.backend != STOCK for entry in routes):
             raise ValueError(f"fastcnn: {module}: a module route can only send the module to {STOCK!r}")
         self.module, self.routes = module, tuple(routes)
-        self._chosen = {}  # (device, dtype, layout, mode) -> runs stock
+        self._chosen = {}  # (device, dtype, layout, mode, size) -> runs stock
         MODULE_TABLES[module] = self
 
-    def runs_stock(self, x, mode):
-        """Whether a call on `x` in `mode` runs the stock layers; remembered per key, as `RouteTable.choose` does."""
+    def runs_stock(self, x, mode=None, size=None):
+        """Whether a call on `x` in `mode` (and the module's size class `size`) runs the stock layers; remembered per
+        key, as `RouteTable.choose` does."""
         if _forced is not None or _stock_routes_skipped > 0:
             return False
-        return _remembered(self._chosen, ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode),
+        return _remembered(self._chosen, ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode, size),
                            self._matches)
 
-    def _matches(self, device, dtype, layout, mode):
-        return any(entry.matches(device, dtype, layout, mode, None) for entry in self.routes)
+    def _matches(self, device, dtype, layout, mode, size):
+        return any(entry.matches(device, dtype, layout, mode, size) for entry in self.routes)
 
 
 @contextlib.contextmanager
@@ -299,23 +301,21 @@ def eager_or_op(op, setup_context, backward, forward=None):
     graph to record: inference, torch.no_grad) `forward` alone: the same kernels and bits, without the custom-op
     autograd layer's per-call cost in eager mode (its wrapper re-reads the schema to fill in defaults and
     redispatches: about 0.1 ms a call, a few percent of a small layer's training step)."""
-    forward = forward or op
+    def run_forward(ctx, *inputs):
+        output = (forward or op)(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = forward(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+    # Named after the op, so that autograd graphs say which op recorded a node ("fastcnn_<op>Backward").
+    name = getattr(op, "_qualname", None) or (op.name() if callable(getattr(op, "name", None)) else op.__name__)
+    Function = type(f"fastcnn_{name.split('::')[-1].split('.')[0]}", (torch.autograd.Function,),
+                    {"forward": staticmethod(run_forward),
+                     "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
 
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
-        return Function.apply(*args) if torch.is_grad_enabled() else forward(*args)
+        return Function.apply(*args) if torch.is_grad_enabled() else (forward or op)(*args)
 
     return call
 

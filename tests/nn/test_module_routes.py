@@ -1,6 +1,8 @@
 """Module route tables: where a fused block was measured slower than its stock layers (float32 residual and Inception
 blocks on CPU), it runs those layers - the same numbers and state as stock - unless a backend is forced or
 `skip_stock_routes()` is active; elsewhere (float64 here) it runs fused. `fastcnn.info` lists the tables."""
+import copy
+
 import pytest
 import torch
 
@@ -118,3 +120,25 @@ def test_routed_conv_module_computes_exactly_as_its_stock_layers(pool, padding_m
     assert "fastcnn" not in str(out.grad_fn.name())
     for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, conv.weight, conv.bias))):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_small_conv_bn_block_runs_its_stock_layers(train):
+    """A fused conv-BN-ReLU-pool run below SMALL_OUTPUT output elements (float32, CPU) runs Conv2d -> BatchNorm2d ->
+    ReLU -> MaxPool2d themselves: outputs, gradients and running statistics bit for bit, no fastcnn op."""
+    from fastcnn.nn import conv_bn
+
+    stock = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2)).train(train)
+    fused = fastcnn.convert(copy.deepcopy(stock))
+    x = torch.randn(2, 3, 10, 10, requires_grad=True)
+    assert 2 * 8 * 10 * 10 < conv_bn.SMALL_OUTPUT
+    out, want = fused(x), stock(x)
+    assert torch.equal(out, want) and "fastcnn" not in out.grad_fn.name()
+    got = torch.autograd.grad(out.square().sum(), [x, *fused.parameters()])
+    for g, w in zip(got, torch.autograd.grad(want.square().sum(), [x, *stock.parameters()])):
+        assert torch.equal(g, w)
+    for b, c in zip(fused.buffers(), stock.buffers()):
+        assert torch.equal(b, c)
+    with fastcnn.ops.skip_stock_routes():  # fused; in eval with trainable parameters that is the stock ops too
+        assert ("fastcnn" in fused(x).grad_fn.name()) == train
