@@ -136,8 +136,9 @@ def build_parser():
                        "are printed either way")
 
     bench = commands.add_parser("bench", help="speed of fused vs stock training steps", description="Built in: "
-                                "times --steps training steps of --model fused and stock on random batches and "
-                                "prints images/s. With --suite NAME, runs benchmarks/bench_NAME.py of a source "
+                                "times --steps training steps of --model fused (as routed: stock where fastcnn "
+                                "measured slower) and stock on random batches, interleaved step by step, and prints "
+                                "images/s and the median per-step ratio. With --suite NAME, runs benchmarks/bench_NAME.py of a source "
                                 "checkout instead (the benchmark scripts are not installed with the package).")
     _add_model_options(bench)
     bench.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
@@ -407,6 +408,7 @@ def train_command(args):
 def bench_command(args):
     if args.suite:
         return run_suite(args.suite, args.rest)
+    import statistics
     import time
 
     import torch
@@ -420,22 +422,33 @@ def bench_command(args):
     inputs = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     targets = torch.randint(0, 10, (args.batch_size,), device=device)
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16-mixed")
-    rates = {}
-    for name, model, optimizer in (("fused", fused, optimizers[0]), ("stock", stock, optimizers[1])):
-        model.to(device).train()
-        for step in range(args.steps + 1):  # step 0 warms up (allocations, kernel selection)
-            if step == 1:
-                start = time.perf_counter()
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.item()
-        rates[name] = args.steps * args.batch_size / (time.perf_counter() - start)
-        print(f"{name}: {rates[name]:.1f} images/s ({args.model}, batch {args.batch_size}, {args.image_size} px, "
+    sides = {"fused": (fused.to(device).train(), optimizers[0]), "stock": (stock.to(device).train(), optimizers[1])}
+
+    def step(name):
+        model, optimizer = sides[name]
+        start = time.perf_counter()
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # synchronises, so the time includes the whole step
+        return time.perf_counter() - start
+
+    for name in sides:  # warm-up (allocations, kernel selection)
+        step(name)
+    # Interleaved, the order alternating every step, so a drift of the machine's speed lands on both alike; the
+    # ratio is the median of the per-step paired ratios.
+    seconds = {name: [] for name in sides}
+    for i in range(args.steps):
+        for name in (("fused", "stock") if i % 2 else ("stock", "fused")):
+            seconds[name].append(step(name))
+    for name in sides:
+        rate = args.batch_size / statistics.median(seconds[name])
+        print(f"{name}: {rate:.1f} images/s ({args.model}, batch {args.batch_size}, {args.image_size} px, "
               f"{device}, precision {args.precision})")
-    print(f"fused is {rates['fused'] / rates['stock']:.2f}x stock")
+    paired = statistics.median(s / f for s, f in zip(seconds["stock"], seconds["fused"]))
+    print(f"fused is {paired:.2f}x stock (median of {args.steps} interleaved step pairs)")
     return 0
 
 
