@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route
+from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route, stock_routable
 from ..ops.batch_norm import batch_norm_relu_pool, scale_shift_add_relu
+from ..ops.conv_relu_pool import conv_output_elements
 from ..ops.conv_relu_pool.reference import relu_pool
 from ._batch_norm_fusion import running_scale_shift, update_running_statistics, uses_batch_statistics
 from .conv import _FusedConv2d, pool_module_options, pool_options
@@ -48,8 +49,7 @@ ROUTES = ModuleRoutes("conv-BN block", [
 
 
 def _size_class(input, weight):
-    n, _, h, w = input.shape
-    return "small" if n * weight.shape[0] * h * w < SMALL_OUTPUT else "large"
+    return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -109,7 +109,7 @@ class _ConvBatchNormReLU(_FusedConv2d):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")  # nn.BatchNorm2d's message
         norm = self.batch_norm
-        if ROUTES.runs_stock(input, size=_size_class(input, self.weight)):  # the stock layers, exactly
+        if stock_routable(input) and ROUTES.runs_stock(input, size=_size_class(input, self.weight)):  # stock's layers
             return relu_pool(nn.BatchNorm2d.forward(norm, super().forward(input)), *self._pool_arguments())
         input, padding = self._fused_conv_args(input)
         conv_args = (self.stride, padding, self.dilation, self.groups)

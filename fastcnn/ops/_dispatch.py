@@ -261,11 +261,6 @@ def skip_stock_routes():
         _stock_routes_skipped -= 1
 
 
-def stock_routes_skipped():
-    """Whether `skip_stock_routes()` is active."""
-    return _stock_routes_skipped > 0
-
-
 def route(table, x, mode=None, size=None):
     """The backend that runs `table`'s op on `x` (see `RouteTable.choose`)."""
     return table.choose(x, mode, size)
@@ -294,7 +289,7 @@ def wrap_triton(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def eager_or_op(op, setup_context, backward, forward=None):
+def eager_or_op(name, op, setup_context, backward, forward=None):
     """A callable running the custom op `op` (whose autograd is `setup_context` + `backward`) where torch.compile or
     export traces it, and elsewhere an autograd.Function with the same setup_context and backward around `forward`
     (default `op` itself, which then runs with grad mode off: no autograd of its own), and with grad mode off (no
@@ -306,9 +301,8 @@ def eager_or_op(op, setup_context, backward, forward=None):
         setup_context(ctx, inputs, output)
         return output
 
-    # Named after the op, so that autograd graphs say which op recorded a node ("fastcnn_<op>Backward").
-    name = getattr(op, "_qualname", None) or (op.name() if callable(getattr(op, "name", None)) else op.__name__)
-    Function = type(f"fastcnn_{name.split('::')[-1].split('.')[0]}", (torch.autograd.Function,),
+    # Named after the op (`name`), so that autograd graphs say which op recorded a node ("fastcnn_<name>Backward").
+    Function = type(f"fastcnn_{name}", (torch.autograd.Function,),
                     {"forward": staticmethod(run_forward),
                      "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
 
@@ -323,6 +317,13 @@ def eager_or_op(op, setup_context, backward, forward=None):
 def autocast_enabled(x):
     """Whether an autocast region is enabled for tensor `x`'s device type."""
     return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+
+
+def stock_routable(x):
+    """Whether a fused module may ask its route about `x` before the op's argument layer: a 4-D tensor outside
+    autocast (under which the op routes on the cast dtype). Anything else takes the op's path, whose checks name the
+    argument."""
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and not autocast_enabled(x)
 
 
 def autocast(*tensors):

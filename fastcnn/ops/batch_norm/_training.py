@@ -251,11 +251,11 @@ def define_training_ops(suffix, kernels, conv_stats=None):
 
     batch_norm_relu_conv2d.register_autograd(conv_backward, setup_context=conv_setup)
     batch_norm_relu_conv2d_stats.register_autograd(conv_backward, setup_context=conv_setup)
-    run = SimpleNamespace(
-        batch_norm_add_relu=eager_or_op(batch_norm_add_relu, add_relu_setup, add_relu_backward, add_relu_forward),
-        batch_norm_relu_conv2d=eager_or_op(batch_norm_relu_conv2d, conv_setup, conv_backward, conv_forward),
-        batch_norm_relu_conv2d_stats=eager_or_op(batch_norm_relu_conv2d_stats, conv_setup, conv_backward,
-                                                 conv_stats_forward))
+    ops = {"batch_norm_add_relu": (batch_norm_add_relu, add_relu_setup, add_relu_backward, add_relu_forward),
+           "batch_norm_relu_conv2d": (batch_norm_relu_conv2d, conv_setup, conv_backward, conv_forward),
+           "batch_norm_relu_conv2d_stats": (batch_norm_relu_conv2d_stats, conv_setup, conv_backward,
+                                            conv_stats_forward)}
+    run = SimpleNamespace(**{name: eager_or_op(name + suffix, *parts) for name, parts in ops.items()})
     return SimpleNamespace(batch_norm_add_relu=batch_norm_add_relu, batch_norm_relu_conv2d=batch_norm_relu_conv2d,
                            batch_norm_relu_conv2d_stats=batch_norm_relu_conv2d_stats,
                            batch_norm_relu_backward=batch_norm_relu_backward, run=run)

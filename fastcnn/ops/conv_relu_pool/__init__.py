@@ -8,7 +8,7 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, autocast_enabled, load_triton, route
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import POOLS
@@ -18,12 +18,16 @@ _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 SMALL_OUTPUT = 1 << 17  # N * C_out * H * W below which a call is "small" (between a 65k loss and a 131k win)
 
 
-def _size_class(input, weight):
-    """"small" or "large" by ``N * C_out * H * W`` - the convolution output's elements at stride 1, over which the
-    fused epilogue saves its pass (while its fixed cost is per call). The input's elements alone would call the
-    first layer of a network (3 channels in, 16 out) small, where fastcnn wins most."""
+def conv_output_elements(input, weight):
+    """``N * C_out * H * W``: the convolution output's elements at stride 1, over which a fused epilogue saves its
+    pass (while its fixed cost is per call) - what the CPU size classes of the fused conv blocks count. The input's
+    elements alone would call the first layer of a network (3 channels in, 16 out) small, where fastcnn wins most."""
     n, _, h, w = input.shape
-    return "small" if n * weight.shape[0] * h * w < SMALL_OUTPUT else "large"
+    return n * weight.shape[0] * h * w
+
+
+def _size_class(input, weight):
+    return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
 
 ROUTES = RouteTable("conv2d_relu_pool", [
@@ -56,8 +60,7 @@ def runs_stock(input, weight, pool):
     """True where `ROUTES` sends a call on tensor `input` with `weight` and `pool` to stock PyTorch (outside
     autocast, under which the op routes on the cast dtype): a fused conv module then runs as the stock layers it
     replaces, without the op's argument layer (stock's own checks apply, as they would to those layers)."""
-    return (isinstance(input, torch.Tensor) and input.dim() == 4 and not autocast_enabled(input)
-            and ROUTES.choose(input, _mode(pool), _size_class(input, weight)) == STOCK)
+    return stock_routable(input) and ROUTES.choose(input, _mode(pool), _size_class(input, weight)) == STOCK
 
 
 def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
@@ -118,4 +121,4 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     return out
 
 
-__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "runs_stock"]
+__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "runs_stock"]

@@ -48,7 +48,7 @@ def allocate_grads(input, weight, output_mask):
     return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
 
 
-def register_conv_autograd(op, backward_op):
+def register_conv_autograd(name, op, backward_op):
     """Autograd for ``op``, a fused-block op with the conv2d_relu_pool signature; returns what runs it (`eager_or_op`).
     Saved for backward: input and weight (which the caller holds anyway), the pooled output and the compact code -
     never the full-resolution activation. Only the gradients autograd asks for are computed; the code gets none (and
@@ -72,7 +72,7 @@ def register_conv_autograd(op, backward_op):
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 7
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
-    return eager_or_op(op, setup_context, backward)
+    return eager_or_op(name, op, setup_context, backward)
 
 
 def _has_schemas(ops):
@@ -132,5 +132,5 @@ if _has_schemas(EPILOGUE_OPS + COMPILED_OPS):
 
     torch.library.register_autograd("fastcnn::bias_relu_pool", _bias_relu_pool_backward,
                                     setup_context=_bias_relu_pool_setup)
-    run_conv2d_relu_pool = register_conv_autograd(torch.ops.fastcnn.conv2d_relu_pool.default,
+    run_conv2d_relu_pool = register_conv_autograd("conv2d_relu_pool", torch.ops.fastcnn.conv2d_relu_pool.default,
                                                   torch.ops.fastcnn.conv2d_relu_pool_backward)

@@ -36,4 +36,5 @@ def conv2d_relu_pool_triton_backward(grad_out: torch.Tensor, out: torch.Tensor, 
     return grad_input, grad_weight, grad_bias
 
 
-run_conv2d_relu_pool_triton = register_conv_autograd(conv2d_relu_pool_triton, conv2d_relu_pool_triton_backward)
+run_conv2d_relu_pool_triton = register_conv_autograd("conv2d_relu_pool_triton", conv2d_relu_pool_triton,
+                                                     conv2d_relu_pool_triton_backward)

@@ -10,7 +10,7 @@ The CUDA order is provisional until timed on a GPU (see benchmarks/bench_conv_tr
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, autocast_enabled, load_triton, route
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import ACTIVATIONS, output_size
@@ -59,7 +59,7 @@ def runs_stock(input, weight, bias, stride, groups):
     """True where `ROUTES` sends a call on tensor `input` to stock PyTorch (outside autocast, under which the op routes
     on the cast dtype): the fused module then runs as nn.ConvTranspose2d and its ReLU, without the op's argument
     layer (stock's own checks apply)."""
-    if not isinstance(input, torch.Tensor) or input.dim() != 4 or autocast_enabled(input):
+    if not stock_routable(input):
         return False
     mode = _mode(input, weight, bias)
     return ROUTES.choose(input, mode, _size_class(input, weight, stride, groups, mode)) == STOCK

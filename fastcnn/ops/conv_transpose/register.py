@@ -31,7 +31,7 @@ def allocate_grads(input, weight, groups, output_mask):
     return grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]), grad_bias
 
 
-def register_transpose_autograd(op, backward_op):
+def register_transpose_autograd(name, op, backward_op):
     """Autograd for ``op``, an op with the conv_transpose2d_act signature; returns what runs it (`eager_or_op`).
     Saved: input and weight (which the caller holds anyway) and, for the ReLU, the output, whose sign is the ReLU
     mask; no pre-activation tensor. Only the gradients autograd asks for are computed."""
@@ -49,7 +49,7 @@ def register_transpose_autograd(op, backward_op):
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 6
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
-    return eager_or_op(op, setup_context, backward)
+    return eager_or_op(name, op, setup_context, backward)
 
 
 if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_OPS):
@@ -62,5 +62,6 @@ if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_O
                                             dilation, activation, output_mask):
         return allocate_grads(input, weight, groups, output_mask)
 
-    run_conv_transpose2d_act = register_transpose_autograd(torch.ops.fastcnn.conv_transpose2d_act.default,
+    run_conv_transpose2d_act = register_transpose_autograd("conv_transpose2d_act",
+                                                           torch.ops.fastcnn.conv_transpose2d_act.default,
                                                            torch.ops.fastcnn.conv_transpose2d_act_backward)

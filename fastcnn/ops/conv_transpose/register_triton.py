@@ -39,4 +39,5 @@ def conv_transpose2d_act_triton_backward(grad_out: torch.Tensor, out: torch.Tens
     return grad_input, grad_weight, grad_bias
 
 
-run_conv_transpose2d_act_triton = register_transpose_autograd(conv_transpose2d_act_triton, conv_transpose2d_act_triton_backward)
+run_conv_transpose2d_act_triton = register_transpose_autograd(
+    "conv_transpose2d_act_triton", conv_transpose2d_act_triton, conv_transpose2d_act_triton_backward)
