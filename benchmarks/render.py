@@ -23,7 +23,7 @@ TARGETS = {
     ("conv_block", "cpu"): {"applies_to": None, "fwd": {"eager": 1.2}, "fwd+bwd": {"eager": 1.2}},
 }
 MIB = 2**20
-BUSY_CORES = 0.25  # as _harness.BUSY_CORES: a CPU timing during which other processes used more is marked ‡
+BUSY_CORES = 0.25  # as _timing.BUSY_CORES: a CPU timing during which other processes used more is marked ‡
 
 
 def targets_for(data, dtype, layout):

@@ -11,7 +11,6 @@ Every failure a user can cause (an argument, a path, the data, a checkpoint, the
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 
 DEFAULT_MODEL = "vgg11"
@@ -292,16 +291,6 @@ def main(argv=None):
 USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 
 
-def run_suite(suite, rest):
-    """Run benchmarks/bench_<suite>.py of the source checkout this package was loaded from."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          f"bench_{suite}.py")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"--suite {suite!r}: {script} not found (benchmark scripts exist only in a source "
-                                "checkout)")
-    return subprocess.call([sys.executable, script, *[a for a in rest if a != "--"]])
-
-
 def verify_command(args):
     import torch
 
@@ -406,50 +395,11 @@ def train_command(args):
 
 
 def bench_command(args):
+    from . import bench
+
     if args.suite:
-        return run_suite(args.suite, args.rest)
-    import statistics
-    import time
-
-    import torch
-
-    from .train.verify import model_pair, optimizer_pair
-
-    device = _device(args.device)
-    kwargs = _model_kwargs(args, 10)
-    fused, stock = model_pair(args.model, **kwargs)
-    optimizers = optimizer_pair("sgd", fused.parameters(), stock.parameters(), lr=0.01, momentum=0.9)
-    inputs = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
-    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.precision == "bf16-mixed")
-    sides = {"fused": (fused.to(device).train(), optimizers[0]), "stock": (stock.to(device).train(), optimizers[1])}
-
-    def step(name):
-        model, optimizer = sides[name]
-        start = time.perf_counter()
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # synchronises, so the time includes the whole step
-        return time.perf_counter() - start
-
-    for name in sides:  # warm-up (allocations, kernel selection)
-        step(name)
-    # Interleaved, the order alternating every step, so a drift of the machine's speed lands on both alike; the
-    # ratio is the median of the per-step paired ratios.
-    seconds = {name: [] for name in sides}
-    for i in range(args.steps):
-        for name in (("fused", "stock") if i % 2 else ("stock", "fused")):
-            seconds[name].append(step(name))
-    for name in sides:
-        rate = args.batch_size / statistics.median(seconds[name])
-        print(f"{name}: {rate:.1f} images/s ({args.model}, batch {args.batch_size}, {args.image_size} px, "
-              f"{device}, precision {args.precision})")
-    paired = statistics.median(s / f for s, f in zip(seconds["stock"], seconds["fused"]))
-    print(f"fused is {paired:.2f}x stock (median of {args.steps} interleaved step pairs)")
-    return 0
+        return bench.run_suite(args.suite, args.rest)
+    return bench.interleaved_steps(args, _device(args.device), _model_kwargs(args, 10))
 
 
 # Options of the shared data/model groups that cam does not use: it reads one validation image (no batches, no

@@ -1,4 +1,4 @@
-"""The CPU timing of benchmarks/_harness.py: providers interleaved in a fresh random order every round (not a
+"""The CPU timing of benchmarks/_timing.py (reached by the suites through _harness.py): providers interleaved in a fresh random order every round (not a
 rotation, which keeps each provider's predecessor fixed), per-round times aligned by round, ratios paired round by
 round (the median of base[r] / ours[r]) with their spread, and no per-round times in the results JSON. Synthetic
 callables and a fake clock: nothing real is timed."""
@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "benchmarks"))
 import _harness as H  # noqa: E402
+import _timing as T  # noqa: E402
 
 
 @pytest.fixture
@@ -23,13 +24,13 @@ def fake_clock(monkeypatch):
     clock = types.SimpleNamespace(perf_counter=lambda: now[0], process_time=time.process_time,
                                   monotonic=time.monotonic, sleep=time.sleep)
     clock.advance = lambda ms: now.__setitem__(0, now[0] + ms * 1e-3)
-    monkeypatch.setattr(H, "time", clock)
-    monkeypatch.setattr(H, "cache_flusher", lambda device: (lambda: None))
+    monkeypatch.setattr(T, "time", clock)
+    monkeypatch.setattr(T, "cache_flusher", lambda device: (lambda: None))
     return clock
 
 
 def _series(fns, rounds, **options):
-    return H._time_cpu(fns, budget_s=0.0, min_reps=rounds, max_reps=rounds, **options)
+    return T._time_cpu(fns, budget_s=0.0, min_reps=rounds, max_reps=rounds, **options)
 
 
 def test_order_is_a_fresh_permutation_every_round_not_a_rotation(fake_clock):
