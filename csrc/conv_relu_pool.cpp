@@ -1,7 +1,9 @@
-// The fused block on top of ATen's convolution (oneDNN on CPU, cuDNN on CUDA): the convolution runs without its
-// bias, then ONE epilogue pass (fastcnn::bias_relu_pool, a per-device kernel) adds the bias, applies ReLU and the
-// pool, and writes only the pooled output and its compact code. The backward rebuilds the gradient of the
-// convolution output from the pooled gradient and the code, then hands it to ATen's convolution_backward.
+// The fused block on top of a convolution: on CPU, fastcnn's Winograd F(2x2, 3x3) where its rule says it is faster
+// (csrc/cpu/winograd.cpp), else ATen's (oneDNN on CPU, cuDNN on CUDA). The convolution runs without its bias, then
+// ONE epilogue pass (fastcnn::bias_relu_pool, a per-device kernel) adds the bias, applies ReLU and the pool, and
+// writes only the pooled output and its compact code. The backward rebuilds the gradient of the convolution output
+// from the pooled gradient and the code, then computes the input gradient (Winograd again where the forward ran
+// it) and the weight gradient (ATen's convolution_backward).
 // The same device-generic code serves CPU and CUDA; only the epilogue kernels differ. (On CPU, oneDNN's fused
 // conv + bias + ReLU post-ops, mkldnn::_convolution_pointwise, followed by a pool-only pass, was measured no faster:
 // the convolution costs the same with or without its bias and ReLU, and the epilogue pass stays.)
@@ -10,6 +12,7 @@
 
 #include "fastcnn/checks.h"
 #include "fastcnn/device_generic_glue.h"
+#include "fastcnn/winograd.h"
 
 #include <tuple>
 
@@ -22,8 +25,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_pool(const at::Tensor& input, con
                                                     c10::string_view pool, at::IntArrayRef pool_size,
                                                     at::IntArrayRef pool_stride) {
   check_floating_4d(input, "input");
-  at::Tensor conv = at::convolution(input, weight, /*bias=*/c10::nullopt, stride, padding, dilation,
-                                    /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  at::Tensor conv = winograd_applies(input, weight, stride, padding, dilation, groups)
+                        ? winograd_conv3x3(input, weight, padding, /*flip_weight=*/false)
+                        : at::convolution(input, weight, /*bias=*/c10::nullopt, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   return call_bias_relu_pool(conv.contiguous(memory_format_of(input)), bias, pool, pool_size, pool_stride);
 }
 
@@ -43,10 +48,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_pool_backward(
   auto [grad_conv, grad_bias] = call_bias_relu_pool_backward(grad_out, out, code, conv_size, pool, pool_size,
                                                              pool_stride, output_mask[2]);
   at::Tensor grad_input, grad_weight;
-  if (output_mask[0] || output_mask[1]) {
-    std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
+  // Where the forward ran Winograd, so does the input gradient: the 3x3 convolution of grad_conv with the weight
+  // transposed and turned by 180 degrees, padding 2 - p.
+  const bool winograd = output_mask[0] && winograd_applies(input, weight, stride, padding, dilation, groups);
+  if (winograd) {
+    grad_input = winograd_conv3x3(grad_conv, weight, {2 - padding[0], 2 - padding[1]}, /*flip_weight=*/true);
+  }
+  if ((output_mask[0] && !winograd) || output_mask[1]) {
+    auto [aten_grad_input, aten_grad_weight, unused_grad_bias] = at::convolution_backward(
         grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
-        /*output_padding=*/{0, 0}, groups, {output_mask[0], output_mask[1], false});
+        /*output_padding=*/{0, 0}, groups, {output_mask[0] && !winograd, output_mask[1], false});
+    if (!winograd) grad_input = aten_grad_input;
+    grad_weight = aten_grad_weight;
   }
   return conv_grads(grad_input, grad_weight, grad_bias, input, weight);
 }

@@ -22,6 +22,11 @@ class _FusedConv2d(nn.Conv2d):
             return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         return input, self.padding
 
+    def _runs_stock(self, input, pool):
+        """Whether the op's route sends this call to stock (the route sees the zero padding the op would get)."""
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
+        return runs_stock(input, self.weight, pool, self.stride, padding, self.dilation, self.groups)
+
     @staticmethod
     def _check_relu(relu):
         if not isinstance(relu, nn.ReLU):
@@ -57,7 +62,7 @@ class ConvReLU2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if runs_stock(input, self.weight, "none"):
+        if self._runs_stock(input, "none"):
             return relu_pool(super().forward(input), "none", None, None)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -99,7 +104,7 @@ class ConvReLUPool2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if runs_stock(input, self.weight, self.pool):
+        if self._runs_stock(input, self.pool):
             return relu_pool(super().forward(input), self.pool, self.pool_size, self.pool_stride)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu_pool(input, self.weight, self.bias, self.stride, padding, self.dilation,

@@ -342,29 +342,31 @@ def test_small_cpu_calls_route_to_stock_unless_fastcnn_is_asked_for():
     w = torch.randn(8, 8, 3, 3)
     small, large = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 128, 128)
     first_layer, w_first = torch.randn(2, 3, 64, 64), torch.randn(16, 3, 3, 3)
+    conv = ((1, 1), (1, 1), (1, 1), 1)  # stride, padding, dilation, groups
     assert small.numel() < first_layer.numel() < SMALL_OUTPUT <= 2 * 16 * 64 * 64
-    assert runs_stock(small, w, "max") and runs_stock(small, w, "avg")
-    assert not runs_stock(large, w, "max") and not runs_stock(first_layer, w_first, "max")
-    assert runs_stock(small.double(), w.double(), "max")  # any dtype: the cost is per call
-    assert not runs_stock(small.numpy(), w, "max")  # not a tensor: the op's checks name the argument
+    assert runs_stock(small, w, "max", *conv) and runs_stock(small, w, "avg", *conv)
+    assert not runs_stock(large, w, "max", *conv) and not runs_stock(first_layer, w_first, "max", *conv)
+    assert runs_stock(small.double(), w.double(), "max", *conv)  # any dtype: the cost is per call
+    assert not runs_stock(small.numpy(), w, "max", *conv)  # not a tensor: the op's checks name the argument
     with fastcnn.ops.skip_stock_routes():
-        assert not runs_stock(small, w, "max")
+        assert not runs_stock(small, w, "max", *conv)
     with fastcnn.use_backend("cpu"):
-        assert not runs_stock(small, w, "max")
+        assert not runs_stock(small, w, "max", *conv)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the op routes on the cast dtype
-        assert not runs_stock(small, w, "max")
+        assert not runs_stock(small, w, "max", *conv)
 
 
 @needs_cpp
 @pytest.mark.stock_routes
 def test_cpu_conv_relu_without_pool_routes_to_stock():
-    """With no pool to fuse, the CPU route table runs stock (measured faster at every size); with a pool, fastcnn's
-    kernel; skip_stock_routes() runs fastcnn's kernel for both."""
+    """With no pool to fuse, the CPU route table runs stock (measured faster at every size) unless the convolution
+    is fastcnn's Winograd; with a pool, fastcnn's kernel; skip_stock_routes() runs fastcnn's kernel for both."""
     from fastcnn.ops._dispatch import route
     from fastcnn.ops.conv_relu_pool import ROUTES
 
     x = torch.randn(1, 8, 128, 128)
     assert route(ROUTES, x, mode="relu") == "reference"
     assert route(ROUTES, x, mode="relu-pool") == "cpu"
+    assert route(ROUTES, x, mode="relu", size="winograd") == "cpu"  # a convolution faster than stock's
     with fastcnn.ops.skip_stock_routes():
         assert route(ROUTES, x, mode="relu") == "cpu"

@@ -8,7 +8,7 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, layout_of, load_triton, route, stock_routable
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import POOLS
@@ -26,13 +26,45 @@ def conv_output_elements(input, weight):
     return n * weight.shape[0] * h * w
 
 
-def _size_class(input, weight):
+# Where the CPU backend's convolution is fastcnn's Winograd F(2x2, 3x3) rather than oneDNN's direct one: the rule of
+# winograd_applies in csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the
+# class; tests/ops/test_winograd.py checks that the two agree.
+WINOGRAD_MIN_TILES = 256
+WINOGRAD_MIN_CHANNELS = {"channels_last": 64, "contiguous": 128}
+WINOGRAD_MAX_PIXELS_NCHW = 64 * 64
+
+
+def winograd_runs(input, weight, stride, padding, dilation, groups):
+    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32, 3x3, stride 1, dilation 1,
+    one group, padding <= 2, enough 2x2 output tiles and channels for the input's layout)."""
+    if (input.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 4
+            or weight.shape[2:] != (3, 3) or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
+            or input.dim() != 4 or input.shape[1] != weight.shape[1]):
+        return False
+    if not all(isinstance(p, int) and 0 <= p <= 2 for p in padding):
+        return False
+    out_h, out_w = input.shape[2] + 2 * padding[0] - 2, input.shape[3] + 2 * padding[1] - 2
+    if out_h < 1 or out_w < 1 or input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2) < WINOGRAD_MIN_TILES:
+        return False
+    layout = layout_of(input)
+    if layout == "contiguous" and out_h * out_w > WINOGRAD_MAX_PIXELS_NCHW:
+        return False
+    return min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS[layout]
+
+
+def _size_class(input, weight, stride, padding, dilation, groups):
+    if input.device.type == "cpu" and winograd_runs(input, weight, stride, padding, dilation, groups):
+        return "winograd"
     return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
 
 ROUTES = RouteTable("conv2d_relu_pool", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
+    # Where the CPU convolution is fastcnn's Winograd (winograd_runs), fastcnn wins with or without a pool: the
+    # convolution itself is 1.1-1.8x faster than oneDNN's direct one at these sizes (conv_block*.json).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x28x28-2x128x112x112", device="cpu",
+          size="winograd"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
     # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
     # 2x128x14x14 0.84x forward / 0.91x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
@@ -56,11 +88,12 @@ def _mode(pool):
     return "relu" if pool == "none" else "relu-pool"
 
 
-def runs_stock(input, weight, pool):
-    """True where `ROUTES` sends a call on tensor `input` with `weight` and `pool` to stock PyTorch (outside
-    autocast, under which the op routes on the cast dtype): a fused conv module then runs as the stock layers it
-    replaces, without the op's argument layer (stock's own checks apply, as they would to those layers)."""
-    return stock_routable(input) and ROUTES.choose(input, _mode(pool), _size_class(input, weight)) == STOCK
+def runs_stock(input, weight, pool, stride, padding, dilation, groups):
+    """True where `ROUTES` sends a call on tensor `input` with these arguments to stock PyTorch (outside autocast,
+    under which the op routes on the cast dtype): a fused conv module then runs as the stock layers it replaces,
+    without the op's argument layer (stock's own checks apply, as they would to those layers)."""
+    return stock_routable(input) and ROUTES.choose(
+        input, _mode(pool), _size_class(input, weight, stride, padding, dilation, groups)) == STOCK
 
 
 def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
@@ -111,7 +144,7 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     input, weight, bias = autocast(input, weight, bias)
     stride, padding, dilation, pool_size, pool_stride = check_conv_relu_pool(
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride)
-    backend = route(ROUTES, input, _mode(pool), _size_class(input, weight))
+    backend = route(ROUTES, input, _mode(pool), _size_class(input, weight, stride, padding, dilation, groups))
     if backend == "reference" or input.numel() == 0:
         return reference.conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size,
                                           pool_stride)
@@ -121,4 +154,5 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     return out
 
 
-__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "runs_stock"]
+__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "runs_stock",
+           "winograd_runs"]

@@ -1,0 +1,249 @@
+// The CPU 3x3 convolution (stride 1) by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms
+// for Convolutional Neural Networks", 2016): each 2x2 output tile is
+//     Y = A^T [ (G g G^T) .* (B^T d B) ] A
+// with d the tile's 4x4 input patch, g the 3x3 filter and
+//     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
+//     A^T = [1 1 1 0; 0 1 -1 -1].
+// Summed over input channels, the 16 elementwise products become 16 GEMMs, M_q = V_q U_q (q: the 4x4 position),
+// with V_q (tiles x C_in) the transformed inputs and U_q (C_in x C_out) the transformed filters: 16 multiplications
+// per 2x2 tile and channel pair where the direct convolution does 36 (2.25x fewer), done by the BLAS that torch
+// links (MKL's sgemm on x86).
+//
+// Work is cut into blocks of tiles small enough that a block's V and M stay in the core's L2 between the input
+// transform, the GEMMs and the output transform; each block is one task of at::parallel_for and its GEMMs run on
+// that task's thread. The transforms use only additions, subtractions and halvings, and the error measured against
+// float64 is below that of oneDNN's direct convolution (tests/ops/test_winograd.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include "fastcnn/checks.h"
+#include "fastcnn/cpu_loops.h"
+#include "fastcnn/winograd.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <vector>
+
+// The Fortran BLAS sgemm of the library torch links (MKL on x86 builds), weak so that a torch built without one
+// still loads fastcnn; then the GEMMs go through at::mm_out.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace fastcnn {
+namespace {
+
+// Where it runs (conv block forward and forward+backward, batch 2, 2 threads, against the direct convolution):
+// - enough tiles to amortise the filter transform, which costs as much per call as 16 * C_in * C_out tiles of GEMM
+//   work: 98 tiles (14x14) 0.82-1.10x, from 392 tiles (28x28) on 1.02-1.77x;
+// - channels_last input with at least 64 channels on both sides (64 -> 64 at 56x56: 1.14x forward, 1.35x
+//   forward+backward; fewer channels leave the GEMMs too short);
+// - NCHW input (converted to channels_last and back, two extra passes) with at least 128 channels and at most 64x64
+//   pixels, where oneDNN's own NCHW convolution is slow: 128 -> 128 at 28x28 1.55x / 1.13x, where at 112x112 it
+//   lost to the fused direct path (1.28x / 1.12x against its 1.32x / 1.18x) and 64 -> 64 at 112x112 lost outright.
+constexpr int64_t kMinTiles = 256;
+constexpr int64_t kMinChannelsLast = 64, kMinChannelsNchw = 128, kMaxPixelsNchw = 64 * 64;
+
+struct Geometry {
+  int64_t N, C, K, H, W, ph, pw, HO, WO, TH, TW;  // C in, K out; TH x TW tiles of 2x2 outputs per image
+  int64_t tiles() const { return N * TH * TW; }
+};
+
+// U[q][c][k] = (G g G^T)[q] for the filter g(k, c) = weight[k][c] (or, flipped, weight[c][k] turned by 180 degrees),
+// from `taps` = weight laid out [c][a][b][k] so that every row is contiguous in k.
+FASTCNN_VECTOR_CLONES void filter_row(const float* __restrict__ taps, bool flip, int64_t K, float* __restrict__ u,
+                                      int64_t row_stride) {
+  const float* f[3][3];  // tap (a, b) of the filter, a row over k
+  for (int a = 0; a < 3; ++a) {
+    for (int b = 0; b < 3; ++b) f[a][b] = taps + (flip ? (2 - a) * 3 + (2 - b) : a * 3 + b) * K;
+  }
+  // The loops below write rows of U that no tap row overlaps: `omp simd` says so to the vectoriser, which cannot
+  // prove it across the arrays of pointers.
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    float t[4][3];
+    for (int b = 0; b < 3; ++b) {  // t = G g
+      t[0][b] = f[0][b][k];
+      t[1][b] = 0.5f * (f[0][b][k] + f[1][b][k] + f[2][b][k]);
+      t[2][b] = 0.5f * (f[0][b][k] - f[1][b][k] + f[2][b][k]);
+      t[3][b] = f[2][b][k];
+    }
+    for (int i = 0; i < 4; ++i) {  // U = t G^T
+      u[(i * 4 + 0) * row_stride + k] = t[i][0];
+      u[(i * 4 + 1) * row_stride + k] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+      u[(i * 4 + 2) * row_stride + k] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+      u[(i * 4 + 3) * row_stride + k] = t[i][2];
+    }
+  }
+}
+
+at::Tensor transform_filters(const at::Tensor& weight, bool flip, int64_t C, int64_t K) {
+  // [c][a][b][k]: the forward filter g(k, c) = weight[k][c] reads weight.permute(1, 2, 3, 0); the flipped one
+  // g(k, c) = weight[c][k] turned by 180 degrees reads weight.permute(0, 2, 3, 1) with the taps reversed.
+  const at::Tensor taps = (flip ? weight.permute({0, 2, 3, 1}) : weight.permute({1, 2, 3, 0})).contiguous();
+  at::Tensor U = at::empty({16, C, K}, weight.options());
+  const float* src = taps.const_data_ptr<float>();
+  float* dst = U.mutable_data_ptr<float>();
+  at::parallel_for(0, C, grain_for(9 * K), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) filter_row(src + c * 9 * K, flip, K, dst + c * K, C * K);
+  });
+  return U;
+}
+
+// V[q][t][c] = (B^T d B)[q] for the tiles [t0, t0 + nb) of an NHWC input; taps outside the image read `zero`.
+FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const Geometry& g, int64_t t0, int64_t nb,
+                                           int64_t block, const float* __restrict__ zero, float* __restrict__ V) {
+  const int64_t C = g.C;
+  for (int64_t tt = 0; tt < nb; ++tt) {
+    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
+    const float* d[4][4];
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        const int64_t y = 2 * ty - g.ph + i, x = 2 * tx - g.pw + j;
+        d[i][j] = (y >= 0 && y < g.H && x >= 0 && x < g.W) ? in + ((n * g.H + y) * g.W + x) * C : zero;
+      }
+    }
+    float* __restrict__ v = V + tt * C;
+    const int64_t q_stride = block * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      float r[4][4];
+      for (int j = 0; j < 4; ++j) {  // r = B^T d
+        r[0][j] = d[0][j][c] - d[2][j][c];
+        r[1][j] = d[1][j][c] + d[2][j][c];
+        r[2][j] = d[2][j][c] - d[1][j][c];
+        r[3][j] = d[1][j][c] - d[3][j][c];
+      }
+      for (int i = 0; i < 4; ++i) {  // (B^T d) B
+        v[(i * 4 + 0) * q_stride + c] = r[i][0] - r[i][2];
+        v[(i * 4 + 1) * q_stride + c] = r[i][1] + r[i][2];
+        v[(i * 4 + 2) * q_stride + c] = r[i][2] - r[i][1];
+        v[(i * 4 + 3) * q_stride + c] = r[i][1] - r[i][3];
+      }
+    }
+  }
+}
+
+// out = A^T M A for the tiles [t0, t0 + nb), written NHWC; outputs past an odd edge are dropped. Returns false
+// where an output is not finite (a sum of its values times zero is then NaN, else zero).
+FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
+                                            int64_t block, float* __restrict__ tile, float* __restrict__ out) {
+  const int64_t K = g.K, q_stride = block * K;
+  float probe = 0.0f;
+  for (int64_t tt = 0; tt < nb; ++tt) {
+    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
+    const float* __restrict__ m = M + tt * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      float left[4], right[4];  // M A, row by row
+      for (int i = 0; i < 4; ++i) {
+        left[i] = m[(i * 4 + 0) * q_stride + k] + m[(i * 4 + 1) * q_stride + k] + m[(i * 4 + 2) * q_stride + k];
+        right[i] = m[(i * 4 + 1) * q_stride + k] - m[(i * 4 + 2) * q_stride + k] - m[(i * 4 + 3) * q_stride + k];
+      }
+      tile[0 * K + k] = left[0] + left[1] + left[2];     // (0, 0)
+      tile[1 * K + k] = right[0] + right[1] + right[2];  // (0, 1)
+      tile[2 * K + k] = left[1] - left[2] - left[3];     // (1, 0)
+      tile[3 * K + k] = right[1] - right[2] - right[3];  // (1, 1)
+      probe += (tile[k] + tile[K + k] + tile[2 * K + k] + tile[3 * K + k]) * 0.0f;
+    }
+    for (int a = 0; a < 2; ++a) {
+      for (int b = 0; b < 2; ++b) {
+        const int64_t y = 2 * ty + a, x = 2 * tx + b;
+        if (y < g.HO && x < g.WO) std::memcpy(out + ((n * g.HO + y) * g.WO + x) * K, tile + (a * 2 + b) * K,
+                                              K * sizeof(float));
+      }
+    }
+  }
+  return probe == 0.0f;
+}
+
+// M_q = V_q U_q for the 16 positions q: V_q (nb x C) and M_q (nb x K) row-major with row strides C and K. A
+// row-major product is the column-major product of the transposes, M_q^T = U_q^T V_q^T, which is how BLAS sees it.
+void tile_gemms(const float* U, const float* V, const Geometry& g, int64_t nb, int64_t block, float* M) {
+  for (int q = 0; q < 16; ++q) {
+    const float* u = U + q * g.C * g.K;
+    const float* v = V + q * block * g.C;
+    float* m = M + q * block * g.K;
+    if (sgemm_ != nullptr) {
+      const int K = static_cast<int>(g.K), n = static_cast<int>(nb), C = static_cast<int>(g.C);
+      const float one = 1.0f, zero = 0.0f;
+      sgemm_("N", "N", &K, &n, &C, &one, u, &K, v, &C, &zero, m, &K);
+    } else {
+      const auto options = at::TensorOptions().dtype(at::kFloat);
+      at::Tensor mt = at::from_blob(m, {nb, g.K}, options);
+      at::mm_out(mt, at::from_blob(const_cast<float*>(v), {nb, g.C}, options),
+                 at::from_blob(const_cast<float*>(u), {g.C, g.K}, options));
+    }
+  }
+}
+
+}  // namespace
+
+bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const bool shape_fits = input.device().is_cpu() && input.scalar_type() == at::kFloat &&
+                          weight.scalar_type() == at::kFloat && input.dim() == 4 && weight.dim() == 4 &&
+                          weight.size(2) == 3 && weight.size(3) == 3 && groups == 1 && stride[0] == 1 &&
+                          stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1 && padding[0] >= 0 &&
+                          padding[0] <= 2 && padding[1] >= 0 && padding[1] <= 2 && input.size(1) == weight.size(1);
+  if (!shape_fits) return false;
+  const int64_t HO = input.size(2) + 2 * padding[0] - 2, WO = input.size(3) + 2 * padding[1] - 2;
+  if (HO < 1 || WO < 1 || input.size(0) * ((HO + 1) / 2) * ((WO + 1) / 2) < kMinTiles) return false;
+  const bool nhwc = memory_format_of(input) == at::MemoryFormat::ChannelsLast;
+  const int64_t channels = std::min(weight.size(0), weight.size(1));
+  return nhwc ? channels >= kMinChannelsLast : channels >= kMinChannelsNchw && HO * WO <= kMaxPixelsNchw;
+}
+
+at::Tensor winograd_conv3x3(const at::Tensor& input_in, const at::Tensor& weight, at::IntArrayRef padding,
+                            bool flip_weight) {
+  TORCH_CHECK(input_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && input_in.dim() == 4 &&
+                  weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+              "fastcnn: winograd_conv3x3 takes float32 (N, C, H, W) input and (C_out, C_in, 3, 3) weight");
+  RECORD_FUNCTION("fastcnn::winograd_conv3x3", std::vector<c10::IValue>({input_in, weight}));  // named in profiles
+  const int64_t C = flip_weight ? weight.size(0) : weight.size(1), K = flip_weight ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(input_in.size(1) == C, "fastcnn: winograd_conv3x3: input has ", input_in.size(1), " channels, the ",
+              "weight expects ", C);
+  const at::Tensor input = input_in.contiguous(at::MemoryFormat::ChannelsLast);
+  Geometry g{input.size(0), C, K, input.size(2), input.size(3), padding[0], padding[1], 0, 0, 0, 0};
+  g.HO = g.H + 2 * g.ph - 2;
+  g.WO = g.W + 2 * g.pw - 2;
+  TORCH_CHECK(g.HO >= 1 && g.WO >= 1, "fastcnn: winograd_conv3x3: the input is smaller than the kernel");
+  g.TH = (g.HO + 1) / 2;
+  g.TW = (g.WO + 1) / 2;
+  at::Tensor out = at::empty({g.N, K, g.HO, g.WO}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const at::Tensor U = transform_filters(weight, flip_weight, C, K);
+  // Tiles per block: V and M of one block (16 * block * (C + K) floats) within about 2 MiB, the L2 of one core;
+  // then as many blocks as make a whole number per thread, evened out (a 4-3 split of 7 blocks on 2 threads costs
+  // an eighth). The sums do not depend on the split: outputs are bitwise the same on 1, 2 or 3 threads (tested).
+  const int64_t threads = at::get_num_threads(), max_block = std::clamp<int64_t>(32768 / (C + K), 8, 256);
+  const int64_t blocks = (g.tiles() + max_block - 1) / max_block + threads - 1;
+  const int64_t rounded = blocks - blocks % threads, block = (g.tiles() + rounded - 1) / rounded;
+  const float* in = input.const_data_ptr<float>();
+  const float* u = U.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rounded, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(C, 0.0f), V(16 * block * C), M(16 * block * K), tile(4 * K);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * block, nb = std::min(block, g.tiles() - t0);
+      if (nb <= 0) break;
+      input_transform(in, g, t0, nb, block, zero.data(), V.data());
+      tile_gemms(u, V.data(), g, nb, block, M.data());
+      if (!output_transform(M.data(), g, t0, nb, block, tile.data(), dst)) finite.store(false);
+    }
+  });
+  if (finite.load()) return out;
+  // A non-finite input or weight: the transforms subtract, so one infinity becomes NaN (inf - inf) in outputs where
+  // the direct convolution gives +-inf; such calls (rare) run the direct convolution, whose results stock's match.
+  // The flipped convolution with padding p' is the transposed convolution with padding 2 - p'.
+  const std::array<int64_t, 2> direct_padding = flip_weight ? std::array<int64_t, 2>{2 - g.ph, 2 - g.pw}
+                                                            : std::array<int64_t, 2>{g.ph, g.pw};
+  return at::convolution(input, weight, c10::nullopt, {1, 1}, direct_padding, {1, 1}, /*transposed=*/flip_weight,
+                         {0, 0}, 1)
+      .contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace fastcnn

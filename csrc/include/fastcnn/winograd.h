@@ -1,0 +1,22 @@
+// The CPU 3x3 convolution by Winograd's minimal filtering F(2x2, 3x3) (csrc/cpu/winograd.cpp), which the fused
+// blocks use in place of ATen's (oneDNN's direct) convolution where it applies and was measured faster.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastcnn {
+
+// True where winograd_conv3x3 computes conv2d(input, weight, None, stride, padding, dilation, groups) and was
+// measured the faster CPU convolution: float32 CPU tensors, a 3x3 kernel at stride 1, dilation 1, one group,
+// padding <= 2 (so that the input gradient, a 3x3 convolution with padding 2 - p, qualifies too), and enough tiles
+// and channels (the thresholds and their measurements are in winograd.cpp).
+bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// conv2d(input, weight, None, stride=1, padding) for a 3x3 weight (C_out, C_in, 3, 3), returned channels_last.
+// With flip_weight it convolves with weight.transpose(0, 1).flip(2, 3) instead: the input gradient of a 3x3
+// convolution is winograd_conv3x3(grad_output, weight, 2 - padding, true).
+at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
+                            bool flip_weight);
+
+}  // namespace fastcnn

@@ -1,0 +1,176 @@
+"""The CPU 3x3 convolution by Winograd's F(2x2, 3x3) (csrc/cpu/winograd.cpp), which the fused conv block runs in
+place of oneDNN's direct convolution where it was measured faster: outputs and all three gradients against a
+float64 oracle within the tolerance table, in both layouts, at every padding it takes and at odd sizes (partial edge
+tiles); that it runs where its rule says and nowhere else (the profiler names it); results independent of the
+thread count; NaN and infinity reach the same outputs as stock's."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcnn
+from fastcnn import _extension
+
+from _blocks import forward_backward, stock
+from _tolerances import assert_close_to_oracle
+
+pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="fastcnn._C is not built")
+
+# (N, C_in, C_out, H, W, padding, channels_last): each has at least 256 2x2 output tiles and the channels its layout
+# needs (64 channels_last, 128 NCHW at most 64x64 pixels), so the rule picks Winograd.
+ELIGIBLE = [
+    (2, 64, 64, 33, 31, 1, True),
+    (1, 64, 96, 41, 33, 0, True),
+    (2, 96, 64, 25, 27, 2, True),
+    (2, 128, 128, 23, 21, 1, False),
+    (1, 128, 160, 35, 33, 2, False),
+]
+# Just outside the rule: too few tiles, too few channels, NCHW too large, stride 2, 5x5, float64.
+NOT_ELIGIBLE = [
+    dict(shape=(1, 64, 64, 28, 28), padding=1, channels_last=True),         # 196 tiles
+    dict(shape=(2, 32, 64, 40, 40), padding=1, channels_last=True),         # 32 input channels
+    dict(shape=(2, 64, 64, 40, 40), padding=1, channels_last=False),        # NCHW below 128 channels
+    dict(shape=(1, 128, 128, 70, 70), padding=1, channels_last=False),      # NCHW above 64x64 pixels
+    dict(shape=(2, 64, 64, 40, 40), padding=1, channels_last=True, stride=2),
+    dict(shape=(2, 64, 64, 40, 40), padding=2, channels_last=True, kernel=5),
+    dict(shape=(2, 64, 64, 40, 40), padding=1, channels_last=True, dtype=torch.float64),
+]
+
+
+def _inputs(n, c_in, c_out, h, w, channels_last, kernel=3, dtype=torch.float32):
+    x = torch.randn(n, c_in, h, w, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, kernel, kernel, dtype=dtype) * (2 / (kernel * kernel * c_in)) ** 0.5
+    return x, weight, torch.randn(c_out, dtype=dtype) * 0.1
+
+
+def _ran_winograd(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "fastcnn::winograd_conv3x3" for e in prof.events())
+
+
+@pytest.mark.parametrize("case", ELIGIBLE, ids=lambda c: "x".join(map(str, c[:5])) + f"p{c[5]}" +
+                         ("nhwc" if c[6] else "nchw"))
+@pytest.mark.parametrize("pool", ["max", "avg", "none"])
+def test_forward_and_gradients_within_the_tolerance_table(case, pool):
+    n, c_in, c_out, h, w, padding, channels_last = case
+    x, weight, bias = _inputs(n, c_in, c_out, h, w, channels_last)
+    args = ((1, 1), (padding, padding), (1, 1), 1, pool, (2, 2), (2, 2))
+    oracle, grad_out, oracle_grads = forward_backward(lambda *t: stock(*t, *args),
+                                                      (x.double(), weight.double(), bias.double()))
+    grad_out = torch.randn(oracle.shape, dtype=torch.float64)  # continuous, so every gradient path is exercised
+    oracle, _, oracle_grads = forward_backward(lambda *t: stock(*t, *args),
+                                               (x.double(), weight.double(), bias.double()), grad_out)
+    stock_out, _, stock_grads = forward_backward(lambda *t: stock(*t, *args), (x, weight, bias), grad_out.float())
+
+    def fused():
+        return forward_backward(lambda *t: fastcnn.functional.conv2d_relu_pool(*t, *args), (x, weight, bias),
+                                grad_out.float())
+
+    with fastcnn.use_backend("cpu"):
+        assert _ran_winograd(fused) == 2  # the forward and the input gradient
+        out, _, grads = fused()
+    assert_close_to_oracle(out, stock_out, oracle, "out")
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for name, got, ref, oracle_grad in zip(("input", "weight", "bias"), grads, stock_grads, oracle_grads):
+        assert_close_to_oracle(got, ref, oracle_grad, f"grad {name}")
+    assert grads[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("case", NOT_ELIGIBLE, ids=range(len(NOT_ELIGIBLE)))
+def test_direct_convolution_outside_the_rule(case):
+    stride, kernel, dtype = case.get("stride", 1), case.get("kernel", 3), case.get("dtype", torch.float32)
+    x, weight, bias = _inputs(*case["shape"], case["channels_last"], kernel, dtype)
+    p = case["padding"]
+    with fastcnn.use_backend("cpu"), torch.no_grad():
+        assert _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, stride, p, pool="none")) == 0
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """The tiles are split into one block count per thread; each output's sums must not depend on the split."""
+    x, weight, bias = _inputs(2, 64, 80, 35, 29, True)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with fastcnn.use_backend("cpu"), torch.no_grad():
+                outs.append(fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none"))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_input_reaches_the_outputs_stock_reaches(value):
+    x, weight, bias = _inputs(1, 64, 64, 32, 34, True)
+    x[0, 3, 0, 0] = value     # a tile corner
+    x[0, 5, 17, 9] = value    # inside a tile
+    x[0, 7, 31, 33] = value   # the far edge
+    with torch.no_grad():
+        expected = F.relu(F.conv2d(x, weight, bias, padding=1))
+        with fastcnn.use_backend("cpu"):
+            assert _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none"))
+            out = fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none")
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(torch.isinf(out), torch.isinf(expected))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_gradient_reaches_the_inputs_stock_reaches(value):
+    x, weight, bias = _inputs(1, 64, 64, 32, 34, True)
+    grad_out = torch.randn(1, 64, 32, 34)
+    grad_out[0, 2, 0, 0] = value
+    grad_out[0, 9, 20, 13] = -value
+    args = ((1, 1), (1, 1), (1, 1), 1, "none", (2, 2), (2, 2))
+    bias = bias + 100  # so that the ReLU passes every element and its gradient
+    _, _, expected = forward_backward(lambda *t: stock(*t, *args), (x, weight, bias), grad_out)
+    with fastcnn.use_backend("cpu"):
+        _, _, grads = forward_backward(lambda *t: fastcnn.functional.conv2d_relu_pool(*t, *args),
+                                       (x, weight, bias), grad_out)
+    for check in (torch.isnan, torch.isinf):
+        assert torch.equal(check(grads[0]), check(expected[0]))
+
+
+def _case_arguments(case):
+    n, c_in, c_out, h, w = case["shape"]
+    x, weight, bias = _inputs(n, c_in, c_out, h, w, case["channels_last"], case.get("kernel", 3),
+                              case.get("dtype", torch.float32))
+    p, s = case["padding"], case.get("stride", 1)
+    return x, weight, bias, ((s, s), (p, p), (1, 1), 1)
+
+
+AGREEMENT_CASES = NOT_ELIGIBLE + [dict(shape=c[:5], padding=c[5], channels_last=c[6]) for c in ELIGIBLE] + [
+    dict(shape=(1, 64, 64, 32, 32), padding=1, channels_last=True),   # 256 tiles: the threshold
+    dict(shape=(1, 64, 64, 31, 31), padding=1, channels_last=True),   # 256 tiles, the last ones partial
+    dict(shape=(1, 64, 64, 30, 31), padding=1, channels_last=True),   # 240 tiles
+    dict(shape=(1, 128, 128, 64, 64), padding=0, channels_last=False),  # 62x62 pixels: inside the NCHW limit
+    dict(shape=(1, 128, 128, 66, 64), padding=1, channels_last=False),  # 66x64: outside
+]
+
+
+@pytest.mark.parametrize("case", AGREEMENT_CASES, ids=range(len(AGREEMENT_CASES)))
+def test_python_mirror_of_the_rule_agrees_with_the_kernel(case):
+    """The route table's size class "winograd" (winograd_runs, Python) is the C++ rule (winograd_applies)."""
+    from fastcnn.ops.conv_relu_pool import winograd_runs
+
+    x, weight, bias, conv = _case_arguments(case)
+    with fastcnn.use_backend("cpu"), torch.no_grad():
+        ran = _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, *conv, pool="none")) > 0
+    assert winograd_runs(x, weight, *conv) == ran
+
+
+def test_conv_relu_module_runs_winograd_by_default_and_matches_stock():
+    """A ConvReLU2d without a pool routes to stock on CPU, except where the convolution is Winograd's."""
+    layer = fastcnn.nn.ConvReLU2d(64, 64, 3, padding=1)
+    reference = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU())
+    reference[0].load_state_dict(layer.state_dict())
+    x = torch.randn(2, 64, 34, 30).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert _ran_winograd(lambda: layer(x))
+        out = layer(x)
+        oracle = reference.double()(x.double())
+        assert_close_to_oracle(out, reference.float()(x), oracle, "out")
+        assert not _ran_winograd(lambda: layer(x[:, :, :16, :16]))  # 128 tiles: stock's layers
