@@ -2,8 +2,9 @@
 
 Backends, in the order tried (`ROUTES`): on CUDA tensors "cuda" (cuDNN convolution + fastcnn's fused epilogue and
 backward kernels), then "triton" (implicit-GEMM convolution with the pool in its epilogue); on CPU tensors "cpu"
-(oneDNN convolution + one C++ epilogue pass); "reference" (plain PyTorch) everywhere. The CUDA order is provisional
-until the kernels are timed on a GPU (see benchmarks/); forcing a backend is possible with fastcnn.set_backend.
+(oneDNN's convolution, or fastcnn's Winograd F(2x2, 3x3) where `winograd_runs`, + one C++ epilogue pass);
+"reference" (plain PyTorch) everywhere. The CUDA order is provisional until the kernels are timed on a GPU (see
+benchmarks/); forcing a backend is possible with fastcnn.set_backend.
 """
 import torch
 
@@ -30,13 +31,12 @@ def conv_output_elements(input, weight):
 # winograd_applies in csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the
 # class; tests/ops/test_winograd.py checks that the two agree.
 WINOGRAD_MIN_TILES = 256
-WINOGRAD_MIN_CHANNELS = {"channels_last": 64, "contiguous": 128}
-WINOGRAD_MAX_PIXELS_NCHW = 64 * 64
+WINOGRAD_MIN_CHANNELS = 64
 
 
 def winograd_runs(input, weight, stride, padding, dilation, groups):
-    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32, 3x3, stride 1, dilation 1,
-    one group, padding <= 2, enough 2x2 output tiles and channels for the input's layout)."""
+    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last input, 3x3,
+    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles and channels)."""
     if (input.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 4
             or weight.shape[2:] != (3, 3) or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
             or input.dim() != 4 or input.shape[1] != weight.shape[1]):
@@ -46,10 +46,7 @@ def winograd_runs(input, weight, stride, padding, dilation, groups):
     out_h, out_w = input.shape[2] + 2 * padding[0] - 2, input.shape[3] + 2 * padding[1] - 2
     if out_h < 1 or out_w < 1 or input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2) < WINOGRAD_MIN_TILES:
         return False
-    layout = layout_of(input)
-    if layout == "contiguous" and out_h * out_w > WINOGRAD_MAX_PIXELS_NCHW:
-        return False
-    return min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS[layout]
+    return layout_of(input) == "channels_last" and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
 
 
 def _size_class(input, weight, stride, padding, dilation, groups):
