@@ -9,9 +9,8 @@
 // per 2x2 tile and channel pair where the direct convolution does 36 (2.25x fewer), done by the BLAS that torch
 // links (MKL's sgemm on x86).
 //
-// Work is cut into blocks of tiles small enough that a block's V and M stay in the core's L2 between the input
-// transform, the GEMMs and the output transform; each block is one task of at::parallel_for and its GEMMs run on
-// that task's thread. The transforms use only additions, subtractions and halvings, and the error measured against
+// Work is cut into blocks of tiles, each one task of at::parallel_for: its input transform, its 16 GEMMs (on that
+// task's thread) and its output transform run back to back while its V and M are still in cache. The transforms use only additions, subtractions and halvings, and the error measured against
 // float64 is below that of oneDNN's direct convolution (tests/ops/test_winograd.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,35 +38,33 @@ namespace {
 // - channels_last input. Its error against float64 (relative RMS 2-4.4e-7 for 64-512 channels) is below oneDNN's
 //   channels_last convolution's (3-11e-7), but above oneDNN's NCHW one (1.2-1.9e-7) by more than the benchmarks'
 //   accuracy rule allows (twice stock's error plus one epsilon: the input gradient of 256 -> 256 at 56x56 failed it).
-// - enough tiles to amortise the filter transform, which costs as much per call as 16 * C_in * C_out tiles of GEMM
-//   work: 98 tiles (14x14) 0.82-1.10x, from 392 tiles (28x28) on 1.02-1.77x;
-// - at least 64 channels on both sides (64 -> 64 at 56x56: 1.14x forward, 1.35x forward+backward; fewer channels
-//   leave the GEMMs too short).
-constexpr int64_t kMinTiles = 256, kMinChannels = 64;
+// - enough work to amortise the per-call filter transform and the GEMMs' fixed costs (conv + ReLU + 2x2 max pool
+//   forward, 2 threads, against the fused block on oneDNN's convolution): at least 96 tiles (49 tiles of 256 or
+//   512 channels: 0.89-0.96x stock; 98 tiles: 1.17-1.22x) and tiles * C_in * C_out >= 2^21 (64 channels at 200
+//   tiles 0.97x, 392 1.08x, 800 1.37x; 128 channels at 98 tiles 1.05x, 200 1.18x);
+// - at least 64 channels on both sides (fewer leave the GEMMs too short).
+constexpr int64_t kMinTiles = 96, kMinWork = int64_t{1} << 21, kMinChannels = 64;
 
 struct Geometry {
   int64_t N, C, K, H, W, ph, pw, HO, WO, TH, TW;  // C in, K out; TH x TW tiles of 2x2 outputs per image
   int64_t tiles() const { return N * TH * TW; }
 };
 
-// U[q][c][k] = (G g G^T)[q] for the filter g(k, c) = weight[k][c] (or, flipped, weight[c][k] turned by 180 degrees),
-// from `taps` = weight laid out [c][a][b][k] so that every row is contiguous in k.
-FASTCNN_VECTOR_CLONES void filter_row(const float* __restrict__ taps, bool flip, int64_t K, float* __restrict__ u,
-                                      int64_t row_stride) {
-  const float* f[3][3];  // tap (a, b) of the filter, a row over k
-  for (int a = 0; a < 3; ++a) {
-    for (int b = 0; b < 3; ++b) f[a][b] = taps + (flip ? (2 - a) * 3 + (2 - b) : a * 3 + b) * K;
-  }
-  // The loops below write rows of U that no tap row overlaps: `omp simd` says so to the vectoriser, which cannot
-  // prove it across the arrays of pointers.
+// U[q][c][k] = (G g G^T)[q] for n filters g(k, c), k < n, whose tap (a, b) is taps[(a * 3 + b) * kTapRow + k].
+constexpr int64_t kTapRow = 64;
+
+FASTCNN_VECTOR_CLONES void filter_transform(const float* __restrict__ taps, int64_t n, float* __restrict__ u,
+                                            int64_t row_stride) {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float* f = taps + k;
     float t[4][3];
     for (int b = 0; b < 3; ++b) {  // t = G g
-      t[0][b] = f[0][b][k];
-      t[1][b] = 0.5f * (f[0][b][k] + f[1][b][k] + f[2][b][k]);
-      t[2][b] = 0.5f * (f[0][b][k] - f[1][b][k] + f[2][b][k]);
-      t[3][b] = f[2][b][k];
+      const float g0 = f[b * kTapRow], g1 = f[(3 + b) * kTapRow], g2 = f[(6 + b) * kTapRow];
+      t[0][b] = g0;
+      t[1][b] = 0.5f * (g0 + g1 + g2);
+      t[2][b] = 0.5f * (g0 - g1 + g2);
+      t[3][b] = g2;
     }
     for (int i = 0; i < 4; ++i) {  // U = t G^T
       u[(i * 4 + 0) * row_stride + k] = t[i][0];
@@ -78,15 +75,37 @@ FASTCNN_VECTOR_CLONES void filter_row(const float* __restrict__ taps, bool flip,
   }
 }
 
-at::Tensor transform_filters(const at::Tensor& weight, bool flip, int64_t C, int64_t K) {
-  // [c][a][b][k]: the forward filter g(k, c) = weight[k][c] reads weight.permute(1, 2, 3, 0); the flipped one
-  // g(k, c) = weight[c][k] turned by 180 degrees reads weight.permute(0, 2, 3, 1) with the taps reversed.
-  const at::Tensor taps = (flip ? weight.permute({0, 2, 3, 1}) : weight.permute({1, 2, 3, 0})).contiguous();
+// U (16, C, K) for the filters g(k, c) = weight[k][c], or, flipped, weight[c][k] turned by 180 degrees. The taps
+// of kTapRow filters for kTapChannels input channels are gathered into rows over k (a transpose through L1 that
+// reads the weight in runs of kTapChannels * 9 floats, in place of a permuted copy of the whole weight), then
+// transformed vectorised along k.
+constexpr int64_t kTapChannels = 16;
+
+at::Tensor transform_filters(const at::Tensor& weight_in, bool flip, int64_t C, int64_t K) {
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t in_stride = flip ? weight.stride(0) : weight.stride(1);
+  const int64_t out_stride = flip ? weight.stride(1) : weight.stride(0);
   at::Tensor U = at::empty({16, C, K}, weight.options());
-  const float* src = taps.const_data_ptr<float>();
+  const float* src = weight.const_data_ptr<float>();
   float* dst = U.mutable_data_ptr<float>();
-  at::parallel_for(0, C, grain_for(9 * K), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) filter_row(src + c * 9 * K, flip, K, dst + c * K, C * K);
+  const int64_t chunks = (C + kTapChannels - 1) / kTapChannels;
+  at::parallel_for(0, chunks, grain_for(kTapChannels * 9 * K), [&](int64_t begin, int64_t end) {
+    std::vector<float> taps(kTapChannels * 9 * kTapRow);  // [channel][tap][k]
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t c0 = chunk * kTapChannels, nc = std::min(kTapChannels, C - c0);
+      for (int64_t k0 = 0; k0 < K; k0 += kTapRow) {
+        const int64_t n = std::min(kTapRow, K - k0);
+        for (int64_t k = 0; k < n; ++k) {
+          for (int64_t c = 0; c < nc; ++c) {
+            const float* g = src + (c0 + c) * in_stride + (k0 + k) * out_stride;
+            for (int tap = 0; tap < 9; ++tap) taps[(c * 9 + (flip ? 8 - tap : tap)) * kTapRow + k] = g[tap];
+          }
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          filter_transform(taps.data() + c * 9 * kTapRow, n, dst + (c0 + c) * K + k0, C * K);
+        }
+      }
+    }
   });
   return U;
 }
@@ -189,9 +208,10 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
                           padding[0] <= 2 && padding[1] >= 0 && padding[1] <= 2 && input.size(1) == weight.size(1);
   if (!shape_fits) return false;
   const int64_t HO = input.size(2) + 2 * padding[0] - 2, WO = input.size(3) + 2 * padding[1] - 2;
-  if (HO < 1 || WO < 1 || input.size(0) * ((HO + 1) / 2) * ((WO + 1) / 2) < kMinTiles) return false;
-  return memory_format_of(input) == at::MemoryFormat::ChannelsLast &&
-         std::min(weight.size(0), weight.size(1)) >= kMinChannels;
+  if (HO < 1 || WO < 1) return false;
+  const int64_t tiles = input.size(0) * ((HO + 1) / 2) * ((WO + 1) / 2);
+  return memory_format_of(input) == at::MemoryFormat::ChannelsLast && tiles >= kMinTiles &&
+         tiles * weight.size(0) * weight.size(1) >= kMinWork && std::min(weight.size(0), weight.size(1)) >= kMinChannels;
 }
 
 at::Tensor winograd_conv3x3(const at::Tensor& input_in, const at::Tensor& weight, at::IntArrayRef padding,
@@ -213,10 +233,12 @@ at::Tensor winograd_conv3x3(const at::Tensor& input_in, const at::Tensor& weight
   at::Tensor out = at::empty({g.N, K, g.HO, g.WO}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   const at::Tensor U = transform_filters(weight, flip_weight, C, K);
-  // Tiles per block: V and M of one block (16 * block * (C + K) floats) within about 2 MiB, the L2 of one core;
-  // then as many blocks as make a whole number per thread, evened out (a 4-3 split of 7 blocks on 2 threads costs
-  // an eighth). The sums do not depend on the split: outputs are bitwise the same on 1, 2 or 3 threads (tested).
-  const int64_t threads = at::get_num_threads(), max_block = std::clamp<int64_t>(32768 / (C + K), 8, 256);
+  // Tiles per block, measured (conv block forward, 2 threads, blocks of 16 to 256 tiles interleaved): 64 where
+  // C + K >= 512 (512 channels: 24.2 ms at 64, 27.0 at 32, 26.3 at 256), else 128 (128 channels: 19.9 ms at 128,
+  // 23.4 at 64; 64 channels: 27.4 at 128, 31.4 at 256) - longer GEMMs against V and M spilling from L2. Then as
+  // many blocks as make a whole number per thread, evened out (a 4-3 split of 7 blocks on 2 threads costs an
+  // eighth). The sums do not depend on the split: outputs are bitwise the same on 1, 2 or 3 threads (tested).
+  const int64_t threads = at::get_num_threads(), max_block = C + K >= 512 ? 64 : 128;
   const int64_t blocks = (g.tiles() + max_block - 1) / max_block + threads - 1;
   const int64_t rounded = blocks - blocks % threads, block = (g.tiles() + rounded - 1) / rounded;
   const float* in = input.const_data_ptr<float>();

@@ -14,17 +14,18 @@ from _tolerances import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="fastcnn._C is not built")
 
-# (N, C_in, C_out, H, W, padding, channels_last): each channels_last with at least 256 2x2 output tiles and 64
-# channels on both sides, so the rule picks Winograd.
+# (N, C_in, C_out, H, W, padding, channels_last): each channels_last with at least 96 2x2 output tiles, 64 channels
+# on both sides and tiles * C_in * C_out >= 2^21, so the rule picks Winograd.
 ELIGIBLE = [
     (2, 64, 64, 33, 31, 1, True),
-    (1, 64, 96, 41, 33, 0, True),
+    (1, 64, 96, 45, 33, 0, True),
     (2, 96, 64, 25, 27, 2, True),
     (1, 128, 160, 35, 33, 2, True),
 ]
-# Just outside the rule: too few tiles, too few channels, NCHW, stride 2, 5x5, float64.
+# Just outside the rule: too little work, too few tiles, too few channels, NCHW, stride 2, 5x5, float64.
 NOT_ELIGIBLE = [
-    dict(shape=(1, 64, 64, 28, 28), padding=1, channels_last=True),         # 196 tiles
+    dict(shape=(1, 64, 64, 28, 28), padding=1, channels_last=True),         # 196 tiles * 64 * 64 < 2^21
+    dict(shape=(1, 256, 256, 18, 20), padding=1, channels_last=True),       # 90 tiles
     dict(shape=(2, 32, 64, 40, 40), padding=1, channels_last=True),         # 32 input channels
     dict(shape=(2, 128, 128, 40, 40), padding=1, channels_last=False),      # NCHW
     dict(shape=(2, 64, 64, 40, 40), padding=1, channels_last=True, stride=2),
@@ -102,7 +103,7 @@ def test_results_do_not_depend_on_the_thread_count():
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_input_reaches_the_outputs_stock_reaches(value):
-    x, weight, bias = _inputs(1, 64, 64, 32, 34, True)
+    x, weight, bias = _inputs(2, 64, 64, 32, 34, True)
     x[0, 3, 0, 0] = value     # a tile corner
     x[0, 5, 17, 9] = value    # inside a tile
     x[0, 7, 31, 33] = value   # the far edge
@@ -117,8 +118,8 @@ def test_nonfinite_input_reaches_the_outputs_stock_reaches(value):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_gradient_reaches_the_inputs_stock_reaches(value):
-    x, weight, bias = _inputs(1, 64, 64, 32, 34, True)
-    grad_out = torch.randn(1, 64, 32, 34)
+    x, weight, bias = _inputs(2, 64, 64, 32, 34, True)
+    grad_out = torch.randn(2, 64, 32, 34)
     grad_out[0, 2, 0, 0] = value
     grad_out[0, 9, 20, 13] = -value
     args = ((1, 1), (1, 1), (1, 1), 1, "none", (2, 2), (2, 2))
@@ -140,9 +141,11 @@ def _case_arguments(case):
 
 
 AGREEMENT_CASES = NOT_ELIGIBLE + [dict(shape=c[:5], padding=c[5], channels_last=c[6]) for c in ELIGIBLE] + [
-    dict(shape=(1, 64, 64, 32, 32), padding=1, channels_last=True),   # 256 tiles: the threshold
-    dict(shape=(1, 64, 64, 31, 31), padding=1, channels_last=True),   # 256 tiles, the last ones partial
-    dict(shape=(1, 64, 64, 30, 31), padding=1, channels_last=True),   # 240 tiles
+    dict(shape=(2, 64, 64, 32, 32), padding=1, channels_last=True),   # 512 tiles * 64 * 64 = 2^21: the threshold
+    dict(shape=(2, 64, 64, 31, 32), padding=1, channels_last=True),   # 512 tiles, the last row partial
+    dict(shape=(2, 64, 64, 30, 32), padding=1, channels_last=True),   # 480 tiles
+    dict(shape=(2, 256, 256, 14, 13), padding=1, channels_last=True),  # 98 tiles, above the minimum
+    dict(shape=(1, 256, 256, 19, 19), padding=0, channels_last=True),  # 81 tiles, below it
 ]
 
 
@@ -162,7 +165,7 @@ def test_conv_relu_module_runs_winograd_by_default_and_matches_stock():
     layer = fastcnn.nn.ConvReLU2d(64, 64, 3, padding=1)
     reference = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU())
     reference[0].load_state_dict(layer.state_dict())
-    x = torch.randn(2, 64, 34, 30).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 34, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert _ran_winograd(lambda: layer(x))
         out = layer(x)

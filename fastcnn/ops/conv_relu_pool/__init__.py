@@ -30,13 +30,14 @@ def conv_output_elements(input, weight):
 # Where the CPU backend's convolution is fastcnn's Winograd F(2x2, 3x3) rather than oneDNN's direct one: the rule of
 # winograd_applies in csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the
 # class; tests/ops/test_winograd.py checks that the two agree.
-WINOGRAD_MIN_TILES = 256
+WINOGRAD_MIN_TILES = 96
+WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
 WINOGRAD_MIN_CHANNELS = 64
 
 
 def winograd_runs(input, weight, stride, padding, dilation, groups):
     """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last input, 3x3,
-    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles and channels)."""
+    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work)."""
     if (input.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 4
             or weight.shape[2:] != (3, 3) or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
             or input.dim() != 4 or input.shape[1] != weight.shape[1]):
@@ -44,9 +45,12 @@ def winograd_runs(input, weight, stride, padding, dilation, groups):
     if not all(isinstance(p, int) and 0 <= p <= 2 for p in padding):
         return False
     out_h, out_w = input.shape[2] + 2 * padding[0] - 2, input.shape[3] + 2 * padding[1] - 2
-    if out_h < 1 or out_w < 1 or input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2) < WINOGRAD_MIN_TILES:
+    if out_h < 1 or out_w < 1:
         return False
-    return layout_of(input) == "channels_last" and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
+    tiles = input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
+    return (layout_of(input) == "channels_last" and tiles >= WINOGRAD_MIN_TILES
+            and tiles * weight.shape[0] * weight.shape[1] >= WINOGRAD_MIN_WORK
+            and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS)
 
 
 def _size_class(input, weight, stride, padding, dilation, groups):
