@@ -8,7 +8,8 @@ torch.compile default, and torch.compile(mode="max-autotune") on GPU only. Every
 against a float64 oracle in the same run (see _harness.check); a wrong result marks the row failed.
 
     python benchmarks/bench_conv_block.py [--device cpu|cuda] [--quick] [--sweep] [--batch N] [--out DIR]
-        [--blocks block1,...] [--headline-only] [--no-max-autotune] [--wait-quiet S] [--retries N]
+        [--blocks block1,...] [--headline-only] [--layout contiguous|channels_last] [--no-max-autotune]
+        [--wait-quiet S] [--retries N]
 (benchmarks/README.md explains each option and what is measured.)
 """
 import argparse
@@ -222,6 +223,8 @@ def describe(row):
 def cases_for(args, device):
     """(sweep axis or None, Case-constructor args) for the headline suite or the sweep."""
     layouts = LAYOUTS[device.type][:1] if (args.quick or args.sweep or args.headline_only) else LAYOUTS[device.type]
+    if args.layout:
+        layouts = [(dtype, fmt) for dtype, fmt in LAYOUTS[device.type] if LAYOUT_NAME[fmt] == args.layout][:1]
     batch = args.batch or (1 if args.quick else DEFAULT_BATCH[device.type])
     if args.sweep:
         s = SWEEP[device.type]
@@ -241,9 +244,11 @@ def cases_for(args, device):
 
 
 def suite_name(args):
-    """conv_block[_sweep][_quick][_pool-none][_<blocks>]: a partial run never overwrites the full run's file."""
+    """conv_block[_sweep][_quick][_pool-none][_<layout>][_<blocks>]: a partial run never overwrites the full run's
+    file."""
     suite = "conv_block" + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "")
     suite += "_pool-none" if args.pool == "none" else ""
+    suite += "_" + args.layout if args.layout else ""
     return suite + ("_" + args.blocks.replace(",", "-") if args.blocks and not (args.sweep or args.quick) else "")
 
 
@@ -256,6 +261,8 @@ def parse_args(argv):
     parser.add_argument("--blocks", help="comma-separated subset of block1..block5 (to split a long run)")
     parser.add_argument("--headline-only", action="store_true",
                         help="only the first table (GPU: bf16 channels_last; CPU: fp32 contiguous)")
+    parser.add_argument("--layout", choices=sorted(LAYOUT_NAME.values()),
+                        help="only this layout's table (its first dtype); the sweep's default: the first table's")
     parser.add_argument("--no-max-autotune", action="store_true", help="leave torch.compile max-autotune out")
     parser.add_argument("--res-scale", type=float, default=1.0, help="scale every block's resolution")
     parser.add_argument("--pool", choices=["max", "none"], default="max",

@@ -38,12 +38,13 @@ namespace {
 // - channels_last input. Its error against float64 (relative RMS 2-4.4e-7 for 64-512 channels) is below oneDNN's
 //   channels_last convolution's (3-11e-7), but above oneDNN's NCHW one (1.2-1.9e-7) by more than the benchmarks'
 //   accuracy rule allows (twice stock's error plus one epsilon: the input gradient of 256 -> 256 at 56x56 failed it).
-// - enough work to amortise the per-call filter transform and the GEMMs' fixed costs (conv + ReLU + 2x2 max pool
-//   forward, 2 threads, against the fused block on oneDNN's convolution): at least 96 tiles (49 tiles of 256 or
-//   512 channels: 0.89-0.96x stock; 98 tiles: 1.17-1.22x) and tiles * C_in * C_out >= 2^21 (64 channels at 200
-//   tiles 0.97x, 392 1.08x, 800 1.37x; 128 channels at 98 tiles 1.05x, 200 1.18x);
+// - enough work to amortise the per-call filter transform, which reads the weight and writes U (16 * C_in * C_out
+//   floats) that every block then reads: at least 256 tiles and tiles * C_in * C_out >= 2^21. With warm caches 98
+//   tiles of 512 channels won (1.17x), but in the conv-block suite, which evicts the caches before each call as the
+//   layers of a network do, they lost (VGG-16 block5 channels_last: 0.83x forward, 0.90x forward+backward); 64
+//   channels at 200 tiles 0.97x, 392 1.08x, 800 1.37x (warm);
 // - at least 64 channels on both sides (fewer leave the GEMMs too short).
-constexpr int64_t kMinTiles = 96, kMinWork = int64_t{1} << 21, kMinChannels = 64;
+constexpr int64_t kMinTiles = 256, kMinWork = int64_t{1} << 21, kMinChannels = 64;
 
 struct Geometry {
   int64_t N, C, K, H, W, ph, pw, HO, WO, TH, TW;  // C in, K out; TH x TW tiles of 2x2 outputs per image

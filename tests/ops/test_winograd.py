@@ -14,7 +14,7 @@ from _tolerances import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="fastcnn._C is not built")
 
-# (N, C_in, C_out, H, W, padding, channels_last): each channels_last with at least 96 2x2 output tiles, 64 channels
+# (N, C_in, C_out, H, W, padding, channels_last): each channels_last with at least 256 2x2 output tiles, 64 channels
 # on both sides and tiles * C_in * C_out >= 2^21, so the rule picks Winograd.
 ELIGIBLE = [
     (2, 64, 64, 33, 31, 1, True),
@@ -25,7 +25,7 @@ ELIGIBLE = [
 # Just outside the rule: too little work, too few tiles, too few channels, NCHW, stride 2, 5x5, float64.
 NOT_ELIGIBLE = [
     dict(shape=(1, 64, 64, 28, 28), padding=1, channels_last=True),         # 196 tiles * 64 * 64 < 2^21
-    dict(shape=(1, 256, 256, 18, 20), padding=1, channels_last=True),       # 90 tiles
+    dict(shape=(2, 256, 256, 14, 14), padding=1, channels_last=True),       # 98 tiles
     dict(shape=(2, 32, 64, 40, 40), padding=1, channels_last=True),         # 32 input channels
     dict(shape=(2, 128, 128, 40, 40), padding=1, channels_last=False),      # NCHW
     dict(shape=(2, 64, 64, 40, 40), padding=1, channels_last=True, stride=2),
@@ -144,8 +144,8 @@ AGREEMENT_CASES = NOT_ELIGIBLE + [dict(shape=c[:5], padding=c[5], channels_last=
     dict(shape=(2, 64, 64, 32, 32), padding=1, channels_last=True),   # 512 tiles * 64 * 64 = 2^21: the threshold
     dict(shape=(2, 64, 64, 31, 32), padding=1, channels_last=True),   # 512 tiles, the last row partial
     dict(shape=(2, 64, 64, 30, 32), padding=1, channels_last=True),   # 480 tiles
-    dict(shape=(2, 256, 256, 14, 13), padding=1, channels_last=True),  # 98 tiles, above the minimum
-    dict(shape=(1, 256, 256, 19, 19), padding=0, channels_last=True),  # 81 tiles, below it
+    dict(shape=(1, 256, 256, 32, 31), padding=1, channels_last=True),  # 256 tiles: the minimum
+    dict(shape=(1, 256, 256, 30, 32), padding=1, channels_last=True),  # 240 tiles
 ]
 
 

@@ -30,7 +30,7 @@ def conv_output_elements(input, weight):
 # Where the CPU backend's convolution is fastcnn's Winograd F(2x2, 3x3) rather than oneDNN's direct one: the rule of
 # winograd_applies in csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the
 # class; tests/ops/test_winograd.py checks that the two agree.
-WINOGRAD_MIN_TILES = 96
+WINOGRAD_MIN_TILES = 256
 WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
 WINOGRAD_MIN_CHANNELS = 64
 
