@@ -25,7 +25,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_pool(const at::Tensor& input, con
                                                     c10::string_view pool, at::IntArrayRef pool_size,
                                                     at::IntArrayRef pool_stride) {
   check_floating_4d(input, "input");
-  at::Tensor conv = winograd_applies(input, weight, stride, padding, dilation, groups)
+  const bool winograd = winograd_applies(input, weight, stride, padding, dilation, groups);
+  const bool max_pool_2x2 = pool == "max" && pool_size[0] == 2 && pool_size[1] == 2 && pool_stride[0] == 2 &&
+                            pool_stride[1] == 2;
+  if (winograd && max_pool_2x2) {  // the pool in Winograd's output transform; a non-finite output runs direct
+    if (auto fused = winograd_conv3x3_relu_maxpool(input, weight, bias, padding)) return *std::move(fused);
+  }
+  at::Tensor conv = winograd && !max_pool_2x2
                         ? winograd_conv3x3(input, weight, padding, /*flip_weight=*/false)
                         : at::convolution(input, weight, /*bias=*/c10::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups);

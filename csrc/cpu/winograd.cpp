@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 // The Fortran BLAS sgemm of the library torch links (MKL on x86 builds), weak so that a torch built without one
@@ -145,8 +147,25 @@ FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const G
   }
 }
 
-// out = A^T M A for the tiles [t0, t0 + nb), written NHWC; outputs past an odd edge are dropped. Returns false
-// where an output is not finite (a sum of its values times zero is then NaN, else zero).
+// y = (A^T M A) at channel k of one tile, in the order (0, 0), (0, 1), (1, 0), (1, 1); M's 16 values of channel k
+// are q_stride apart.
+__attribute__((always_inline)) inline void tile_outputs(const float* __restrict__ m, int64_t q_stride, int64_t k,
+                                                        float y[4]) {
+  float left[4], right[4];  // M A, row by row
+  for (int i = 0; i < 4; ++i) {
+    left[i] = m[(i * 4 + 0) * q_stride + k] + m[(i * 4 + 1) * q_stride + k] + m[(i * 4 + 2) * q_stride + k];
+    right[i] = m[(i * 4 + 1) * q_stride + k] - m[(i * 4 + 2) * q_stride + k] - m[(i * 4 + 3) * q_stride + k];
+  }
+  y[0] = left[0] + left[1] + left[2];
+  y[1] = right[0] + right[1] + right[2];
+  y[2] = left[1] - left[2] - left[3];
+  y[3] = right[1] - right[2] - right[3];
+}
+
+// The output transforms below return false where an output is not finite: a sum of the outputs times zero is then
+// NaN, else zero.
+
+// out = A^T M A for the tiles [t0, t0 + nb), written NHWC; outputs past an odd edge are dropped.
 FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
                                             int64_t block, float* __restrict__ tile, float* __restrict__ out) {
   const int64_t K = g.K, q_stride = block * K;
@@ -154,18 +173,12 @@ FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const G
   for (int64_t tt = 0; tt < nb; ++tt) {
     const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
     const float* __restrict__ m = M + tt * K;
-#pragma omp simd
+#pragma omp simd reduction(+ : probe)
     for (int64_t k = 0; k < K; ++k) {
-      float left[4], right[4];  // M A, row by row
-      for (int i = 0; i < 4; ++i) {
-        left[i] = m[(i * 4 + 0) * q_stride + k] + m[(i * 4 + 1) * q_stride + k] + m[(i * 4 + 2) * q_stride + k];
-        right[i] = m[(i * 4 + 1) * q_stride + k] - m[(i * 4 + 2) * q_stride + k] - m[(i * 4 + 3) * q_stride + k];
-      }
-      tile[0 * K + k] = left[0] + left[1] + left[2];     // (0, 0)
-      tile[1 * K + k] = right[0] + right[1] + right[2];  // (0, 1)
-      tile[2 * K + k] = left[1] - left[2] - left[3];     // (1, 0)
-      tile[3 * K + k] = right[1] - right[2] - right[3];  // (1, 1)
-      probe += (tile[k] + tile[K + k] + tile[2 * K + k] + tile[3 * K + k]) * 0.0f;
+      float y[4];
+      tile_outputs(m, q_stride, k, y);
+      for (int j = 0; j < 4; ++j) tile[j * K + k] = y[j];
+      probe += (y[0] + y[1] + y[2] + y[3]) * 0.0f;
     }
     for (int a = 0; a < 2; ++a) {
       for (int b = 0; b < 2; ++b) {
@@ -173,6 +186,42 @@ FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const G
         if (y < g.HO && x < g.WO) std::memcpy(out + ((n * g.HO + y) * g.WO + x) * K, tile + (a * 2 + b) * K,
                                               K * sizeof(float));
       }
+    }
+  }
+  return probe == 0.0f;
+}
+
+// The fused block's epilogue on the tiles [t0, t0 + nb): a 2x2 tile is exactly one window of the 2x2 stride-2 max
+// pool, so relu(y + bias) and its max are taken in registers and only the pooled value and its code are written -
+// the same values, in the same order and rounding, as fastcnn::bias_relu_pool on the stored convolution (the max
+// starts below every ReLU output and takes v where v > best or v is NaN; the code is the window offset). Tiles past
+// an odd edge feed no window.
+FASTCNN_VECTOR_CLONES bool output_relu_maxpool(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
+                                               int64_t block, const float* __restrict__ bias,
+                                               float* __restrict__ out, uint8_t* __restrict__ code) {
+  const int64_t K = g.K, q_stride = block * K, PH = g.HO / 2, PW = g.WO / 2;
+  float probe = 0.0f;
+  for (int64_t tt = 0; tt < nb; ++tt) {
+    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
+    if (ty >= PH || tx >= PW) continue;
+    const float* __restrict__ m = M + tt * K;
+    float* __restrict__ o = out + ((n * PH + ty) * PW + tx) * K;
+    uint8_t* __restrict__ c = code + ((n * PH + ty) * PW + tx) * K;
+#pragma omp simd reduction(+ : probe)
+    for (int64_t k = 0; k < K; ++k) {
+      float y[4];
+      tile_outputs(m, q_stride, k, y);
+      probe += (y[0] + y[1] + y[2] + y[3]) * 0.0f;
+      float best = -1.0f;
+      uint32_t offset = 0;
+      for (uint32_t j = 0; j < 4; ++j) {
+        const float v = keep_if(y[j] + bias[k], relu_passes(y[j] + bias[k]));
+        const bool take = (v > best) | (v != v);
+        best = take ? v : best;
+        offset = take ? j : offset;
+      }
+      o[k] = best;
+      c[k] = static_cast<uint8_t>(offset);
     }
   }
   return probe == 0.0f;
@@ -215,25 +264,32 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
          tiles * weight.size(0) * weight.size(1) >= kMinWork && std::min(weight.size(0), weight.size(1)) >= kMinChannels;
 }
 
-at::Tensor winograd_conv3x3(const at::Tensor& input_in, const at::Tensor& weight, at::IntArrayRef padding,
-                            bool flip_weight) {
+namespace {
+
+// One call's tiles, blocks and transformed filters.
+struct Plan {
+  Geometry g;
+  at::Tensor input, U;  // input channels_last
+  int64_t block, blocks;
+};
+
+Plan make_plan(const at::Tensor& input_in, const at::Tensor& weight, at::IntArrayRef padding, bool flip_weight) {
   TORCH_CHECK(input_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && input_in.dim() == 4 &&
                   weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "fastcnn: winograd_conv3x3 takes float32 (N, C, H, W) input and (C_out, C_in, 3, 3) weight");
-  RECORD_FUNCTION("fastcnn::winograd_conv3x3", std::vector<c10::IValue>({input_in, weight}));  // named in profiles
   const int64_t C = flip_weight ? weight.size(0) : weight.size(1), K = flip_weight ? weight.size(1) : weight.size(0);
   TORCH_CHECK(input_in.size(1) == C, "fastcnn: winograd_conv3x3: input has ", input_in.size(1), " channels, the ",
               "weight expects ", C);
-  const at::Tensor input = input_in.contiguous(at::MemoryFormat::ChannelsLast);
-  Geometry g{input.size(0), C, K, input.size(2), input.size(3), padding[0], padding[1], 0, 0, 0, 0};
+  Plan p;
+  p.input = input_in.contiguous(at::MemoryFormat::ChannelsLast);
+  Geometry& g = p.g;
+  g = {p.input.size(0), C, K, p.input.size(2), p.input.size(3), padding[0], padding[1], 0, 0, 0, 0};
   g.HO = g.H + 2 * g.ph - 2;
   g.WO = g.W + 2 * g.pw - 2;
   TORCH_CHECK(g.HO >= 1 && g.WO >= 1, "fastcnn: winograd_conv3x3: the input is smaller than the kernel");
   g.TH = (g.HO + 1) / 2;
   g.TW = (g.WO + 1) / 2;
-  at::Tensor out = at::empty({g.N, K, g.HO, g.WO}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return out;
-  const at::Tensor U = transform_filters(weight, flip_weight, C, K);
+  p.U = transform_filters(weight, flip_weight, C, K);
   // Tiles per block, measured (conv block forward, 2 threads, blocks of 16 to 256 tiles interleaved): 64 where
   // C + K >= 512 (512 channels: 24.2 ms at 64, 27.0 at 32, 26.3 at 256), else 128 (128 channels: 19.9 ms at 128,
   // 23.4 at 64; 64 channels: 27.4 at 128, 31.4 at 256) - longer GEMMs against V and M spilling from L2. Then as
@@ -241,30 +297,75 @@ at::Tensor winograd_conv3x3(const at::Tensor& input_in, const at::Tensor& weight
   // eighth). The sums do not depend on the split: outputs are bitwise the same on 1, 2 or 3 threads (tested).
   const int64_t threads = at::get_num_threads(), max_block = C + K >= 512 ? 64 : 128;
   const int64_t blocks = (g.tiles() + max_block - 1) / max_block + threads - 1;
-  const int64_t rounded = blocks - blocks % threads, block = (g.tiles() + rounded - 1) / rounded;
-  const float* in = input.const_data_ptr<float>();
-  const float* u = U.const_data_ptr<float>();
-  float* dst = out.mutable_data_ptr<float>();
+  p.blocks = blocks - blocks % threads;
+  p.block = (g.tiles() + p.blocks - 1) / p.blocks;
+  return p;
+}
+
+// Runs the input transform and the GEMMs of every block, each followed by finish(M, t0, nb, tile scratch), which
+// writes the block's outputs and returns false where one is not finite; returns whether all were finite.
+template <typename Finish>
+bool run_blocks(const Plan& p, const Finish& finish) {
+  const Geometry& g = p.g;
+  const float* in = p.input.const_data_ptr<float>();
+  const float* u = p.U.const_data_ptr<float>();
   std::atomic<bool> finite{true};
-  at::parallel_for(0, rounded, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(C, 0.0f), V(16 * block * C), M(16 * block * K), tile(4 * K);
+  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(g.C, 0.0f), V(16 * p.block * g.C), M(16 * p.block * g.K), tile(4 * g.K);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t t0 = b * block, nb = std::min(block, g.tiles() - t0);
+      const int64_t t0 = b * p.block, nb = std::min(p.block, g.tiles() - t0);
       if (nb <= 0) break;
-      input_transform(in, g, t0, nb, block, zero.data(), V.data());
-      tile_gemms(u, V.data(), g, nb, block, M.data());
-      if (!output_transform(M.data(), g, t0, nb, block, tile.data(), dst)) finite.store(false);
+      input_transform(in, g, t0, nb, p.block, zero.data(), V.data());
+      tile_gemms(u, V.data(), g, nb, p.block, M.data());
+      if (!finish(M.data(), t0, nb, tile.data())) finite.store(false);
     }
   });
-  if (finite.load()) return out;
+  return finite.load();
+}
+
+}  // namespace
+
+at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
+                            bool flip_weight) {
+  RECORD_FUNCTION("fastcnn::winograd_conv3x3", std::vector<c10::IValue>({input, weight}));  // named in profiles
+  const Plan p = make_plan(input, weight, padding, flip_weight);
+  const Geometry& g = p.g;
+  at::Tensor out = at::empty({g.N, g.K, g.HO, g.WO}, p.input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  float* dst = out.mutable_data_ptr<float>();
+  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, float* tile) {
+    return output_transform(M, g, t0, nb, p.block, tile, dst);
+  });
+  if (finite) return out;
   // A non-finite input or weight: the transforms subtract, so one infinity becomes NaN (inf - inf) in outputs where
   // the direct convolution gives +-inf; such calls (rare) run the direct convolution, whose results stock's match.
   // The flipped convolution with padding p' is the transposed convolution with padding 2 - p'.
   const std::array<int64_t, 2> direct_padding = flip_weight ? std::array<int64_t, 2>{2 - g.ph, 2 - g.pw}
                                                             : std::array<int64_t, 2>{g.ph, g.pw};
-  return at::convolution(input, weight, c10::nullopt, {1, 1}, direct_padding, {1, 1}, /*transposed=*/flip_weight,
+  return at::convolution(p.input, weight, c10::nullopt, {1, 1}, direct_padding, {1, 1}, /*transposed=*/flip_weight,
                          {0, 0}, 1)
       .contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::IntArrayRef padding) {
+  RECORD_FUNCTION("fastcnn::winograd_conv3x3", std::vector<c10::IValue>({input, weight}));
+  const Plan p = make_plan(input, weight, padding, /*flip_weight=*/false);
+  const Geometry& g = p.g;
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous()
+                                                           : at::zeros({g.K}, p.input.options());
+  TORCH_CHECK(b.numel() == g.K, "fastcnn: bias must have ", g.K, " elements, got ", b.numel());
+  const auto options = p.input.options().memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({g.N, g.K, g.HO / 2, g.WO / 2}, options);
+  at::Tensor code = at::empty({g.N, g.K, g.HO / 2, g.WO / 2}, options.dtype(at::kByte));
+  const float* bias_data = b.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  uint8_t* codes = code.mutable_data_ptr<uint8_t>();
+  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, float*) {
+    return output_relu_maxpool(M, g, t0, nb, p.block, bias_data, dst, codes);
+  });
+  if (!finite) return std::nullopt;
+  return std::make_tuple(out, code);
 }
 
 }  // namespace fastcnn

@@ -102,16 +102,18 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_input_reaches_the_outputs_stock_reaches(value):
+@pytest.mark.parametrize("pool", ["none", "max"])  # "max": the pool in the output transform
+def test_nonfinite_input_reaches_the_outputs_stock_reaches(value, pool):
     x, weight, bias = _inputs(2, 64, 64, 32, 34, True)
     x[0, 3, 0, 0] = value     # a tile corner
     x[0, 5, 17, 9] = value    # inside a tile
     x[0, 7, 31, 33] = value   # the far edge
     with torch.no_grad():
         expected = F.relu(F.conv2d(x, weight, bias, padding=1))
+        expected = F.max_pool2d(expected, 2) if pool == "max" else expected
         with fastcnn.use_backend("cpu"):
-            assert _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none"))
-            out = fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none")
+            assert _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool=pool))
+            out = fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool=pool)
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
     assert torch.equal(torch.isinf(out), torch.isinf(expected))
 
@@ -172,3 +174,21 @@ def test_conv_relu_module_runs_winograd_by_default_and_matches_stock():
         oracle = reference.double()(x.double())
         assert_close_to_oracle(out, reference.float()(x), oracle, "out")
         assert not _ran_winograd(lambda: layer(x[:, :, :16, :16]))  # 128 tiles: stock's layers
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 80, 33, 31), (1, 96, 64, 40, 38)], ids=str)
+def test_pool_in_the_output_transform_equals_the_epilogue_pass(shape):
+    """A 2x2 stride-2 max pool is taken in Winograd's output transform; its output and code must be exactly what
+    the epilogue pass (fastcnn::bias_relu_pool) makes of the same convolution's ReLU output."""
+    n, c_in, c_out, h, w = shape
+    x, weight, bias = _inputs(n, c_in, c_out, h, w, True)
+    x[0, :, 3:9, 4:10] = 0  # whole windows of equal values (the bias alone): ties for the code
+    op = torch.ops.fastcnn.conv2d_relu_pool
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    with torch.no_grad():
+        assert _ran_winograd(lambda: op(x, weight, bias, *conv, "max", [2, 2], [2, 2]))
+        out, code = op(x, weight, bias, *conv, "max", [2, 2], [2, 2])
+        relu_out, _ = op(x, weight, bias, *conv, "none", [1, 1], [1, 1])
+        expected, expected_code = torch.ops.fastcnn.bias_relu_pool(relu_out, None, "max", [2, 2], [2, 2])
+    assert torch.equal(out, expected) and torch.equal(code, expected_code)
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
+
 namespace fastcnn {
 
 // True where winograd_conv3x3 computes conv2d(input, weight, None, stride, padding, dilation, groups) and was
@@ -18,5 +21,13 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
 // convolution is winograd_conv3x3(grad_output, weight, 2 - padding, true).
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
                             bool flip_weight);
+
+// The fused block's forward for a 2x2 stride-2 max pool: (pool(relu(conv + bias)), code), both channels_last,
+// exactly what fastcnn::bias_relu_pool returns on winograd_conv3x3's output, with the pool taken in the output
+// transform (the full-size convolution output is never written). None where an output is not finite: the caller
+// then runs the direct convolution (see winograd_conv3x3).
+std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::IntArrayRef padding);
 
 }  // namespace fastcnn
