@@ -65,17 +65,6 @@ inline acc_t activate(scalar_t x, acc_t scale, acc_t bias) {
   return keep_if(v, !(v <= acc_t(0)));
 }
 
-// a where `take` is all ones, else b (take: 0 or all ones, as wide as acc_t).
-template <typename acc_t, typename bits_t>
-inline acc_t blend(bits_t take, acc_t a, acc_t b) {
-  bits_t x, y;
-  std::memcpy(&x, &a, sizeof(x));
-  std::memcpy(&y, &b, sizeof(y));
-  x = (x & take) | (y & ~take);
-  std::memcpy(&a, &x, sizeof(x));
-  return a;
-}
-
 // pool="none": K elements, scale and bias of element k at index k * kStep (1: per channel, 0: one per row).
 template <int kStep, typename scalar_t, typename acc_t>
 FASTCNN_VECTOR_CLONES void relu_run(const scalar_t* __restrict__ conv, const acc_t* __restrict__ scale,

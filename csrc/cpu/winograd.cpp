@@ -147,38 +147,55 @@ FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const G
   }
 }
 
-// y = (A^T M A) at channel k of one tile, in the order (0, 0), (0, 1), (1, 0), (1, 1); M's 16 values of channel k
-// are q_stride apart.
-__attribute__((always_inline)) inline void tile_outputs(const float* __restrict__ m, int64_t q_stride, int64_t k,
-                                                        float y[4]) {
+// One tile's 2x2 outputs at one channel.
+struct TileOut {
+  float y00, y01, y10, y11;
+};
+
+// (A^T M A) at channel k of one tile; M's 16 values of channel k are q_stride apart. (Returned by value: an array
+// whose address a vectorised loop body takes would become a per-lane array in memory.)
+__attribute__((always_inline)) inline TileOut tile_outputs(const float* __restrict__ m, int64_t q_stride, int64_t k) {
   float left[4], right[4];  // M A, row by row
   for (int i = 0; i < 4; ++i) {
     left[i] = m[(i * 4 + 0) * q_stride + k] + m[(i * 4 + 1) * q_stride + k] + m[(i * 4 + 2) * q_stride + k];
     right[i] = m[(i * 4 + 1) * q_stride + k] - m[(i * 4 + 2) * q_stride + k] - m[(i * 4 + 3) * q_stride + k];
   }
-  y[0] = left[0] + left[1] + left[2];
-  y[1] = right[0] + right[1] + right[2];
-  y[2] = left[1] - left[2] - left[3];
-  y[3] = right[1] - right[2] - right[3];
+  return {left[0] + left[1] + left[2], right[0] + right[1] + right[2], left[1] - left[2] - left[3],
+          right[1] - right[2] - right[3]};
 }
 
-// The output transforms below return false where an output is not finite: a sum of the outputs times zero is then
-// NaN, else zero.
+// The output transforms below return false where an output is not finite. 1 where one of a tile's outputs is not
+// finite: their sum times zero is then NaN (an integer flag, so that the loops reduce it without reassociating
+// floating-point sums).
+__attribute__((always_inline)) inline uint32_t not_finite(const TileOut& y) {
+  return static_cast<uint32_t>((y.y00 + y.y01 + y.y10 + y.y11) * 0.0f != 0.0f);
+}
+
+// The fused max pool's step: relu(y + bias) (rounded once, as the epilogue's) against the running max `best`, taken
+// where greater or NaN, `offset` its window offset; 32-bit masks (blend) keep the loop in one lane width.
+__attribute__((always_inline)) inline void pool_step(float y, float bias, uint32_t j, float& best, uint32_t& offset) {
+  const float z = y + bias;
+  const float v = keep_if(z, relu_passes(z));
+  const uint32_t take = -static_cast<uint32_t>((v > best) | (v != v));
+  best = blend(take, v, best);
+  offset = (j & take) | (offset & ~take);
+}
 
 // out = A^T M A for the tiles [t0, t0 + nb), written NHWC; outputs past an odd edge are dropped.
 FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
                                             int64_t block, float* __restrict__ tile, float* __restrict__ out) {
   const int64_t K = g.K, q_stride = block * K;
-  float probe = 0.0f;
+  uint32_t nonfinite = 0;
   for (int64_t tt = 0; tt < nb; ++tt) {
     const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
     const float* __restrict__ m = M + tt * K;
-#pragma omp simd reduction(+ : probe)
     for (int64_t k = 0; k < K; ++k) {
-      float y[4];
-      tile_outputs(m, q_stride, k, y);
-      for (int j = 0; j < 4; ++j) tile[j * K + k] = y[j];
-      probe += (y[0] + y[1] + y[2] + y[3]) * 0.0f;
+      const TileOut y = tile_outputs(m, q_stride, k);
+      tile[k] = y.y00;
+      tile[K + k] = y.y01;
+      tile[2 * K + k] = y.y10;
+      tile[3 * K + k] = y.y11;
+      nonfinite |= not_finite(y);
     }
     for (int a = 0; a < 2; ++a) {
       for (int b = 0; b < 2; ++b) {
@@ -188,7 +205,7 @@ FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const G
       }
     }
   }
-  return probe == 0.0f;
+  return nonfinite == 0;
 }
 
 // The fused block's epilogue on the tiles [t0, t0 + nb): a 2x2 tile is exactly one window of the 2x2 stride-2 max
@@ -198,33 +215,32 @@ FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const G
 // an odd edge feed no window.
 FASTCNN_VECTOR_CLONES bool output_relu_maxpool(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
                                                int64_t block, const float* __restrict__ bias,
-                                               float* __restrict__ out, uint8_t* __restrict__ code) {
+                                               uint32_t* __restrict__ offsets, float* __restrict__ out,
+                                               uint8_t* __restrict__ code) {
   const int64_t K = g.K, q_stride = block * K, PH = g.HO / 2, PW = g.WO / 2;
-  float probe = 0.0f;
+  uint32_t nonfinite = 0;
   for (int64_t tt = 0; tt < nb; ++tt) {
     const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
     if (ty >= PH || tx >= PW) continue;
     const float* __restrict__ m = M + tt * K;
     float* __restrict__ o = out + ((n * PH + ty) * PW + tx) * K;
-    uint8_t* __restrict__ c = code + ((n * PH + ty) * PW + tx) * K;
-#pragma omp simd reduction(+ : probe)
+    // The offsets are narrowed to the uint8 code in a second loop, so that the first keeps one lane width.
     for (int64_t k = 0; k < K; ++k) {
-      float y[4];
-      tile_outputs(m, q_stride, k, y);
-      probe += (y[0] + y[1] + y[2] + y[3]) * 0.0f;
-      float best = -1.0f;
+      const TileOut y = tile_outputs(m, q_stride, k);
+      nonfinite |= not_finite(y);
+      float best = -1.0f;  // below every ReLU output
       uint32_t offset = 0;
-      for (uint32_t j = 0; j < 4; ++j) {
-        const float v = keep_if(y[j] + bias[k], relu_passes(y[j] + bias[k]));
-        const bool take = (v > best) | (v != v);
-        best = take ? v : best;
-        offset = take ? j : offset;
-      }
+      pool_step(y.y00, bias[k], 0, best, offset);
+      pool_step(y.y01, bias[k], 1, best, offset);
+      pool_step(y.y10, bias[k], 2, best, offset);
+      pool_step(y.y11, bias[k], 3, best, offset);
       o[k] = best;
-      c[k] = static_cast<uint8_t>(offset);
+      offsets[k] = offset;
     }
+    uint8_t* __restrict__ c = code + ((n * PH + ty) * PW + tx) * K;
+    for (int64_t k = 0; k < K; ++k) c[k] = static_cast<uint8_t>(offsets[k]);
   }
-  return probe == 0.0f;
+  return nonfinite == 0;
 }
 
 // M_q = V_q U_q for the 16 positions q: V_q (nb x C) and M_q (nb x K) row-major with row strides C and K. A
@@ -362,7 +378,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
   float* dst = out.mutable_data_ptr<float>();
   uint8_t* codes = code.mutable_data_ptr<uint8_t>();
   const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, float*) {
-    return output_relu_maxpool(M, g, t0, nb, p.block, bias_data, dst, codes);
+    std::vector<uint32_t> offsets(g.K);
+    return output_relu_maxpool(M, g, t0, nb, p.block, bias_data, offsets.data(), dst, codes);
   });
   if (!finite) return std::nullopt;
   return std::make_tuple(out, code);

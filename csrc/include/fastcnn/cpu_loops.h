@@ -49,4 +49,16 @@ inline scalar_t keep_if(scalar_t v, bool keep) {
   return v;
 }
 
+// a where `take` is all ones, else b (take: 0 or all ones, as wide as acc_t): a select the vectoriser keeps in one
+// lane width, where `?:` on a mask of another width would split the loop or leave it scalar.
+template <typename acc_t, typename bits_t>
+inline acc_t blend(bits_t take, acc_t a, acc_t b) {
+  bits_t x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  x = (x & take) | (y & ~take);
+  std::memcpy(&a, &x, sizeof(x));
+  return a;
+}
+
 }  // namespace fastcnn
