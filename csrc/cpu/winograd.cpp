@@ -56,25 +56,30 @@ struct Geometry {
 // U[q][c][k] = (G g G^T)[q] for n filters g(k, c), k < n, whose tap (a, b) is taps[(a * 3 + b) * kTapRow + k].
 constexpr int64_t kTapRow = 64;
 
+// Row i of U = t G^T from row i of t = G g (the rows of one tap column are q_stride apart in U).
+__attribute__((always_inline)) inline void filter_row_out(float* __restrict__ u, int64_t row_stride, int64_t k, int i,
+                                                          float t0, float t1, float t2) {
+  u[(i * 4 + 0) * row_stride + k] = t0;
+  u[(i * 4 + 1) * row_stride + k] = 0.5f * (t0 + t1 + t2);
+  u[(i * 4 + 2) * row_stride + k] = 0.5f * (t0 - t1 + t2);
+  u[(i * 4 + 3) * row_stride + k] = t2;
+}
+
+// (The transforms keep their values in named scalars: a private array in a vectorised loop body becomes per-lane
+// memory.)
 FASTCNN_VECTOR_CLONES void filter_transform(const float* __restrict__ taps, int64_t n, float* __restrict__ u,
                                             int64_t row_stride) {
-#pragma omp simd
+#pragma omp simd  // U's rows do not overlap the taps (the vectoriser cannot prove it across row_stride)
   for (int64_t k = 0; k < n; ++k) {
-    const float* f = taps + k;
-    float t[4][3];
-    for (int b = 0; b < 3; ++b) {  // t = G g
-      const float g0 = f[b * kTapRow], g1 = f[(3 + b) * kTapRow], g2 = f[(6 + b) * kTapRow];
-      t[0][b] = g0;
-      t[1][b] = 0.5f * (g0 + g1 + g2);
-      t[2][b] = 0.5f * (g0 - g1 + g2);
-      t[3][b] = g2;
-    }
-    for (int i = 0; i < 4; ++i) {  // U = t G^T
-      u[(i * 4 + 0) * row_stride + k] = t[i][0];
-      u[(i * 4 + 1) * row_stride + k] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-      u[(i * 4 + 2) * row_stride + k] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-      u[(i * 4 + 3) * row_stride + k] = t[i][2];
-    }
+    const float* f = taps + k;  // tap (a, b) at f[(a * 3 + b) * kTapRow]
+    const float g00 = f[0], g01 = f[kTapRow], g02 = f[2 * kTapRow];
+    const float g10 = f[3 * kTapRow], g11 = f[4 * kTapRow], g12 = f[5 * kTapRow];
+    const float g20 = f[6 * kTapRow], g21 = f[7 * kTapRow], g22 = f[8 * kTapRow];
+    // t = G g, row by row
+    filter_row_out(u, row_stride, k, 0, g00, g01, g02);
+    filter_row_out(u, row_stride, k, 1, 0.5f * (g00 + g10 + g20), 0.5f * (g01 + g11 + g21), 0.5f * (g02 + g12 + g22));
+    filter_row_out(u, row_stride, k, 2, 0.5f * (g00 - g10 + g20), 0.5f * (g01 - g11 + g21), 0.5f * (g02 - g12 + g22));
+    filter_row_out(u, row_stride, k, 3, g20, g21, g22);
   }
 }
 
@@ -113,6 +118,15 @@ at::Tensor transform_filters(const at::Tensor& weight_in, bool flip, int64_t C, 
   return U;
 }
 
+// Row i of (B^T d) B from row i of r = B^T d.
+__attribute__((always_inline)) inline void input_row_out(float* __restrict__ v, int64_t q_stride, int64_t c, int i,
+                                                         float r0, float r1, float r2, float r3) {
+  v[(i * 4 + 0) * q_stride + c] = r0 - r2;
+  v[(i * 4 + 1) * q_stride + c] = r1 + r2;
+  v[(i * 4 + 2) * q_stride + c] = r2 - r1;
+  v[(i * 4 + 3) * q_stride + c] = r1 - r3;
+}
+
 // V[q][t][c] = (B^T d B)[q] for the tiles [t0, t0 + nb) of an NHWC input; taps outside the image read `zero`.
 FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const Geometry& g, int64_t t0, int64_t nb,
                                            int64_t block, const float* __restrict__ zero, float* __restrict__ V) {
@@ -128,21 +142,19 @@ FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const G
     }
     float* __restrict__ v = V + tt * C;
     const int64_t q_stride = block * C;
+    // `omp simd`: the rows of V written do not overlap the input rows read, which the vectoriser cannot prove
+    // through the array of pointers.
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      float r[4][4];
-      for (int j = 0; j < 4; ++j) {  // r = B^T d
-        r[0][j] = d[0][j][c] - d[2][j][c];
-        r[1][j] = d[1][j][c] + d[2][j][c];
-        r[2][j] = d[2][j][c] - d[1][j][c];
-        r[3][j] = d[1][j][c] - d[3][j][c];
-      }
-      for (int i = 0; i < 4; ++i) {  // (B^T d) B
-        v[(i * 4 + 0) * q_stride + c] = r[i][0] - r[i][2];
-        v[(i * 4 + 1) * q_stride + c] = r[i][1] + r[i][2];
-        v[(i * 4 + 2) * q_stride + c] = r[i][2] - r[i][1];
-        v[(i * 4 + 3) * q_stride + c] = r[i][1] - r[i][3];
-      }
+      // r = B^T d, column by column, then (B^T d) B row by row
+      const float d00 = d[0][0][c], d01 = d[0][1][c], d02 = d[0][2][c], d03 = d[0][3][c];
+      const float d10 = d[1][0][c], d11 = d[1][1][c], d12 = d[1][2][c], d13 = d[1][3][c];
+      const float d20 = d[2][0][c], d21 = d[2][1][c], d22 = d[2][2][c], d23 = d[2][3][c];
+      const float d30 = d[3][0][c], d31 = d[3][1][c], d32 = d[3][2][c], d33 = d[3][3][c];
+      input_row_out(v, q_stride, c, 0, d00 - d20, d01 - d21, d02 - d22, d03 - d23);
+      input_row_out(v, q_stride, c, 1, d10 + d20, d11 + d21, d12 + d22, d13 + d23);
+      input_row_out(v, q_stride, c, 2, d20 - d10, d21 - d11, d22 - d12, d23 - d13);
+      input_row_out(v, q_stride, c, 3, d10 - d30, d11 - d31, d12 - d32, d13 - d33);
     }
   }
 }
