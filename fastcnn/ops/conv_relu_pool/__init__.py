@@ -2,9 +2,9 @@
 
 Backends, in the order tried (`ROUTES`): on CUDA tensors "cuda" (cuDNN convolution + fastcnn's fused epilogue and
 backward kernels), then "triton" (implicit-GEMM convolution with the pool in its epilogue); on CPU tensors "cpu"
-(oneDNN's convolution, or fastcnn's Winograd F(2x2, 3x3) where `winograd_runs`, + one C++ epilogue pass);
-"reference" (plain PyTorch) everywhere. The CUDA order is provisional until the kernels are timed on a GPU (see
-benchmarks/); forcing a backend is possible with fastcnn.set_backend.
+(oneDNN's convolution + one C++ epilogue pass, or where `winograd_runs` fastcnn's Winograd F(2x2, 3x3), with a
+2x2 max pool taken in its output transform); "reference" (plain PyTorch) everywhere. The CUDA order is provisional
+until the kernels are timed on a GPU (see benchmarks/); forcing a backend is possible with fastcnn.set_backend.
 """
 import torch
 
@@ -37,10 +37,13 @@ WINOGRAD_MIN_CHANNELS = 64
 
 def winograd_runs(input, weight, stride, padding, dilation, groups):
     """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last input, 3x3,
-    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work)."""
-    if (input.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 4
-            or weight.shape[2:] != (3, 3) or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
-            or input.dim() != 4 or input.shape[1] != weight.shape[1]):
+    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work). The cheapest tests
+    come first: a stock-routed small layer pays for this on every call."""
+    w_shape = weight.shape
+    if (len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS or w_shape[1] < WINOGRAD_MIN_CHANNELS
+            or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
+            or input.dtype != torch.float32 or weight.dtype != torch.float32
+            or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)):
         return False
     if not all(isinstance(p, int) and 0 <= p <= 2 for p in padding):
         return False
@@ -48,9 +51,8 @@ def winograd_runs(input, weight, stride, padding, dilation, groups):
     if out_h < 1 or out_w < 1:
         return False
     tiles = input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
-    return (layout_of(input) == "channels_last" and tiles >= WINOGRAD_MIN_TILES
-            and tiles * weight.shape[0] * weight.shape[1] >= WINOGRAD_MIN_WORK
-            and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS)
+    return (tiles >= WINOGRAD_MIN_TILES and tiles * w_shape[0] * w_shape[1] >= WINOGRAD_MIN_WORK
+            and layout_of(input) == "channels_last")
 
 
 def _size_class(input, weight, stride, padding, dilation, groups):
@@ -62,10 +64,13 @@ def _size_class(input, weight, stride, padding, dilation, groups):
 ROUTES = RouteTable("conv2d_relu_pool", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # Where the CPU convolution is fastcnn's Winograd (winograd_runs), fastcnn wins with or without a pool: the
-    # convolution itself is 1.1-1.8x faster than oneDNN's direct one at these sizes (conv_block*.json).
-    Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x28x28-2x128x112x112", device="cpu",
-          size="winograd"),
+    # Where the CPU convolution is fastcnn's Winograd (winograd_runs: channels_last, 3x3 stride 1, enough tiles and
+    # channels), fastcnn wins with or without a pool. Paired rounds against stock eager, batch 2 unless noted:
+    # VGG-16 blocks 1-4 forward 1.30-1.76x, forward+backward 1.19-1.40x (conv_block.json); 128 channels at 28-112
+    # px and batch 1-8 at 56 px 1.23-1.91x / 1.12-1.50x with the pool (conv_block_sweep_channels_last.json) and
+    # 1.02-1.67x / 1.08-1.40x without (conv_block_sweep_pool-none_channels_last.json).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
+          device="cpu", size="winograd"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
     # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
     # 2x128x14x14 0.84x forward / 0.91x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
@@ -78,9 +83,9 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     # sweep, forward+backward 0.78-1.04x. So stock runs.
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
-    # VGG-16 block-ending convs at batch 2 (conv_block.json): forward 1.03-1.54x NCHW, 0.99-1.05x channels_last;
-    # forward+backward 1.01-1.19x NCHW, 0.99-1.10x channels_last. At parity where the oneDNN convolution (the same
-    # call as stock's) is ~99% of the time (512 channels).
+    # VGG-16 block-ending convs at batch 2 on oneDNN's convolution (conv_block.json): NCHW forward 1.01-1.56x,
+    # forward+backward 1.01-1.17x; block5 channels_last (98 tiles, too few for Winograd) 0.97x / 0.99x. At parity
+    # where the oneDNN convolution (the same call as stock's) is ~99% of the time (512 channels).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
