@@ -320,12 +320,14 @@ Plan make_plan(const at::Tensor& input_in, const at::Tensor& weight, at::IntArra
   p.U = transform_filters(weight, flip_weight, C, K);
   // Tiles per block, measured (conv block forward, 2 threads, blocks of 16 to 256 tiles interleaved): 64 where
   // C + K >= 512 (512 channels: 24.2 ms at 64, 27.0 at 32, 26.3 at 256), else 128 (128 channels: 19.9 ms at 128,
-  // 23.4 at 64; 64 channels: 27.4 at 128, 31.4 at 256) - longer GEMMs against V and M spilling from L2. Then as
-  // many blocks as make a whole number per thread, evened out (a 4-3 split of 7 blocks on 2 threads costs an
-  // eighth). The sums do not depend on the split: outputs are bitwise the same on 1, 2 or 3 threads (tested).
-  const int64_t threads = at::get_num_threads(), max_block = C + K >= 512 ? 64 : 128;
-  const int64_t blocks = (g.tiles() + max_block - 1) / max_block + threads - 1;
-  p.blocks = blocks - blocks % threads;
+  // 23.4 at 64; 64 channels: 27.4 at 128, 31.4 at 256) - longer GEMMs against V and M spilling from L2. The block
+  // count is then rounded up to a multiple of 4 and the tiles evened out over it, so that 1, 2 or 4 threads get
+  // whole shares (a 4-3 split of 7 blocks on 2 threads costs an eighth). The split depends on the shapes only, not
+  // on the thread count, so a GEMM's size does not either. Results repeat bitwise at a thread count; across thread
+  // counts they were bitwise the same with MKL's AVX-512 kernels, but its AVX2 ones differed in the last bits at 3
+  // threads (tested within the tolerance table).
+  const int64_t max_block = C + K >= 512 ? 64 : 128, blocks = (g.tiles() + max_block - 1) / max_block;
+  p.blocks = (blocks + 3) / 4 * 4;
   p.block = (g.tiles() + p.blocks - 1) / p.blocks;
   return p;
 }
@@ -339,13 +341,15 @@ bool run_blocks(const Plan& p, const Finish& finish) {
   const float* u = p.U.const_data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(g.C, 0.0f), V(16 * p.block * g.C), M(16 * p.block * g.K), tile(4 * g.K);
+    std::vector<float> zero(g.C, 0.0f), scratch(16 * p.block * (g.C + g.K)), tile(4 * g.K);
+    float* V = scratch.data();
+    float* M = V + 16 * p.block * g.C;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * p.block, nb = std::min(p.block, g.tiles() - t0);
       if (nb <= 0) break;
-      input_transform(in, g, t0, nb, p.block, zero.data(), V.data());
-      tile_gemms(u, V.data(), g, nb, p.block, M.data());
-      if (!finish(M.data(), t0, nb, tile.data())) finite.store(false);
+      input_transform(in, g, t0, nb, p.block, zero.data(), V);
+      tile_gemms(u, V, g, nb, p.block, M);
+      if (!finish(M, t0, nb, tile.data())) finite.store(false);
     }
   });
   return finite.load();

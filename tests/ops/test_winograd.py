@@ -1,7 +1,8 @@
 """The CPU 3x3 convolution by Winograd's F(2x2, 3x3) (csrc/cpu/winograd.cpp), which the fused conv block runs in
 place of oneDNN's direct convolution where it was measured faster: outputs and all three gradients against a
-float64 oracle within the tolerance table, at every padding it takes and at odd sizes (partial edge tiles); that it runs where its rule says and nowhere else (the profiler names it); results independent of the
-thread count; NaN and infinity reach the same outputs as stock's."""
+float64 oracle within the tolerance table, at every padding it takes and at odd sizes (partial edge tiles); that it
+runs where its rule says and nowhere else (the profiler names it); results that repeat and agree across thread
+counts; NaN and infinity reach the same outputs as stock's."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,10 @@ def test_direct_convolution_outside_the_rule(case):
         assert _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, stride, p, pool="none")) == 0
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """The tiles are split into one block count per thread; each output's sums must not depend on the split."""
+def test_results_repeat_and_agree_across_thread_counts():
+    """The tiles are split into blocks by the shapes alone. At one thread count a call repeats bitwise; across
+    thread counts results agree within the tolerance table (MKL's AVX-512 sgemm gave bitwise the same results on
+    1-3 threads, its AVX2 kernels differed in the last bits at 3)."""
     x, weight, bias = _inputs(2, 64, 80, 35, 29, True)
     threads = torch.get_num_threads()
     outs = []
@@ -94,11 +97,16 @@ def test_results_do_not_depend_on_the_thread_count():
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             with fastcnn.use_backend("cpu"), torch.no_grad():
-                outs.append(fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none"))
+                first = fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none")
+                assert torch.equal(first, fastcnn.functional.conv2d_relu_pool(x, weight, bias, 1, 1, pool="none"))
+            outs.append(first)
     finally:
         torch.set_num_threads(threads)
-    for out in outs[1:]:
-        assert torch.equal(out, outs[0])
+    with torch.no_grad():
+        oracle = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1))
+        stock_out = F.relu(F.conv2d(x, weight, bias, padding=1))
+    for out in outs:
+        assert_close_to_oracle(out, stock_out, oracle, "out")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
