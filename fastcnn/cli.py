@@ -137,8 +137,9 @@ def build_parser():
     bench = commands.add_parser("bench", help="speed of fused vs stock training steps", description="Built in: "
                                 "times --steps training steps of --model fused (as routed: stock where fastcnn "
                                 "measured slower) and stock on random batches, interleaved step by step, and prints "
-                                "images/s and the median per-step ratio. With --suite NAME, runs benchmarks/bench_NAME.py of a source "
-                                "checkout instead (the benchmark scripts are not installed with the package).")
+                                "images/s and the median per-step ratio. With --suite NAME, runs "
+                                "benchmarks/bench_NAME.py of a source checkout instead (the benchmark scripts are not "
+                                "installed with the package).")
     _add_model_options(bench)
     bench.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
     bench.add_argument("--image-size", type=int, default=32, help="input height and width (32)")

@@ -10,8 +10,9 @@
 // links (MKL's sgemm on x86).
 //
 // Work is cut into blocks of tiles, each one task of at::parallel_for: its input transform, its 16 GEMMs (on that
-// task's thread) and its output transform run back to back while its V and M are still in cache. The transforms use only additions, subtractions and halvings, and the error measured against
-// float64 is below that of oneDNN's direct convolution (tests/ops/test_winograd.py).
+// task's thread) and its output transform run back to back while its V and M are still in cache. The transforms
+// use only additions, subtractions and halvings, and the error measured against float64 is below that of oneDNN's
+// channels_last direct convolution (tests/ops/test_winograd.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -176,9 +177,9 @@ __attribute__((always_inline)) inline TileOut tile_outputs(const float* __restri
           right[1] - right[2] - right[3]};
 }
 
-// The output transforms below return false where an output is not finite. 1 where one of a tile's outputs is not
-// finite: their sum times zero is then NaN (an integer flag, so that the loops reduce it without reassociating
-// floating-point sums).
+// 1 where one of a tile's outputs is not finite (their sum times zero is then NaN), else 0: the output transforms
+// below OR it into an integer flag, which the vectoriser reduces without reassociating floating-point sums, and
+// return false where it is set.
 __attribute__((always_inline)) inline uint32_t not_finite(const TileOut& y) {
   return static_cast<uint32_t>((y.y00 + y.y01 + y.y10 + y.y11) * 0.0f != 0.0f);
 }
@@ -289,7 +290,8 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
   if (HO < 1 || WO < 1) return false;
   const int64_t tiles = input.size(0) * ((HO + 1) / 2) * ((WO + 1) / 2);
   return memory_format_of(input) == at::MemoryFormat::ChannelsLast && tiles >= kMinTiles &&
-         tiles * weight.size(0) * weight.size(1) >= kMinWork && std::min(weight.size(0), weight.size(1)) >= kMinChannels;
+         tiles * weight.size(0) * weight.size(1) >= kMinWork &&
+         std::min(weight.size(0), weight.size(1)) >= kMinChannels;
 }
 
 namespace {
@@ -332,8 +334,14 @@ Plan make_plan(const at::Tensor& input_in, const at::Tensor& weight, at::IntArra
   return p;
 }
 
-// Runs the input transform and the GEMMs of every block, each followed by finish(M, t0, nb, tile scratch), which
-// writes the block's outputs and returns false where one is not finite; returns whether all were finite.
+// Per-task scratch of the output transforms: one tile's outputs (4 x K) or one pooled row's window offsets (K).
+struct OutputScratch {
+  std::vector<float> tile;
+  std::vector<uint32_t> offsets;
+};
+
+// Runs the input transform and the GEMMs of every block, each followed by finish(M, t0, nb, scratch), which writes
+// the block's outputs and returns false where one is not finite; returns whether all were finite.
 template <typename Finish>
 bool run_blocks(const Plan& p, const Finish& finish) {
   const Geometry& g = p.g;
@@ -341,7 +349,8 @@ bool run_blocks(const Plan& p, const Finish& finish) {
   const float* u = p.U.const_data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(g.C, 0.0f), scratch(16 * p.block * (g.C + g.K)), tile(4 * g.K);
+    std::vector<float> zero(g.C, 0.0f), scratch(16 * p.block * (g.C + g.K));
+    OutputScratch out_scratch{std::vector<float>(4 * g.K), std::vector<uint32_t>(g.K)};
     float* V = scratch.data();
     float* M = V + 16 * p.block * g.C;
     for (int64_t b = begin; b < end; ++b) {
@@ -349,7 +358,7 @@ bool run_blocks(const Plan& p, const Finish& finish) {
       if (nb <= 0) break;
       input_transform(in, g, t0, nb, p.block, zero.data(), V);
       tile_gemms(u, V, g, nb, p.block, M);
-      if (!finish(M, t0, nb, tile.data())) finite.store(false);
+      if (!finish(M, t0, nb, out_scratch)) finite.store(false);
     }
   });
   return finite.load();
@@ -364,8 +373,8 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, a
   const Geometry& g = p.g;
   at::Tensor out = at::empty({g.N, g.K, g.HO, g.WO}, p.input.options().memory_format(at::MemoryFormat::ChannelsLast));
   float* dst = out.mutable_data_ptr<float>();
-  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, float* tile) {
-    return output_transform(M, g, t0, nb, p.block, tile, dst);
+  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, OutputScratch& scratch) {
+    return output_transform(M, g, t0, nb, p.block, scratch.tile.data(), dst);
   });
   if (finite) return out;
   // A non-finite input or weight: the transforms subtract, so one infinity becomes NaN (inf - inf) in outputs where
@@ -393,9 +402,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
   const float* bias_data = b.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   uint8_t* codes = code.mutable_data_ptr<uint8_t>();
-  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, float*) {
-    std::vector<uint32_t> offsets(g.K);
-    return output_relu_maxpool(M, g, t0, nb, p.block, bias_data, offsets.data(), dst, codes);
+  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, OutputScratch& scratch) {
+    return output_relu_maxpool(M, g, t0, nb, p.block, bias_data, scratch.offsets.data(), dst, codes);
   });
   if (!finite) return std::nullopt;
   return std::make_tuple(out, code);

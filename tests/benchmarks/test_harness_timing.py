@@ -1,7 +1,7 @@
-"""The CPU timing of benchmarks/_timing.py (reached by the suites through _harness.py): providers interleaved in a fresh random order every round (not a
-rotation, which keeps each provider's predecessor fixed), per-round times aligned by round, ratios paired round by
-round (the median of base[r] / ours[r]) with their spread, and no per-round times in the results JSON. Synthetic
-callables and a fake clock: nothing real is timed."""
+"""The CPU timing of benchmarks/_timing.py (reached by the suites through _harness.py): providers interleaved in a
+fresh random order every round (not a rotation, which keeps each provider's predecessor fixed), per-round times
+aligned by round, ratios paired round by round (the median of base[r] / ours[r]) with their spread, and no per-round
+times in the results JSON. Synthetic callables and a fake clock: nothing real is timed."""
 import json
 import math
 import os

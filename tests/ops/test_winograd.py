@@ -200,3 +200,37 @@ def test_pool_in_the_output_transform_equals_the_epilogue_pass(shape):
         expected, expected_code = torch.ops.fastcnn.bias_relu_pool(relu_out, None, "max", [2, 2], [2, 2])
     assert torch.equal(out, expected) and torch.equal(code, expected_code)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_module_on_winograd_follows_every_state_change_like_stock():
+    """The filters are transformed on every call (nothing derived from the weight is kept), so a fused module on
+    the Winograd path equals stock's layers in eval after an optimizer step, a load_state_dict and a .data edit."""
+    torch.manual_seed(0)
+    fused = fastcnn.nn.ConvReLUPool2d(64, 64, 3, padding=1)
+    stock_layers = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.MaxPool2d(2))
+    stock_layers[0].load_state_dict(fused.state_dict())
+    x = torch.randn(2, 64, 34, 32).contiguous(memory_format=torch.channels_last)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fused, stock_layers)]
+
+    def assert_eval_equal(what):
+        fused.eval(), stock_layers.eval()
+        with torch.no_grad():
+            assert _ran_winograd(lambda: fused(x)), what
+            oracle = stock_layers.double()(x.double())
+            stock_out = stock_layers.float()(x)
+            assert_close_to_oracle(fused(x), stock_out, oracle, what)
+
+    for model, optimizer in zip((fused, stock_layers), optimizers):
+        model.train()
+        model(x).square().mean().backward()
+        optimizer.step()
+    assert_eval_equal("after an optimizer step")
+    new_state = {"weight": torch.randn(64, 64, 3, 3) / 24, "bias": torch.randn(64)}
+    fused.load_state_dict(new_state)
+    stock_layers[0].load_state_dict(new_state)
+    assert_eval_equal("after load_state_dict")
+    with torch.no_grad():
+        fused.weight.data.mul_(-1)
+        stock_layers[0].weight.data.mul_(-1)
+    assert_eval_equal("after a .data edit")

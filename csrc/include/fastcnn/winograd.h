@@ -10,9 +10,9 @@
 namespace fastcnn {
 
 // True where winograd_conv3x3 computes conv2d(input, weight, None, stride, padding, dilation, groups) and was
-// measured the faster CPU convolution: float32 channels_last CPU input, a 3x3 kernel at stride 1, dilation 1, one group,
-// padding <= 2 (so that the input gradient, a 3x3 convolution with padding 2 - p, qualifies too), and enough tiles
-// and channels (the thresholds and their measurements are in winograd.cpp).
+// measured the faster CPU convolution: float32 channels_last CPU input, a 3x3 kernel at stride 1, dilation 1, one
+// group, padding <= 2 (so that the input gradient, a 3x3 convolution with padding 2 - p, qualifies too), and enough
+// tiles, channels and work (the thresholds and their measurements are in winograd.cpp).
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
