@@ -53,20 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_pool_backward(
   }
   auto [grad_conv, grad_bias] = call_bias_relu_pool_backward(grad_out, out, code, conv_size, pool, pool_size,
                                                              pool_stride, output_mask[2]);
-  at::Tensor grad_input, grad_weight;
-  // Where the forward ran Winograd, so does the input gradient: the 3x3 convolution of grad_conv with the weight
-  // transposed and turned by 180 degrees, padding 2 - p.
-  const bool winograd = output_mask[0] && winograd_applies(input, weight, stride, padding, dilation, groups);
-  if (winograd) {
-    grad_input = winograd_conv3x3(grad_conv, weight, {2 - padding[0], 2 - padding[1]}, /*flip_weight=*/true);
-  }
-  if ((output_mask[0] && !winograd) || output_mask[1]) {
-    auto [aten_grad_input, aten_grad_weight, unused_grad_bias] = at::convolution_backward(
-        grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
-        /*output_padding=*/{0, 0}, groups, {output_mask[0] && !winograd, output_mask[1], false});
-    if (!winograd) grad_input = aten_grad_input;
-    grad_weight = aten_grad_weight;
-  }
+  // Where the forward ran Winograd, so does the input gradient.
+  auto [grad_input, grad_weight] = convolution_backward_winograd(grad_conv, input, weight, stride, padding, dilation,
+                                                                 groups, {output_mask[0], output_mask[1]});
   return conv_grads(grad_input, grad_weight, grad_bias, input, weight);
 }
 

@@ -35,6 +35,14 @@ TORCH_LIBRARY(fastcnn, m) {
         " int[2] stride, int[2] padding, int[2] dilation, int groups, str pool, int[2] pool_size,"
         " int[2] pool_stride, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
+  // conv2d(input, weight, None, stride=1, padding) on CPU (csrc/cpu/conv2d_winograd.cpp): Winograd F(2x2, 3x3)
+  // where winograd_applies (float32 channels_last input, 3x3 weight, enough tiles and channels), ATen's convolution
+  // elsewhere. The output is in input's memory format.
+  m.def("conv2d_winograd(Tensor input, Tensor weight, int[2] padding) -> Tensor");
+  // Its backward; each gradient is computed only when output_mask asks for it, else returned empty.
+  m.def("conv2d_winograd_backward(Tensor grad_out, Tensor input, Tensor weight, int[2] padding, bool[2] output_mask)"
+        " -> (Tensor grad_input, Tensor grad_weight)");
+
   // --- Transposed convolution (csrc/conv_transpose.cpp; math in fastcnn/reference/conv_transpose.py) ---
   // act(conv_transpose2d(input, weight, bias, ...)) with activation "none" or "relu", in input's memory format.
   m.def("conv_transpose2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding,"

@@ -387,6 +387,25 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, a
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tensor& grad_conv, const at::Tensor& input,
+                                                                 const at::Tensor& weight, at::IntArrayRef stride,
+                                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                 int64_t groups, std::array<bool, 2> output_mask) {
+  at::Tensor grad_input, grad_weight;
+  const bool winograd = output_mask[0] && winograd_applies(input, weight, stride, padding, dilation, groups);
+  if (winograd) {
+    grad_input = winograd_conv3x3(grad_conv, weight, {2 - padding[0], 2 - padding[1]}, /*flip_weight=*/true);
+  }
+  if ((output_mask[0] && !winograd) || output_mask[1]) {
+    auto [aten_grad_input, aten_grad_weight, unused_grad_bias] = at::convolution_backward(
+        grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+        /*output_padding=*/{0, 0}, groups, {output_mask[0] && !winograd, output_mask[1], false});
+    if (!winograd) grad_input = aten_grad_input;
+    grad_weight = aten_grad_weight;
+  }
+  return {grad_input, grad_weight};
+}
+
 std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     at::IntArrayRef padding) {

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route, stock_routable
 from ..ops.batch_norm import batch_norm_relu_pool, scale_shift_add_relu
+from ..ops.conv2d import conv2d
 from ..ops.conv_relu_pool import conv_output_elements
 from ..ops.conv_relu_pool.reference import relu_pool
 from ._batch_norm_fusion import running_scale_shift, update_running_statistics, uses_batch_statistics
@@ -114,14 +115,14 @@ class _ConvBatchNormReLU(_FusedConv2d):
         input, padding = self._fused_conv_args(input)
         conv_args = (self.stride, padding, self.dilation, self.groups)
         if uses_batch_statistics(norm):
-            y = F.conv2d(input, self.weight, None, *conv_args)
+            y = conv2d(input, self.weight, *conv_args)
             out, mean, var = batch_norm_relu_pool(y, self.bias, norm.weight, norm.bias, norm.eps,
                                                   *self._pool_arguments())
             update_running_statistics(norm, mean, var, y.numel() // y.shape[1])
             return out
         if torch.is_grad_enabled() and any(p.requires_grad for p in (*self.parameters(), *norm.parameters())):
             return self._stock_forward(input, conv_args)
-        y = F.conv2d(input, self.weight, None, *conv_args)
+        y = conv2d(input, self.weight, *conv_args)
         scale, shift = running_scale_shift(norm, y.dtype)
         if self.bias is not None:
             shift = shift + self.bias.to(shift.dtype) * scale

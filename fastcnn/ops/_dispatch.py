@@ -131,10 +131,12 @@ class RouteTable:
         triton: None when the op's Triton ops loaded, else why the triton backend cannot serve it (`load_triton`;
             `NO_TRITON` when the op has no Triton kernel at all).
         no_float64: backends whose kernels do not take float64.
+        compiled_backends: which of "cpu" and "cuda" the `compiled` ops have kernels for.
     """
 
-    def __init__(self, op, routes, *, compiled=(), triton=NO_TRITON, no_float64=()):
+    def __init__(self, op, routes, *, compiled=(), triton=NO_TRITON, no_float64=(), compiled_backends=("cpu", "cuda")):
         self.op, self.routes, self.compiled = op, tuple(routes), tuple(compiled)
+        self.compiled_backends = tuple(compiled_backends) if self.compiled else ()
         self.triton, self.no_float64 = triton, tuple(no_float64)
         self._warned = False
         self._chosen = {}  # (device, dtype, layout, mode, size, stock skipped) -> backend, see choose
@@ -145,8 +147,8 @@ class RouteTable:
 
     def why_not(self, backend, device_type, dtype=None):
         """None when `backend` can run this op on `device_type` tensors (of `dtype`) here, else why not."""
-        if backend in ("cpu", "cuda") and not self.compiled:
-            return f"{self.op} has no {backend} backend (no C++ kernel for this op)"
+        if backend in ("cpu", "cuda") and backend not in self.compiled_backends:
+            return f"{self.op} has no {backend} backend (no {'C++' if backend == 'cpu' else 'CUDA'} kernel for this op)"
         if backend == "triton" and self.triton == NO_TRITON:
             return f"{self.op} has no triton backend ({NO_TRITON})"
         reason = why_unavailable(backend, device_type)

@@ -110,6 +110,32 @@ def test_inference_applies_running_statistics_in_the_epilogue_and_matches_stock(
     assert_close_to_oracle(ours, theirs, exact, "output")
 
 
+def _winograd_calls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "fastcnn::winograd_conv3x3" for e in prof.events())
+
+
+@pytest.mark.parametrize("pool", ["max", "none"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_winograd_sized_block_matches_stock(pool, train):
+    """A float32 channels_last block with the tiles and channels for fastcnn's Winograd convolution (fastcnn.ops.conv2d):
+    two training steps (forward, both gradients, running statistics) or inference match stock within the table."""
+    if BACKEND[0] != "cpu":
+        pytest.skip("fastcnn._C is not built")
+    x = torch.randn(2, 64, 36, 30).contiguous(memory_format=torch.channels_last)  # 540 tiles
+    stock = _stock(pool, in_channels=64, channels=64)
+    if train:
+        fused = _assert_steps_match(stock, x, train=True, steps=2)
+        assert _winograd_calls(lambda: fused(x.requires_grad_()).sum().backward()) == 2  # forward, input gradient
+        return
+    fused = fuse_sequential(copy.deepcopy(stock)).eval()
+    with torch.no_grad():
+        assert _winograd_calls(lambda: fused(x)) == 1
+        ours, theirs, exact = fused(x), copy.deepcopy(stock).eval()(x), copy.deepcopy(stock).double().eval()(x.double())
+    assert_close_to_oracle(ours, theirs, exact, "output")
+
+
 @pytest.mark.parametrize("norm", [
     lambda: nn.BatchNorm2d(6), lambda: nn.BatchNorm2d(6, momentum=None), lambda: nn.BatchNorm2d(6, momentum=0.3),
     lambda: nn.BatchNorm2d(6, track_running_stats=False), lambda: nn.BatchNorm2d(6, affine=False, eps=1e-3),

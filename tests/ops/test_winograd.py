@@ -162,7 +162,7 @@ AGREEMENT_CASES = NOT_ELIGIBLE + [dict(shape=c[:5], padding=c[5], channels_last=
 @pytest.mark.parametrize("case", AGREEMENT_CASES, ids=range(len(AGREEMENT_CASES)))
 def test_python_mirror_of_the_rule_agrees_with_the_kernel(case):
     """The route table's size class "winograd" (winograd_runs, Python) is the C++ rule (winograd_applies)."""
-    from fastcnn.ops.conv_relu_pool import winograd_runs
+    from fastcnn.ops.conv2d import winograd_runs
 
     x, weight, bias, conv = _case_arguments(case)
     with fastcnn.use_backend("cpu"), torch.no_grad():

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -21,6 +22,15 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
 // convolution is winograd_conv3x3(grad_output, weight, 2 - padding, true).
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
                             bool flip_weight);
+
+// (grad_input, grad_weight) of conv2d(input, weight, None, stride, padding, dilation, groups), each undefined unless
+// output_mask asks for it: the input gradient by winograd_conv3x3 where winograd_applies to the forward (the 3x3
+// convolution of grad_conv with the weight transposed and turned by 180 degrees, padding 2 - p), else by ATen's
+// convolution_backward, which always computes the weight gradient. Any device (Winograd applies on CPU only).
+std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tensor& grad_conv, const at::Tensor& input,
+                                                                 const at::Tensor& weight, at::IntArrayRef stride,
+                                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                 int64_t groups, std::array<bool, 2> output_mask);
 
 // The fused block's forward for a 2x2 stride-2 max pool: (pool(relu(conv + bias)), code), both channels_last,
 // exactly what fastcnn::bias_relu_pool returns on winograd_conv3x3's output, with the pool taken in the output

@@ -9,7 +9,8 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, layout_of, load_triton, route, stock_routable
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
+from ..conv2d import winograd_runs
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import POOLS
@@ -25,34 +26,6 @@ def conv_output_elements(input, weight):
     elements alone would call the first layer of a network (3 channels in, 16 out) small, where fastcnn wins most."""
     n, _, h, w = input.shape
     return n * weight.shape[0] * h * w
-
-
-# Where the CPU backend's convolution is fastcnn's Winograd F(2x2, 3x3) rather than oneDNN's direct one: the rule of
-# winograd_applies in csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the
-# class; tests/ops/test_winograd.py checks that the two agree.
-WINOGRAD_MIN_TILES = 256
-WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
-WINOGRAD_MIN_CHANNELS = 64
-
-
-def winograd_runs(input, weight, stride, padding, dilation, groups):
-    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last input, 3x3,
-    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work). The cheapest tests
-    come first: a stock-routed small layer pays for this on every call."""
-    w_shape = weight.shape
-    if (len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS or w_shape[1] < WINOGRAD_MIN_CHANNELS
-            or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
-            or input.dtype != torch.float32 or weight.dtype != torch.float32
-            or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)):
-        return False
-    if not all(isinstance(p, int) and 0 <= p <= 2 for p in padding):
-        return False
-    out_h, out_w = input.shape[2] + 2 * padding[0] - 2, input.shape[3] + 2 * padding[1] - 2
-    if out_h < 1 or out_w < 1:
-        return False
-    tiles = input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
-    return (tiles >= WINOGRAD_MIN_TILES and tiles * w_shape[0] * w_shape[1] >= WINOGRAD_MIN_WORK
-            and layout_of(input) == "channels_last")
 
 
 def _size_class(input, weight, stride, padding, dilation, groups):
@@ -160,5 +133,4 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     return out
 
 
-__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "runs_stock",
-           "winograd_runs"]
+__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "runs_stock"]

@@ -1,0 +1,81 @@
+"""fastcnn's bias-free convolution for the blocks whose convolution output feeds a BatchNorm (which cancels any
+bias): on CPU fastcnn's Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp) where `winograd_runs`, ATen's elsewhere.
+
+Backends (`ROUTES`): "cpu" (fastcnn::conv2d_winograd, whose backward computes the input gradient by Winograd too)
+on CPU calls in the "winograd" size class; "reference" (``F.conv2d``: oneDNN, cuDNN) everywhere else. Under a
+forced backend other than "cpu" the convolution is ATen's, as it is in every other backend's BatchNorm ops
+(fastcnn.ops.batch_norm); under autocast it is ``F.conv2d``, which casts as stock does.
+"""
+import torch
+
+from .._dispatch import CPU_RESULTS, Route, RouteTable, autocast_enabled, forced_backend, layout_of, route
+from . import reference
+from . import register
+
+# Where the CPU convolution is fastcnn's Winograd rather than oneDNN's direct one: the rule of winograd_applies in
+# csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the class;
+# tests/ops/test_winograd.py checks that the two agree.
+WINOGRAD_MIN_TILES = 256
+WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def winograd_runs(input, weight, stride, padding, dilation, groups):
+    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last input, 3x3,
+    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work). The cheapest tests
+    come first: a stock-routed small layer pays for this on every call."""
+    w_shape = weight.shape
+    if (len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS or w_shape[1] < WINOGRAD_MIN_CHANNELS
+            or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
+            or input.dtype != torch.float32 or weight.dtype != torch.float32
+            or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)):
+        return False
+    if not all(isinstance(p, int) and 0 <= p <= 2 for p in padding):
+        return False
+    out_h, out_w = input.shape[2] + 2 * padding[0] - 2, input.shape[3] + 2 * padding[1] - 2
+    if out_h < 1 or out_w < 1:
+        return False
+    tiles = input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
+    return (tiles >= WINOGRAD_MIN_TILES and tiles * w_shape[0] * w_shape[1] >= WINOGRAD_MIN_WORK
+            and layout_of(input) == "channels_last")
+
+
+ROUTES = RouteTable("conv2d", [
+    # The conv + BatchNorm (+ ReLU + pool) blocks of VGG-16-BN in channels_last, batch 2, against stock eager: see
+    # conv_bn_block.json (blocks 1-4 run Winograd; block5's 98 tiles are too few).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_bn_block.json#block1-block4", device="cpu", size="winograd"),
+], compiled=register.COMPILED_OPS, compiled_backends=("cpu",))
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv2d(input, weight, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d(input, weight, None, stride, padding, dilation, groups)``, by fastcnn's Winograd where the route
+    says so (CPU, `winograd_runs`), else by ``F.conv2d`` itself. Arguments as ``F.conv2d``'s (zero padding; a
+    string padding runs ``F.conv2d``).
+
+    Args:
+        input: ``(N, C_in, H, W)``.
+        weight: ``(C_out, C_in / groups, kH, kW)``.
+        stride, padding, dilation, groups: as ``F.conv2d``.
+
+    Shape:
+        output ``(N, C_out, H_out, W_out)``, in input's memory format.
+
+    Example:
+        >>> conv2d(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=1).shape
+        torch.Size([2, 4, 8, 8])
+    """
+    if (isinstance(padding, str) or not input.is_cpu or forced_backend() not in (None, "cpu")
+            or autocast_enabled(input)):
+        return reference.conv2d(input, weight, stride, padding, dilation, groups)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if not winograd_runs(input, weight, stride, padding, dilation, groups) \
+            or route(ROUTES, input, size="winograd") != "cpu":
+        return reference.conv2d(input, weight, stride, padding, dilation, groups)
+    return register.run_conv2d_winograd(input, weight, list(padding))
+
+
+__all__ = ["ROUTES", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "WINOGRAD_MIN_WORK", "conv2d", "winograd_runs"]
