@@ -20,7 +20,9 @@ Forward, with the BatchNorm's ``gamma, beta, eps``:
   the conv bias) as the per-channel affine map ``y * s + t`` with ``s = gamma / sqrt(running_var + eps)``,
   ``t = beta + (b - running_mean) * s``, in one pass with the ReLU, then the pool. ``s`` and ``t`` (C values) are
   computed from the live tensors at every forward: nothing derived is cached, so no state change can leave them
-  stale.
+  stale. Where the convolution is fastcnn's CPU Winograd (`winograd_runs`), which transforms the filters at every
+  call anyway, ``s`` is folded into them instead (``conv(x, W) * s + t = conv(x, W * s) + t``, at every forward)
+  and the block is one fused ``conv2d_relu_pool`` call, a 2x2 max pool taken in Winograd's output transform.
 * running statistics with trainable parameters (e.g. fine-tuning with frozen statistics): the stock ops, whose
   gradients through the unfolded weights keep full precision.
 """
@@ -28,9 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import functional
+from ..ops import pair
 from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route, stock_routable
 from ..ops.batch_norm import batch_norm_relu_pool, scale_shift_add_relu
-from ..ops.conv2d import conv2d
+from ..ops.conv2d import conv2d, winograd_runs
 from ..ops.conv_relu_pool import conv_output_elements
 from ..ops.conv_relu_pool.reference import relu_pool
 from ._batch_norm_fusion import running_scale_shift, update_running_statistics, uses_batch_statistics
@@ -41,7 +45,9 @@ SMALL_OUTPUT = 1 << 18  # N * C_out * H * W below which a fused conv-BN call is 
 
 # CPU, fp32, stock / fastcnn in paired rounds: small blocks lose to the fused chain's fixed cost per call - VGG-16's
 # conv-BN blocks at batch 1 and a quarter of the resolution (8k-200k output elements) 0.84-0.88x inference,
-# 0.91-0.95x training; from 2x512x28x28 (800k) on fastcnn is at parity or wins, 0.99-1.22x (conv_bn_block.json).
+# 0.91-0.95x training, and batch 2's block5 (2x512x14x14, 200k) 0.96-0.97x; from 2x512x28x28 (800k) on fastcnn
+# wins: batch 2 channels_last, blocks 1-4 (Winograd's convolution) 1.31-1.76x inference, 1.12-1.40x training
+# (conv_bn_block.json).
 # So below SMALL_OUTPUT the block runs its stock layers.
 ROUTES = ModuleRoutes("conv-BN block", [
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_bn_block_quick.json#block1-block5", device="cpu",
@@ -122,11 +128,28 @@ class _ConvBatchNormReLU(_FusedConv2d):
             return out
         if torch.is_grad_enabled() and any(p.requires_grad for p in (*self.parameters(), *norm.parameters())):
             return self._stock_forward(input, conv_args)
-        y = conv2d(input, self.weight, *conv_args)
-        scale, shift = running_scale_shift(norm, y.dtype)
+        scale, shift = running_scale_shift(norm, input.dtype)
         if self.bias is not None:
             shift = shift + self.bias.to(shift.dtype) * scale
+        if self._folds_batch_norm(input, padding):
+            # conv(x, W) * s + t = conv(x, W * s) + t: one fused call (a 2x2 max pool taken in Winograd's output
+            # transform) instead of three passes over the convolution output.
+            folded = self.weight * scale.to(self.weight.dtype).view(-1, 1, 1, 1)
+            return functional.conv2d_relu_pool(input, folded, shift.to(input.dtype), *conv_args,
+                                               *self._pool_arguments())
+        y = conv2d(input, self.weight, *conv_args)
         return self._pool(scale_shift_add_relu(y, scale, shift))
+
+    def _folds_batch_norm(self, input, padding):
+        """Whether inference folds the BatchNorm's scale into the filters: where the convolution is Winograd's
+        (which transforms the filters at every call anyway) and the filters are smaller than the convolution output
+        whose passes the fold saves. CPU, batch 2, VGG-16-BN blocks against stock eager (conv_bn_block.json): blocks
+        1-3 (weights 0.6-37% of the output) run 1.5-1.8x folded; block4's 512x512 filters (2.9x its output) cost
+        more to fold than the passes save (0.85x folded, 1.3x not)."""
+        return (input.is_cpu and not isinstance(padding, str)
+                and self.weight.numel() <= conv_output_elements(input, self.weight)
+                and winograd_runs(input, self.weight, self.stride, pair(padding, "padding", 0), self.dilation,
+                                  self.groups))
 
     def _stock_forward(self, input, conv_args):
         norm = self.batch_norm

@@ -129,11 +129,15 @@ def test_winograd_sized_block_matches_stock(pool, train):
         fused = _assert_steps_match(stock, x, train=True, steps=2)
         assert _winograd_calls(lambda: fused(x.requires_grad_()).sum().backward()) == 2  # forward, input gradient
         return
-    fused = fuse_sequential(copy.deepcopy(stock)).eval()
-    with torch.no_grad():
-        assert _winograd_calls(lambda: fused(x)) == 1
-        ours, theirs, exact = fused(x), copy.deepcopy(stock).eval()(x), copy.deepcopy(stock).double().eval()(x.double())
-    assert_close_to_oracle(ours, theirs, exact, "output")
+    fused = fuse_sequential(stock_copy := copy.deepcopy(stock)).eval()  # shares stock_copy's tensors
+    stock_copy.eval()
+    for edit in range(2):  # the second time after in-place edits of the BatchNorm's state (folded at every call)
+        with torch.no_grad():
+            assert _winograd_calls(lambda: fused(x)) == 1  # the BatchNorm folded into one fused Winograd call
+            ours, theirs, exact = fused(x), stock_copy(x), copy.deepcopy(stock_copy).double()(x.double())
+        assert_close_to_oracle(ours, theirs, exact, f"output after {edit} edits")
+        stock_copy[1].running_var.data.mul_(3)
+        stock_copy[1].weight.data.neg_()
 
 
 @pytest.mark.parametrize("norm", [

@@ -50,9 +50,10 @@ _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 ROUTES = RouteTable("batch_norm", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # CPU, fp32 channels_last, batch 2, stock / fastcnn interleaved: the VGG-16-BN Conv+BN+ReLU+pool blocks train
-    # 0.93-1.20x (four of five blocks 1.05-1.20x) and infer 0.98-1.04x; the residual and Inception blocks, which
-    # also run these ops, lose as a whole and run their stock layers on CPU (their module routes).
+    # CPU, fp32 channels_last, batch 2, stock / fastcnn interleaved: the VGG-16-BN Conv+BN+ReLU+pool blocks 1-4
+    # (their convolution Winograd's, fastcnn.ops.conv2d) train 1.12-1.40x and infer 1.31-1.76x; the residual and
+    # Inception blocks, which also run these ops, lose as a whole and run their stock layers on CPU (their module
+    # routes).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_bn_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT)
 
