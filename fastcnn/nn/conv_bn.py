@@ -146,7 +146,7 @@ class _ConvBatchNormReLU(_FusedConv2d):
         whose passes the fold saves. CPU, batch 2, VGG-16-BN blocks against stock eager (conv_bn_block.json): blocks
         1-3 (weights 0.6-37% of the output) run 1.5-1.8x folded; block4's 512x512 filters (2.9x its output) cost
         more to fold than the passes save (0.85x folded, 1.3x not)."""
-        return (input.is_cpu and not isinstance(padding, str)
+        return (not isinstance(padding, str)
                 and self.weight.numel() <= conv_output_elements(input, self.weight)
                 and winograd_runs(input, self.weight, self.stride, pair(padding, "padding", 0), self.dilation,
                                   self.groups))

@@ -21,11 +21,11 @@ WINOGRAD_MIN_CHANNELS = 64
 
 
 def winograd_runs(input, weight, stride, padding, dilation, groups):
-    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last input, 3x3,
+    """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last CPU input, 3x3,
     stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work). The cheapest tests
     come first: a stock-routed small layer pays for this on every call."""
     w_shape = weight.shape
-    if (len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS or w_shape[1] < WINOGRAD_MIN_CHANNELS
+    if (not input.is_cpu or len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS or w_shape[1] < WINOGRAD_MIN_CHANNELS
             or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
             or input.dtype != torch.float32 or weight.dtype != torch.float32
             or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)):

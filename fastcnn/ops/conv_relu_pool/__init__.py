@@ -29,7 +29,7 @@ def conv_output_elements(input, weight):
 
 
 def _size_class(input, weight, stride, padding, dilation, groups):
-    if input.device.type == "cpu" and winograd_runs(input, weight, stride, padding, dilation, groups):
+    if winograd_runs(input, weight, stride, padding, dilation, groups):
         return "winograd"
     return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
