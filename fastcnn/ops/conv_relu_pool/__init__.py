@@ -44,6 +44,12 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     # 1.02-1.67x / 1.08-1.40x without (conv_block_sweep_pool-none_channels_last.json).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
           device="cpu", size="winograd"),
+    # In channels_last, where the convolution is oneDNN's (too few tiles or channels for Winograd), the fused path
+    # loses or ties: 2x3->16x64x64 ... 2x64->128x8x8 forward 0.76-0.91x, forward+backward 0.89-0.98x
+    # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.97x / 0.99x (conv_block.json).
+    # So stock runs.
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_channels_last.json#2x3x64x64-2x64x8x8", device="cpu",
+          layout="channels_last"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
     # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
     # 2x128x14x14 0.84x forward / 0.91x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
@@ -57,8 +63,8 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
     # VGG-16 block-ending convs at batch 2 on oneDNN's convolution (conv_block.json): NCHW forward 1.01-1.56x,
-    # forward+backward 1.01-1.17x; block5 channels_last (98 tiles, too few for Winograd) 0.97x / 0.99x. At parity
-    # where the oneDNN convolution (the same call as stock's) is ~99% of the time (512 channels).
+    # forward+backward 1.01-1.17x. At parity where the oneDNN convolution (the same call as stock's) is ~99% of the
+    # time (512 channels).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
