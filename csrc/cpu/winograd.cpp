@@ -41,6 +41,8 @@ namespace {
 // - channels_last input. Its error against float64 (relative RMS 2-4.4e-7 for 64-512 channels) is below oneDNN's
 //   channels_last convolution's (3-11e-7), but above oneDNN's NCHW one (1.2-1.9e-7) by more than the benchmarks'
 //   accuracy rule allows (twice stock's error plus one epsilon: the input gradient of 256 -> 256 at 56x56 failed it).
+//   The fused block's forward with a 2x2 max pool passes it (2.1-3.9e-7 against 4.8-5.1e-7 allowed, VGG-16 blocks
+//   1-4) and runs on NCHW input too (winograd_fits, csrc/conv_relu_pool.cpp).
 // - enough work to amortise the per-call filter transform, which reads the weight and writes U (16 * C_in * C_out
 //   floats) that every block then reads: at least 256 tiles and tiles * C_in * C_out >= 2^21. With warm caches 98
 //   tiles of 512 channels won (1.17x), but in the conv-block suite, which evicts the caches before each call as the
@@ -278,8 +280,8 @@ void tile_gemms(const float* U, const float* V, const Geometry& g, int64_t nb, i
 
 }  // namespace
 
-bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+bool winograd_fits(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const bool shape_fits = input.device().is_cpu() && input.scalar_type() == at::kFloat &&
                           weight.scalar_type() == at::kFloat && input.dim() == 4 && weight.dim() == 4 &&
                           weight.size(2) == 3 && weight.size(3) == 3 && groups == 1 && stride[0] == 1 &&
@@ -289,9 +291,14 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
   const int64_t HO = input.size(2) + 2 * padding[0] - 2, WO = input.size(3) + 2 * padding[1] - 2;
   if (HO < 1 || WO < 1) return false;
   const int64_t tiles = input.size(0) * ((HO + 1) / 2) * ((WO + 1) / 2);
-  return memory_format_of(input) == at::MemoryFormat::ChannelsLast && tiles >= kMinTiles &&
-         tiles * weight.size(0) * weight.size(1) >= kMinWork &&
+  return tiles >= kMinTiles && tiles * weight.size(0) * weight.size(1) >= kMinWork &&
          std::min(weight.size(0), weight.size(1)) >= kMinChannels;
+}
+
+bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return memory_format_of(input) == at::MemoryFormat::ChannelsLast &&
+         winograd_fits(input, weight, stride, padding, dilation, groups);
 }
 
 namespace {

@@ -17,6 +17,10 @@ namespace fastcnn {
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
+// The same rule whatever the input's memory format (winograd_conv3x3 reads a channels_last copy of any other).
+bool winograd_fits(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 // conv2d(input, weight, None, stride=1, padding) for a 3x3 weight (C_out, C_in, 3, 3), returned channels_last.
 // With flip_weight it convolves with weight.transpose(0, 1).flip(2, 3) instead: the input gradient of a 3x3
 // convolution is winograd_conv3x3(grad_output, weight, 2 - padding, true).
