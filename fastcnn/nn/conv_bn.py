@@ -145,11 +145,13 @@ class _ConvBatchNormReLU(_FusedConv2d):
         (which transforms the filters at every call anyway) and the filters are smaller than the convolution output
         whose passes the fold saves. CPU, batch 2, VGG-16-BN blocks against stock eager (conv_bn_block.json): blocks
         1-3 (weights 0.6-37% of the output) run 1.5-1.8x folded; block4's 512x512 filters (2.9x its output) cost
-        more to fold than the passes save (0.85x folded, 1.3x not)."""
+        more to fold than the passes save (0.85x folded, 1.3x not). With a 2x2 max pool the fused call runs
+        Winograd on NCHW input too (csrc/conv_relu_pool.cpp)."""
+        max_pool_2x2 = self._pool_arguments() == ("max", (2, 2), (2, 2))
         return (not isinstance(padding, str)
                 and self.weight.numel() <= conv_output_elements(input, self.weight)
                 and winograd_runs(input, self.weight, self.stride, pair(padding, "padding", 0), self.dilation,
-                                  self.groups))
+                                  self.groups, any_layout=max_pool_2x2))
 
     def _stock_forward(self, input, conv_args):
         norm = self.batch_norm

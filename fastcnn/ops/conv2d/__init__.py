@@ -20,13 +20,15 @@ WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
 WINOGRAD_MIN_CHANNELS = 64
 
 
-def winograd_runs(input, weight, stride, padding, dilation, groups):
+def winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=False):
     """True where fastcnn's CPU convolution for these arguments is Winograd's (float32 channels_last CPU input, 3x3,
-    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work). The cheapest tests
-    come first: a stock-routed small layer pays for this on every call."""
+    stride 1, dilation 1, one group, padding <= 2, enough 2x2 output tiles, channels and work); with `any_layout`,
+    the rule whatever the input's memory format, as the fused block's forward with a 2x2 max pool applies it
+    (winograd_fits in csrc/conv_relu_pool.cpp). The cheapest tests come first: a stock-routed small layer pays for
+    this on every call."""
     w_shape = weight.shape
-    if (not input.is_cpu or len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS or w_shape[1] < WINOGRAD_MIN_CHANNELS
-            or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
+    if (not input.is_cpu or len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS
+            or w_shape[1] < WINOGRAD_MIN_CHANNELS or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
             or input.dtype != torch.float32 or weight.dtype != torch.float32
             or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)):
         return False
@@ -37,7 +39,7 @@ def winograd_runs(input, weight, stride, padding, dilation, groups):
         return False
     tiles = input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
     return (tiles >= WINOGRAD_MIN_TILES and tiles * w_shape[0] * w_shape[1] >= WINOGRAD_MIN_WORK
-            and layout_of(input) == "channels_last")
+            and (any_layout or layout_of(input) == "channels_last"))
 
 
 ROUTES = RouteTable("conv2d", [
