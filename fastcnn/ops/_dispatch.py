@@ -178,7 +178,7 @@ class RouteTable:
 
         The answer for each key of a call is remembered (a few dict entries per op): it depends only on the key, the
         table and what loaded at import - never on tensor values or module state -, and a forced backend is not
-        remembered (`_remembered`). This runs on every call of every fused module, so it reads each property of `x`
+        remembered (`remembered`). This runs on every call of every fused module, so it reads each property of `x`
         once."""
         device = "cpu" if x.is_cpu else x.device.type
         if _forced is not None:
@@ -186,7 +186,7 @@ class RouteTable:
             if reason is not None:
                 raise RuntimeError(f"fastcnn: backend {_forced!r} was forced but cannot run {self.op} here: {reason}")
             return _forced
-        return _remembered(self._chosen, (device, x.dtype, layout_of(x), mode, size, _stock_routes_skipped > 0),
+        return remembered(self._chosen, (device, x.dtype, layout_of(x), mode, size, _stock_routes_skipped > 0),
                            self._first_that_runs)
 
     def _first_that_runs(self, device, dtype, layout, mode, size, skip_stock):
@@ -203,15 +203,26 @@ class RouteTable:
         return "reference"
 
 
-def _remembered(memo, key, decide):
-    """``decide(*key)``, remembered in the dict `memo`; under torch.compile worked out at each trace instead, so
-    guards stay on the key's inputs, not on the dict."""
+def remembered(memo, key, decide):
+    """``decide(*key)``, remembered in the dict `memo` (emptied when it reaches `MEMO_LIMIT` keys, should calls come
+    in endlessly many signatures); under torch.compile worked out at each trace instead, so guards stay on the key's
+    inputs, not on the dict."""
     if torch.compiler.is_compiling():
         return decide(*key)
     answer = memo.get(key)
     if answer is None:
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
         answer = memo[key] = decide(*key)
     return answer
+
+
+MEMO_LIMIT = 4096
+
+
+def route_state():
+    """What every route decision reads besides the call: the forced backend and whether stock routes are skipped."""
+    return _forced, _stock_routes_skipped > 0
 
 
 MODULE_TABLES = {}  # fused module kind -> ModuleRoutes, in import order (fastcnn.info walks it)
@@ -243,7 +254,7 @@ class ModuleRoutes:
         key, as `RouteTable.choose` does."""
         if _forced is not None or _stock_routes_skipped > 0:
             return False
-        return _remembered(self._chosen, ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode, size),
+        return remembered(self._chosen, ("cpu" if x.is_cpu else x.device.type, x.dtype, layout_of(x), mode, size),
                            self._matches)
 
     def _matches(self, device, dtype, layout, mode, size):
@@ -316,8 +327,14 @@ def eager_or_op(name, op, setup_context, backward, forward=None):
     return call
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_enabled(x):
-    """Whether an autocast region is enabled for tensor `x`'s device type."""
+    """Whether an autocast region is enabled for tensor `x`'s device type. Every fused module asks this on every
+    call, and mostly none is: one C call answers that (where this torch has it; torch.compile guards on it)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
+        return False
     return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 
 
