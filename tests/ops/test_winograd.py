@@ -43,10 +43,11 @@ def _inputs(n, c_in, c_out, h, w, channels_last, kernel=3, dtype=torch.float32):
     return x, weight, torch.randn(c_out, dtype=dtype) * 0.1
 
 
-def _ran_winograd(fn):
+def _ran_winograd(fn, name="fastcnn::winograd_conv3x3"):
+    """How many times `fn` ran the Winograd convolution (or, with `name`, another of its named kernels)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.name == "fastcnn::winograd_conv3x3" for e in prof.events())
+    return sum(e.name == name for e in prof.events())
 
 
 @pytest.mark.parametrize("case", ELIGIBLE, ids=lambda c: "x".join(map(str, c[:5])) + f"p{c[5]}" +
@@ -69,6 +70,7 @@ def test_forward_and_gradients_within_the_tolerance_table(case, pool):
 
     with fastcnn.use_backend("cpu"):
         assert _ran_winograd(fused) == 2  # the forward and the input gradient
+        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == 1
         out, _, grads = fused()
     assert_close_to_oracle(out, stock_out, oracle, "out")
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -143,6 +145,18 @@ def test_results_repeat_and_agree_across_thread_counts():
         assert_close_to_oracle(out, stock_out, oracle, "out")
 
 
+def test_weight_gradient_repeats_bitwise():
+    """The weight gradient sums each thread's blocks into its own accumulator, then the accumulators: at one thread
+    count the same blocks go to the same threads, so a call repeats bitwise."""
+    x, weight, bias = _inputs(2, 64, 80, 35, 29, True)
+    grad_out = torch.randn(2, 80, 35, 29)
+    args = ((1, 1), (1, 1), (1, 1), 1, "none", (2, 2), (2, 2))
+    with fastcnn.use_backend("cpu"):
+        first, second = (forward_backward(lambda *t: fastcnn.functional.conv2d_relu_pool(*t, *args),
+                                          (x, weight, bias), grad_out)[2][1] for _ in range(2))
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("pool", ["none", "max"])  # "max": the pool in the output transform
 def test_nonfinite_input_reaches_the_outputs_stock_reaches(value, pool):
@@ -174,6 +188,7 @@ def test_nonfinite_gradient_reaches_the_inputs_stock_reaches(value):
                                        (x, weight, bias), grad_out)
     for check in (torch.isnan, torch.isinf):
         assert torch.equal(check(grads[0]), check(expected[0]))
+        assert torch.equal(check(grads[1]), check(expected[1]))  # the weight gradient reruns ATen's
 
 
 def _case_arguments(case):
