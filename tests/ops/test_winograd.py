@@ -145,6 +145,20 @@ def test_results_repeat_and_agree_across_thread_counts():
         assert_close_to_oracle(out, stock_out, oracle, "out")
 
 
+def test_weight_gradient_of_wide_filters_is_onednns():
+    """Above 256 x 256 filters the weight gradient's per-thread accumulators outgrow the caches and oneDNN's ran
+    faster (winograd.cpp); the forward and the input gradient stay Winograd's."""
+    x, weight, bias = _inputs(1, 260, 260, 32, 32, True)
+    args = ((1, 1), (1, 1), (1, 1), 1, "none", (2, 2), (2, 2))
+
+    def fused():
+        return forward_backward(lambda *t: fastcnn.functional.conv2d_relu_pool(*t, *args), (x, weight, bias))
+
+    with fastcnn.use_backend("cpu"):
+        assert _ran_winograd(fused) == 2
+        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == 0
+
+
 def test_weight_gradient_repeats_bitwise():
     """The weight gradient sums each thread's blocks into its own accumulator, then the accumulators: at one thread
     count the same blocks go to the same threads, so a call repeats bitwise."""
