@@ -46,7 +46,7 @@ SMALL_OUTPUT = 1 << 18  # N * C_out * H * W below which a fused conv-BN call is 
 # CPU, fp32, stock / fastcnn in paired rounds: small blocks lose to the fused chain's fixed cost per call - VGG-16's
 # conv-BN blocks at batch 1 and a quarter of the resolution (8k-200k output elements) 0.84-0.88x inference,
 # 0.91-0.95x training, and batch 2's block5 (2x512x14x14, 200k) 0.96-0.97x; from 2x512x28x28 (800k) on fastcnn
-# wins: batch 2 channels_last, blocks 1-4 (Winograd's convolution) 1.31-1.76x inference, 1.12-1.40x training
+# wins: batch 2 channels_last, blocks 1-4 (Winograd's convolution) 1.27-1.76x inference, 1.17-1.64x training
 # (conv_bn_block.json).
 # So below SMALL_OUTPUT the block runs its stock layers.
 ROUTES = ModuleRoutes("conv-BN block", [
@@ -144,7 +144,7 @@ class _ConvBatchNormReLU(_FusedConv2d):
         """Whether inference folds the BatchNorm's scale into the filters: where the convolution is Winograd's
         (which transforms the filters at every call anyway) and the filters are smaller than the convolution output
         whose passes the fold saves. CPU, batch 2, VGG-16-BN blocks against stock eager (conv_bn_block.json): blocks
-        1-3 (weights 0.6-37% of the output) run 1.5-1.8x folded; block4's 512x512 filters (2.9x its output) cost
+        1-3 (weights 0.6-37% of the output) run 1.4-1.8x folded; block4's 512x512 filters (2.9x its output) cost
         more to fold than the passes save (0.85x folded, 1.3x not). With a 2x2 max pool the fused call runs
         Winograd on NCHW input too (csrc/conv_relu_pool.cpp)."""
         max_pool_2x2 = self._pool_arguments() == ("max", (2, 2), (2, 2))

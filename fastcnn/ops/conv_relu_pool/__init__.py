@@ -51,7 +51,7 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route("triton", device="cuda"),
     # Where the CPU convolution is fastcnn's Winograd (winograd_runs: channels_last, 3x3 stride 1, enough tiles and
     # channels), fastcnn wins with or without a pool. Paired rounds against stock eager, batch 2 unless noted:
-    # VGG-16 blocks 1-4 forward 1.28-1.74x, forward+backward 1.12-1.39x (conv_block.json); 128 channels at 28-112
+    # VGG-16 blocks 1-4 forward 1.26-1.68x, forward+backward 1.14-1.72x (conv_block.json); 128 channels at 28-112
     # px and batch 1-8 at 56 px 1.20-1.68x / 1.12-1.41x with the pool (conv_block_sweep_channels_last.json) and
     # 1.02-1.67x / 1.08-1.40x without (conv_block_sweep_pool-none_channels_last.json).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
@@ -75,8 +75,8 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
     # VGG-16 block-ending convs at batch 2, NCHW (conv_block.json): blocks 1-4, whose forward is Winograd's with the
-    # pool in its output transform, forward 1.51-1.92x, forward+backward 1.11-1.24x; block5 (oneDNN's convolution +
-    # the epilogue) 1.03x / 1.01x.
+    # pool in its output transform, forward 1.33-1.90x, forward+backward 1.06-1.19x; block5 (oneDNN's convolution +
+    # the epilogue) 1.01x / 1.02x.
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
