@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_pool(const at::Tensor& input, con
   // through a channels_last copy of it (one pass, small next to the convolution), and gets its NCHW output back from
   // the pooled one, a quarter the size: the forward's error stays within the benchmarks' accuracy rule against
   // oneDNN's NCHW convolution, where the input gradient's does not (winograd.cpp), so that stays oneDNN's.
-  if (max_pool_2x2 && (winograd || winograd_fits(input, weight, stride, padding, dilation, groups))) {
+  if (max_pool_2x2 && winograd_fits(input, weight, stride, padding, dilation, groups)) {
     if (auto fused = winograd_conv3x3_relu_maxpool(input, weight, bias, padding)) {
       const auto format = memory_format_of(input);
       auto& [out, code] = *fused;

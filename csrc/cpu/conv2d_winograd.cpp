@@ -1,8 +1,7 @@
 // fastcnn::conv2d_winograd, the bias-free convolution that fastcnn's BatchNorm blocks run on CPU (their convolution
 // output feeds a BatchNorm, which cancels any bias): Winograd F(2x2, 3x3) (winograd.cpp) where winograd_applies,
-// ATen's convolution (oneDNN) elsewhere. Its backward computes the input gradient by Winograd too, as the 3x3
-// convolution of grad_out with the weight transposed and turned by 180 degrees at padding 2 - p, and the weight
-// gradient by ATen's convolution_backward.
+// ATen's convolution (oneDNN) elsewhere. Its backward is convolution_backward_winograd's (winograd.h): Winograd's
+// input gradient and weight gradient where the forward was Winograd's, else ATen's.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

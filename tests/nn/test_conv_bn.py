@@ -116,16 +116,16 @@ def _winograd_calls(fn):
     return sum(e.name == "fastcnn::winograd_conv3x3" for e in prof.events())
 
 
+@pytest.mark.skipif(BACKEND[0] != "cpu", reason="fastcnn._C is not built: no Winograd convolution")
 @pytest.mark.parametrize("pool", ["max", "none"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 def test_winograd_sized_block_matches_stock(pool, train, channels_last):
     """A float32 block with the tiles and channels for fastcnn's Winograd convolution: two training steps (forward,
-    both gradients, running statistics) or inference match stock within the table. Winograd runs in channels_last
-    (fastcnn.ops.conv2d: forward and input gradient) and, in NCHW, in inference with a 2x2 max pool (the BatchNorm
-    folded into one fused call)."""
-    if BACKEND[0] != "cpu":
-        pytest.skip("fastcnn._C is not built")
+    all gradients, running statistics) or inference match stock within the table. Winograd runs in channels_last
+    (fastcnn.ops.conv2d: forward and both gradients) and, in NCHW, in inference with a 2x2 max pool (the BatchNorm
+    folded into one fused call) - which follows every change of state: .data edits, an optimizer step,
+    load_state_dict."""
     x = torch.randn(2, 64, 36, 30)  # 540 tiles
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     stock = _stock(pool, in_channels=64, channels=64)
@@ -136,14 +136,29 @@ def test_winograd_sized_block_matches_stock(pool, train, channels_last):
         return
     fused = fuse_sequential(stock_copy := copy.deepcopy(stock)).eval()  # shares stock_copy's tensors
     stock_copy.eval()
-    for edit in range(2):  # the second time after in-place edits of the BatchNorm's state (folded at every call)
+    optimizer = torch.optim.SGD(stock_copy.parameters(), lr=0.5)
+
+    def data_edits():
+        stock_copy[1].running_var.data.mul_(3)
+        stock_copy[1].weight.data.neg_()
+
+    def optimizer_step():
+        for p in stock_copy.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+
+    def load_state_dict():
+        fused.load_state_dict(_stock(pool, in_channels=64, channels=64).state_dict())
+
+    for change, then in (("none", data_edits), (".data edits", optimizer_step), ("an optimizer step", load_state_dict),
+                         ("load_state_dict", None)):
         with torch.no_grad():
             # the BatchNorm folded into one fused Winograd call
             assert _winograd_calls(lambda: fused(x)) == (1 if channels_last or pool == "max" else 0)
             ours, theirs, exact = fused(x), stock_copy(x), copy.deepcopy(stock_copy).double()(x.double())
-        assert_close_to_oracle(ours, theirs, exact, f"output after {edit} edits")
-        stock_copy[1].running_var.data.mul_(3)
-        stock_copy[1].weight.data.neg_()
+        assert_close_to_oracle(ours, theirs, exact, f"output after {change}")
+        if then is not None:
+            then()
 
 
 @pytest.mark.parametrize("norm", [

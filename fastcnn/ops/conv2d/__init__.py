@@ -8,6 +8,7 @@ forced backend other than "cpu" the convolution is ATen's, as it is in every oth
 """
 import torch
 
+from .._args import pair
 from .._dispatch import CPU_RESULTS, Route, RouteTable, autocast_enabled, forced_backend, layout_of, route
 from . import reference
 from . import register
@@ -49,10 +50,6 @@ ROUTES = RouteTable("conv2d", [
 ], compiled=register.COMPILED_OPS, compiled_backends=("cpu",))
 
 
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def conv2d(input, weight, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d(input, weight, None, stride, padding, dilation, groups)``, by fastcnn's Winograd where the route
     says so (CPU, `winograd_runs`), else by ``F.conv2d`` itself. Arguments as ``F.conv2d``'s (zero padding; a
@@ -73,7 +70,7 @@ def conv2d(input, weight, stride=1, padding=0, dilation=1, groups=1):
     if (isinstance(padding, str) or not input.is_cpu or forced_backend() not in (None, "cpu")
             or autocast_enabled(input)):
         return reference.conv2d(input, weight, stride, padding, dilation, groups)
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     if not winograd_runs(input, weight, stride, padding, dilation, groups) \
             or route(ROUTES, input, size="winograd") != "cpu":
         return reference.conv2d(input, weight, stride, padding, dilation, groups)

@@ -4,14 +4,9 @@ import torch
 
 from ... import _extension
 from .._dispatch import eager_or_op, memory_format_of
+from ..conv_relu_pool.register import allocate_grads
 
 COMPILED_OPS = ("conv2d_winograd", "conv2d_winograd_backward")
-
-
-def _grad_like(t, wanted):
-    if not wanted:
-        return t.new_empty(0)
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
 
 
 if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_OPS):
@@ -23,7 +18,7 @@ if _extension.LOADED and all(hasattr(torch.ops.fastcnn, op) for op in COMPILED_O
 
     @torch.library.register_fake("fastcnn::conv2d_winograd_backward")
     def _conv2d_winograd_backward_fake(grad_out, input, weight, padding, output_mask):
-        return _grad_like(input, output_mask[0]), _grad_like(weight, output_mask[1])
+        return allocate_grads(input, weight, [*output_mask, False])[:2]
 
     def _setup_context(ctx, inputs, output):
         input, weight, padding = inputs
