@@ -12,7 +12,7 @@
 // Work is cut into blocks of tiles, each one task of at::parallel_for: its input transform, its 16 GEMMs (on that
 // task's thread) and its output transform run back to back while its V and M are still in cache. The transforms
 // use only additions, subtractions and halvings, and the error measured against float64 is below that of oneDNN's
-// channels_last direct convolution (tests/ops/test_winograd.py).
+// channels_last direct convolution (tests/ops/test_winograd.py). The backward is in winograd_backward.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -20,6 +20,7 @@
 #include "fastcnn/checks.h"
 #include "fastcnn/cpu_loops.h"
 #include "fastcnn/winograd.h"
+#include "fastcnn/winograd_tiles.h"
 
 #include <algorithm>
 #include <array>
@@ -28,13 +29,11 @@
 #include <tuple>
 #include <vector>
 
-// The Fortran BLAS sgemm of the library torch links (MKL on x86 builds), weak so that a torch built without one
-// still loads fastcnn; then the GEMMs go through at::mm_out.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace fastcnn {
+
+using namespace winograd_tiles;
+
 namespace {
 
 // Where it runs (conv block forward and forward+backward, batch 2, 2 threads, against the direct convolution):
@@ -50,16 +49,7 @@ namespace {
 //   channels at 200 tiles 0.97x, 392 1.08x, 800 1.37x (warm);
 // - at least 64 channels on both sides (fewer leave the GEMMs too short).
 constexpr int64_t kMinTiles = 256, kMinWork = int64_t{1} << 21, kMinChannels = 64;
-// The weight gradient accumulates 16 * C_in * C_out floats per thread, every block's 16 GEMMs reading and writing
-// them: with caches evicted before each call (weight gradient alone, VGG-16 shapes, batch 2) it won at 128 channels
-// (18 ms against oneDNN's 26) and 256 (22 against 26.5), tied at 64 and lost at 512 (37-42 against 31-35), where
-// those accumulators are 16 MB a thread. So it runs up to 256 x 256 filters.
-constexpr int64_t kMaxWeightGradFilters = 256 * 256;
 
-struct Geometry {
-  int64_t N, C, K, H, W, ph, pw, HO, WO, TH, TW;  // C in, K out; TH x TW tiles of 2x2 outputs per image
-  int64_t tiles() const { return N * TH * TW; }
-};
 
 // U[q][c][k] = (G g G^T)[q] for n filters g(k, c), k < n, whose tap (a, b) is taps[(a * 3 + b) * kTapRow + k].
 constexpr int64_t kTapRow = 64;
@@ -126,6 +116,10 @@ at::Tensor transform_filters(const at::Tensor& weight_in, bool flip, int64_t C, 
   return U;
 }
 
+}  // namespace
+
+namespace winograd_tiles {
+
 // Row i of (B^T d) B from row i of r = B^T d.
 __attribute__((always_inline)) inline void input_row_out(float* __restrict__ v, int64_t q_stride, int64_t c, int i,
                                                          float r0, float r1, float r2, float r3) {
@@ -166,6 +160,10 @@ FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const G
     }
   }
 }
+
+}  // namespace winograd_tiles
+
+namespace {
 
 // One tile's 2x2 outputs at one channel.
 struct TileOut {
@@ -263,95 +261,6 @@ FASTCNN_VECTOR_CLONES bool output_relu_maxpool(const float* __restrict__ M, cons
   return nonfinite == 0;
 }
 
-// --- The weight gradient, by Winograd's F(3x3, 2x2): the forward Y = A^T [U .* V] A with U = G g G^T gives, per
-// tile and channel pair, dL/dU = (A dY A^T) .* V, so that summed over tiles
-//     dU_q[c][k] = sum_t V_q[t][c] dM_q[t][k]   with dM = A dY A^T (16 GEMMs per block of tiles),
-//     dg = G^T dU G.
-
-// Row i of (A dY) A^T from row i of r = A dY (r has two columns).
-__attribute__((always_inline)) inline void grad_row_out(float* __restrict__ dm, int64_t q_stride, int64_t k, int i,
-                                                        float r0, float r1) {
-  dm[(i * 4 + 0) * q_stride + k] = r0;
-  dm[(i * 4 + 1) * q_stride + k] = r0 + r1;
-  dm[(i * 4 + 2) * q_stride + k] = r0 - r1;
-  dm[(i * 4 + 3) * q_stride + k] = -r1;
-}
-
-// dM[q][t][k] = (A dY A^T)[q] for the tiles [t0, t0 + nb) of an NHWC gradient dy (N, HO, WO, K); outputs past an
-// odd edge read `zero`.
-FASTCNN_VECTOR_CLONES void grad_transform(const float* __restrict__ dy, const Geometry& g, int64_t t0, int64_t nb,
-                                          int64_t block, const float* __restrict__ zero, float* __restrict__ dM) {
-  const int64_t K = g.K, q_stride = block * K;
-  for (int64_t tt = 0; tt < nb; ++tt) {
-    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
-    const float* y[2][2];
-    for (int a = 0; a < 2; ++a) {
-      for (int b = 0; b < 2; ++b) {
-        const int64_t oy = 2 * ty + a, ox = 2 * tx + b;
-        y[a][b] = (oy < g.HO && ox < g.WO) ? dy + ((n * g.HO + oy) * g.WO + ox) * K : zero;
-      }
-    }
-    float* __restrict__ dm = dM + tt * K;
-#pragma omp simd  // the rows of dM written do not overlap the gradient rows read
-    for (int64_t k = 0; k < K; ++k) {
-      const float y00 = y[0][0][k], y01 = y[0][1][k], y10 = y[1][0][k], y11 = y[1][1][k];
-      grad_row_out(dm, q_stride, k, 0, y00, y01);  // r = A dY, row by row
-      grad_row_out(dm, q_stride, k, 1, y00 + y10, y01 + y11);
-      grad_row_out(dm, q_stride, k, 2, y00 - y10, y01 - y11);
-      grad_row_out(dm, q_stride, k, 3, -y10, -y11);
-    }
-  }
-}
-
-// dU_q += V_q^T dM_q for the 16 positions q: dU_q (C x K) row-major; as BLAS sees it (column-major),
-// dU_q^T += dM_q^T V_q.
-void weight_grad_gemms(const float* V, const float* dM, const Geometry& g, int64_t nb, int64_t block, float* dU) {
-  for (int q = 0; q < 16; ++q) {
-    const float* v = V + q * block * g.C;
-    const float* dm = dM + q * block * g.K;
-    float* du = dU + q * g.C * g.K;
-    if (sgemm_ != nullptr) {
-      const int K = static_cast<int>(g.K), n = static_cast<int>(nb), C = static_cast<int>(g.C);
-      const float one = 1.0f;
-      sgemm_("N", "T", &K, &C, &n, &one, dm, &K, v, &C, &one, du, &K);
-    } else {
-      const auto options = at::TensorOptions().dtype(at::kFloat);
-      at::from_blob(du, {g.C, g.K}, options)
-          .addmm_(at::from_blob(const_cast<float*>(v), {nb, g.C}, options).t(),
-                  at::from_blob(const_cast<float*>(dm), {nb, g.K}, options));
-    }
-  }
-}
-
-// Row a of dg = (G^T dU) G from row a of s = G^T dU.
-__attribute__((always_inline)) inline void weight_row_out(float* __restrict__ w, int64_t tap_stride, int64_t k, int a,
-                                                          float s0, float s1, float s2, float s3) {
-  const float half_sum = 0.5f * (s1 + s2);
-  w[(a * 3 + 0) * tap_stride + k] = s0 + half_sum;
-  w[(a * 3 + 1) * tap_stride + k] = 0.5f * (s1 - s2);
-  w[(a * 3 + 2) * tap_stride + k] = half_sum + s3;
-}
-
-// dg[tap][c][k] = (G^T dU_{c,k} G)[tap] for one input channel c: du holds dU[q][c][k] q_stride apart, k < K.
-FASTCNN_VECTOR_CLONES void weight_back_transform(const float* __restrict__ du, int64_t q_stride, int64_t K,
-                                                 float* __restrict__ w, int64_t tap_stride) {
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
-    const float* f = du + k;
-    const float u00 = f[0], u01 = f[q_stride], u02 = f[2 * q_stride], u03 = f[3 * q_stride];
-    const float u10 = f[4 * q_stride], u11 = f[5 * q_stride], u12 = f[6 * q_stride], u13 = f[7 * q_stride];
-    const float u20 = f[8 * q_stride], u21 = f[9 * q_stride], u22 = f[10 * q_stride], u23 = f[11 * q_stride];
-    const float u30 = f[12 * q_stride], u31 = f[13 * q_stride], u32 = f[14 * q_stride], u33 = f[15 * q_stride];
-    // s = G^T dU, column by column: rows u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3
-    weight_row_out(w, tap_stride, k, 0, u00 + 0.5f * (u10 + u20), u01 + 0.5f * (u11 + u21),
-                   u02 + 0.5f * (u12 + u22), u03 + 0.5f * (u13 + u23));
-    weight_row_out(w, tap_stride, k, 1, 0.5f * (u10 - u20), 0.5f * (u11 - u21), 0.5f * (u12 - u22),
-                   0.5f * (u13 - u23));
-    weight_row_out(w, tap_stride, k, 2, 0.5f * (u10 + u20) + u30, 0.5f * (u11 + u21) + u31,
-                   0.5f * (u12 + u22) + u32, 0.5f * (u13 + u23) + u33);
-  }
-}
-
 // M_q = V_q U_q for the 16 positions q: V_q (nb x C) and M_q (nb x K) row-major with row strides C and K. A
 // row-major product is the column-major product of the transposes, M_q^T = U_q^T V_q^T, which is how BLAS sees it.
 void tile_gemms(const float* U, const float* V, const Geometry& g, int64_t nb, int64_t block, float* M) {
@@ -395,16 +304,8 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
          winograd_fits(input, weight, stride, padding, dilation, groups);
 }
 
-namespace {
+namespace winograd_tiles {
 
-// One call's tiles, blocks and transformed filters.
-struct Plan {
-  Geometry g;
-  at::Tensor input, U;  // input channels_last
-  int64_t block, blocks;
-};
-
-// The tiles and blocks of a 3x3 convolution of input (C channels) into K channels (U left undefined).
 Plan tile_plan(const at::Tensor& input_in, int64_t C, int64_t K, at::IntArrayRef padding) {
   TORCH_CHECK(input_in.scalar_type() == at::kFloat && input_in.dim() == 4 && input_in.size(1) == C,
               "fastcnn: winograd: expected float32 (N, ", C, ", H, W) input, got ", input_in.sizes());
@@ -430,6 +331,10 @@ Plan tile_plan(const at::Tensor& input_in, int64_t C, int64_t K, at::IntArrayRef
   p.block = (g.tiles() + p.blocks - 1) / p.blocks;
   return p;
 }
+
+}  // namespace winograd_tiles
+
+namespace {
 
 Plan make_plan(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding, bool flip_weight) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
@@ -491,75 +396,6 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, a
   return at::convolution(p.input, weight, c10::nullopt, {1, 1}, direct_padding, {1, 1}, /*transposed=*/flip_weight,
                          {0, 0}, 1)
       .contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
-                                        at::IntArrayRef padding) {
-  RECORD_FUNCTION("fastcnn::winograd_conv3x3_weight_grad", std::vector<c10::IValue>({grad_out, input}));
-  const int64_t C = input.size(1), K = grad_out.size(1);
-  const Plan p = tile_plan(input, C, K, padding);
-  const Geometry& g = p.g;
-  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.dim() == 4 && grad_out.size(0) == g.N &&
-                  grad_out.size(2) == g.HO && grad_out.size(3) == g.WO,
-              "fastcnn: winograd_conv3x3_weight_grad: grad_out of shape ", grad_out.sizes(), " does not match the ",
-              "convolution's output (", g.N, ", ", K, ", ", g.HO, ", ", g.WO, ")");
-  const at::Tensor dy = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
-  // One dU accumulator per thread (each GEMM adds into its thread's), summed after.
-  const int threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, 16, C, K}, p.input.options());
-  const float* in = p.input.const_data_ptr<float>();
-  const float* dy_data = dy.const_data_ptr<float>();
-  float* partial_data = partial.mutable_data_ptr<float>();
-  const int64_t block = p.block;
-  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(std::max(C, K), 0.0f), scratch(16 * block * (C + K));
-    float* V = scratch.data();
-    float* dM = V + 16 * block * C;
-    float* dU = partial_data + at::get_thread_num() * 16 * C * K;
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t t0 = b * block, nb = std::min(block, g.tiles() - t0);
-      if (nb <= 0) break;
-      input_transform(in, g, t0, nb, block, zero.data(), V);
-      grad_transform(dy_data, g, t0, nb, block, zero.data(), dM);
-      weight_grad_gemms(V, dM, g, nb, block, dU);
-    }
-  });
-  const at::Tensor dU = partial.sum(0);
-  at::Tensor taps = at::empty({9, C, K}, p.input.options());  // dg[tap][c][k]
-  const float* du = dU.const_data_ptr<float>();
-  float* w = taps.mutable_data_ptr<float>();
-  at::parallel_for(0, C, grain_for(16 * K), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) weight_back_transform(du + c * K, C * K, K, w + c * K, C * K);
-  });
-  return taps.permute({2, 1, 0}).reshape({K, C, 3, 3});
-}
-
-std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tensor& grad_conv, const at::Tensor& input,
-                                                                 const at::Tensor& weight, at::IntArrayRef stride,
-                                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                                 int64_t groups, std::array<bool, 2> output_mask) {
-  at::Tensor grad_input, grad_weight;
-  const bool winograd = (output_mask[0] || output_mask[1]) &&
-                        winograd_applies(input, weight, stride, padding, dilation, groups);
-  if (winograd && output_mask[0]) {
-    grad_input = winograd_conv3x3(grad_conv, weight, {2 - padding[0], 2 - padding[1]}, /*flip_weight=*/true);
-  }
-  if (winograd && output_mask[1] && weight.size(0) * weight.size(1) <= kMaxWeightGradFilters) {
-    grad_weight = winograd_conv3x3_weight_grad(grad_conv, input, padding);
-    // A non-finite value: the transforms subtract, so one infinity can become NaN (inf - inf) where the direct
-    // sum gives +-inf; such calls (rare) run ATen's, whose results stock's match.
-    if (!grad_weight.isfinite().all().item<bool>()) grad_weight = at::Tensor();
-  }
-  const bool aten_input = output_mask[0] && !grad_input.defined();
-  const bool aten_weight = output_mask[1] && !grad_weight.defined();
-  if (aten_input || aten_weight) {
-    auto [aten_grad_input, aten_grad_weight, unused_grad_bias] = at::convolution_backward(
-        grad_conv, input, weight, /*bias_sizes=*/c10::nullopt, stride, padding, dilation, /*transposed=*/false,
-        /*output_padding=*/{0, 0}, groups, {aten_input, aten_weight, false});
-    if (aten_input) grad_input = aten_grad_input;
-    if (aten_weight) grad_weight = aten_grad_weight;
-  }
-  return {grad_input, grad_weight};
 }
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
