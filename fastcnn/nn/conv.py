@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops import pair
+from ..ops._dispatch import module_runs_stock
 from ..ops.conv_relu_pool import runs_stock
 from ..ops.conv_relu_pool.reference import relu_pool
 from .unfused import in_stock_slot
@@ -22,8 +23,9 @@ class _FusedConv2d(nn.Conv2d):
             return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         return input, self.padding
 
-    def _runs_stock(self, input, pool):
-        """Whether the op's route sends this call to stock (the route sees the zero padding the op would get)."""
+    def _route_says_stock(self, input, pool):
+        """Whether the op's route sends this call to stock (the route sees the zero padding the op would get); the
+        forward asks `module_runs_stock`, which remembers the answer per input signature."""
         padding = self.padding if self.padding_mode == "zeros" else (0, 0)
         return runs_stock(input, self.weight, pool, self.stride, padding, self.dilation, self.groups)
 
@@ -62,7 +64,7 @@ class ConvReLU2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if self._runs_stock(input, "none"):
+        if module_runs_stock(self, input, "none", self._route_says_stock):
             return relu_pool(super().forward(input), "none", None, None)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -104,7 +106,7 @@ class ConvReLUPool2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if self._runs_stock(input, self.pool):
+        if module_runs_stock(self, input, self.pool, self._route_says_stock):
             return relu_pool(super().forward(input), self.pool, self.pool_size, self.pool_stride)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu_pool(input, self.weight, self.bias, self.stride, padding, self.dilation,

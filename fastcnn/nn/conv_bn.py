@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops import pair
-from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route, stock_routable
+from ..ops._dispatch import CPU_RESULTS, STOCK, ModuleRoutes, Route, module_runs_stock, stock_routable
 from ..ops.batch_norm import batch_norm_relu_pool, scale_shift_add_relu
 from ..ops.conv2d import conv2d, winograd_runs
 from ..ops.conv_relu_pool import conv_output_elements
@@ -110,13 +110,18 @@ class _ConvBatchNormReLU(_FusedConv2d):
     def _pool_arguments(self):
         raise NotImplementedError
 
+    def _route_says_stock(self, input, _):
+        """Whether the block's route sends this call to its stock layers (remembered per input signature by
+        `module_runs_stock`)."""
+        return stock_routable(input) and ROUTES.runs_stock(input, size=_size_class(input, self.weight))
+
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)  # nn.Conv2d's: the BatchNorm, ReLU and pool slots apply the rest
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")  # nn.BatchNorm2d's message
         norm = self.batch_norm
-        if stock_routable(input) and ROUTES.runs_stock(input, size=_size_class(input, self.weight)):  # stock's layers
+        if module_runs_stock(self, input, None, self._route_says_stock):  # stock's layers
             return relu_pool(nn.BatchNorm2d.forward(norm, super().forward(input)), *self._pool_arguments())
         input, padding = self._fused_conv_args(input)
         conv_args = (self.stride, padding, self.dilation, self.groups)

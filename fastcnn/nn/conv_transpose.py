@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
+from ..ops._dispatch import module_runs_stock
 from ..ops.conv_transpose import ACTIVATIONS, runs_stock
 
 
@@ -40,7 +41,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.activation = None if activation == "none" else activation
 
     def forward(self, input, output_size=None):
-        if runs_stock(input, self.weight, self.bias, self.stride, self.groups):  # as the stock layers it replaces
+        if module_runs_stock(self, input, None, self._route_says_stock):  # as the stock layers it replaces
             out = super().forward(input, output_size)
             return out if self.activation is None else F.relu(out, inplace=True)
         if self.padding_mode != "zeros":
@@ -49,6 +50,11 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                                               self.dilation)
         return functional.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, output_padding,
                                            self.groups, self.dilation, self.activation)
+
+    def _route_says_stock(self, input, _):
+        """Whether the op's route sends this call to stock (remembered per input signature by
+        `module_runs_stock`)."""
+        return runs_stock(input, self.weight, self.bias, self.stride, self.groups)
 
     def extra_repr(self):
         return super().extra_repr() + ("" if self.activation is None else f", activation={self.activation!r}")

@@ -142,3 +142,57 @@ def test_small_conv_bn_block_runs_its_stock_layers(train):
         assert torch.equal(b, c)
     with fastcnn.ops.skip_stock_routes():  # fused; in eval with trainable parameters that is the stock ops too
         assert ("fastcnn" in fused(x).grad_fn.name()) == train
+
+
+def test_conv_module_remembers_its_route_per_input_signature_and_route_state(monkeypatch):
+    """A fused conv module works its route out once per input signature (shape, strides, dtype, device) and route
+    state: the same call again is not asked anew, while another layout, another dtype, a forced backend or skipped
+    stock routes are - and get their own answer, never a remembered one."""
+    asked = []
+    original = fastcnn.nn.ConvReLUPool2d._route_says_stock
+    monkeypatch.setattr(fastcnn.nn.ConvReLUPool2d, "_route_says_stock",
+                        lambda self, x, pool: asked.append((x.dtype, x.is_contiguous())) or original(self, x, pool))
+    module = fastcnn.nn.ConvReLUPool2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+
+    def runs_fused(x):
+        return "fastcnn" in module(x.requires_grad_()).grad_fn.name()
+
+    assert not runs_fused(x) and not runs_fused(x.detach().clone())  # small CPU float32: stock, asked once
+    assert asked == [(torch.float32, True)]
+    assert not runs_fused(x.detach().contiguous(memory_format=torch.channels_last))
+    assert len(asked) == 2
+    with fastcnn.ops.skip_stock_routes():
+        assert runs_fused(x.detach())
+    with fastcnn.use_backend("reference"):  # forced: the op's path, here its plain-PyTorch backend
+        module(x)
+    assert len(asked) == 4
+    assert not runs_fused(x.detach())  # the route state restored, the remembered answer holds again
+    assert len(asked) == 4
+    module.double()(x.double())
+    assert asked[-1] == (torch.float64, True) and len(asked) == 5
+
+
+def test_unfused_context_is_per_thread():
+    """``unfused()`` open in one thread leaves fused modules in every other thread fused."""
+    import threading
+
+    from fastcnn.nn.unfused import in_stock_slot, is_unfused, stock_slots
+
+    opened, release, seen = threading.Event(), threading.Event(), []
+
+    def hold():
+        with fastcnn.nn.unfused(), stock_slots():
+            seen.append((is_unfused(), in_stock_slot()))
+            opened.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        assert seen == [(True, True)] and not is_unfused() and not in_stock_slot()
+    finally:
+        release.set()
+        thread.join()
+    assert not is_unfused() and not in_stock_slot()

@@ -17,9 +17,7 @@ from .._dispatch import (
     RouteTable,
     autocast,
     load_triton,
-    remembered,
     route,
-    route_state,
     stock_routable,
 )
 from ..conv2d import winograd_runs
@@ -85,25 +83,13 @@ def _mode(pool):
     return "relu" if pool == "none" else "relu-pool"
 
 
-_STOCK_ANSWERS = {}  # runs_stock's answers by call signature
-
-
 def runs_stock(input, weight, pool, stride, padding, dilation, groups):
     """True where `ROUTES` sends a call on tensor `input` with these arguments to stock PyTorch (outside autocast,
     under which the op routes on the cast dtype): a fused conv module then runs as the stock layers it replaces,
-    without the op's argument layer (stock's own checks apply, as they would to those layers). stride, padding and
-    dilation as a module holds them (ints, tuples or a padding string: hashable).
-
-    The answer depends only on the call's signature - input shape, strides, dtype and device, weight shape and
-    dtype, the convolution and pool arguments - and the route state, so it is remembered per signature: with the
-    caches evicted before each call, as between a network's layers, this function took 40-70 us working it out (the
-    size class, then the table) and takes 24-37 us with the lookup, on stock-routed calls of 0.3-0.7 ms."""
-    if not stock_routable(input):
-        return False
-    key = (input.shape, input.stride(), input.dtype, input.device, weight.shape, weight.dtype, pool, stride, padding,
-           dilation, groups, route_state())
-    return remembered(_STOCK_ANSWERS, key, lambda *_: ROUTES.choose(
-        input, _mode(pool), _size_class(input, weight, stride, padding, dilation, groups)) == STOCK)
+    without the op's argument layer (stock's own checks apply, as they would to those layers). The modules remember
+    the answer per input signature (`module_runs_stock`)."""
+    return stock_routable(input) and ROUTES.choose(
+        input, _mode(pool), _size_class(input, weight, stride, padding, dilation, groups)) == STOCK
 
 
 def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
