@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops._dispatch import module_runs_stock
-from ..ops.conv_transpose import ACTIVATIONS, runs_stock
+from ..ops.conv_transpose import ACTIVATIONS, call_mode, runs_stock
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -41,7 +41,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.activation = None if activation == "none" else activation
 
     def forward(self, input, output_size=None):
-        if module_runs_stock(self, input, None, self._route_says_stock):  # as the stock layers it replaces
+        # The route reads the call's mode (whether autograd records it) besides the input: remembered per both.
+        if module_runs_stock(self, input, call_mode(input, self.weight, self.bias), self._route_says_stock):
             out = super().forward(input, output_size)
             return out if self.activation is None else F.relu(out, inplace=True)
         if self.padding_mode != "zeros":

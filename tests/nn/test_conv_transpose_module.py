@@ -95,3 +95,27 @@ def test_channels_last_kernel_equal_stride_exact(dtype, kernel, grad_mode):
                 ys, yf = act(stock(x)), fused(x)
         assert yf.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(yf, ys, atol=0, rtol=0)
+
+
+@pytest.mark.stock_routes
+def test_route_follows_the_call_mode(monkeypatch):
+    """The module remembers its route per input signature and mode: a CPU call whose output lies between the
+    inference and training size thresholds of its kind runs stock when autograd records it and fused when not, in
+    any order."""
+    from fastcnn.nn import conv_transpose as module_file
+    from fastcnn.ops.conv_transpose import SMALL_OUTPUT
+
+    fused_calls = []
+    original = module_file.functional.conv_transpose2d
+    monkeypatch.setattr(module_file.functional, "conv_transpose2d",
+                        lambda *args: fused_calls.append(1) or original(*args))
+    up = fastcnn.nn.ConvTranspose2d(4, 8, 2, stride=2, activation="relu")
+    x = torch.randn(1, 4, 64, 64)
+    assert SMALL_OUTPUT[True, "infer"] <= 8 * 128 * 128 < SMALL_OUTPUT[True, "train"]
+    up(x)
+    assert fused_calls == []  # recorded by autograd: small for training, stock
+    with torch.no_grad():
+        up(x)
+    assert fused_calls == [1]  # not recorded: large for inference, fused
+    up(x)
+    assert fused_calls == [1]

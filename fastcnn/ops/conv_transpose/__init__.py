@@ -23,10 +23,14 @@ SMALL_OUTPUT = {(True, "infer"): 1 << 17, (True, "train"): 1 << 18, (False, "inf
                 (False, "train"): 1 << 20}
 
 
-def _mode(input, weight, bias):
-    """"train" where autograd records the call, else "infer"."""
-    recorded = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                            or (bias is not None and bias.requires_grad))
+def _records(t):
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def call_mode(input, weight, bias):
+    """"train" where autograd records the call, else "infer" (a non-tensor argument records nothing: the argument
+    layer names it)."""
+    recorded = torch.is_grad_enabled() and (_records(input) or _records(weight) or _records(bias))
     return "train" if recorded else "infer"
 
 
@@ -61,7 +65,7 @@ def runs_stock(input, weight, bias, stride, groups):
     layer (stock's own checks apply)."""
     if not stock_routable(input):
         return False
-    mode = _mode(input, weight, bias)
+    mode = call_mode(input, weight, bias)
     return ROUTES.choose(input, mode, _size_class(input, weight, stride, groups, mode)) == STOCK
 
 
@@ -110,7 +114,7 @@ def conv_transpose2d_act(input, weight, bias, stride, padding, output_padding, g
     input, weight, bias = autocast(input, weight, bias)
     stride, padding, output_padding, dilation, activation = check_conv_transpose(
         input, weight, bias, stride, padding, output_padding, groups, dilation, activation)
-    mode = _mode(input, weight, bias)
+    mode = call_mode(input, weight, bias)
     backend = route(ROUTES, input, mode, _size_class(input, weight, stride, groups, mode))
     if backend == "reference" or input.numel() == 0:
         return reference.conv_transpose2d_act(input, weight, bias, stride, padding, output_padding, groups,
@@ -120,5 +124,5 @@ def conv_transpose2d_act(input, weight, bias, stride, padding, output_padding, g
               activation)
 
 
-__all__ = ["ACTIVATIONS", "ROUTES", "SMALL_OUTPUT", "check_conv_transpose", "conv_transpose2d_act", "output_size",
-           "runs_stock"]
+__all__ = ["ACTIVATIONS", "ROUTES", "SMALL_OUTPUT", "call_mode", "check_conv_transpose", "conv_transpose2d_act",
+           "output_size", "runs_stock"]
