@@ -50,26 +50,26 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     # Where the CPU convolution is fastcnn's Winograd (winograd_runs: channels_last, 3x3 stride 1, enough tiles and
     # channels), fastcnn wins with or without a pool. Paired rounds against stock eager, batch 2 unless noted:
     # VGG-16 blocks 1-4 forward 1.26-1.68x, forward+backward 1.14-1.72x (conv_block.json); 128 channels at 28-112
-    # px and batch 1-8 at 56 px 1.20-1.68x / 1.12-1.41x with the pool (conv_block_sweep_channels_last.json) and
-    # 1.02-1.67x / 1.08-1.40x without (conv_block_sweep_pool-none_channels_last.json).
+    # px and batch 1-8 at 56 px 1.20-1.90x / 1.08-1.72x with the pool (conv_block_sweep_channels_last.json) and
+    # 1.05-1.58x / 1.03-1.62x without (conv_block_sweep_pool-none_channels_last.json).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
           device="cpu", size="winograd"),
     # In channels_last, where the convolution is oneDNN's (too few tiles or channels for Winograd), the fused path
-    # loses or ties: 2x3->16x64x64 ... 2x64->128x8x8 forward 0.76-0.91x, forward+backward 0.89-0.98x
+    # loses or ties (fastcnn[cpu]): 2x3->16x64x64 ... 2x64->128x8x8 forward 0.63-0.67x, forward+backward 0.81-0.86x
     # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.97x / 0.99x (conv_block.json).
-    # So stock runs.
+    # So stock runs: routed there, the module measured 1.00-1.02x in both modes (the same sweep).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_channels_last.json#2x3x64x64-2x64x8x8", device="cpu",
           layout="channels_last"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
     # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
-    # 2x128x14x14 0.84x forward / 0.91x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
-    # 0.89x / 0.94x and smaller 0.66-0.92x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.05-1.62x. So below
-    # SMALL_OUTPUT output elements stock runs.
+    # 2x128x14x14 0.83x forward / 0.90x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
+    # 0.86x / 0.92x and smaller 0.75-0.86x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.13-1.94x forward and
+    # 1.11-1.27x forward+backward. So below SMALL_OUTPUT output elements stock runs (routed: 1.00-1.02x).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32-2x64x8x8", device="cpu",
           size="small"),
     # Without a pool (mode "relu") there is no pass to save on CPU: stock's oneDNN convolution adds the bias and
-    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.61-0.99x at every size of the
-    # sweep, forward+backward 0.78-1.04x. So stock runs.
+    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.65-1.01x at every size of the
+    # sweep, forward+backward 0.78-1.07x. So stock runs.
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
     # VGG-16 block-ending convs at batch 2, NCHW (conv_block.json): blocks 1-4, whose forward is Winograd's with the
