@@ -44,18 +44,21 @@ from .unfused import in_stock_slot
 SMALL_OUTPUT = 1 << 18  # N * C_out * H * W below which a fused conv-BN call is "small"
 
 # CPU, fp32, stock / fastcnn in paired rounds: small blocks lose to the fused chain's fixed cost per call - VGG-16's
-# conv-BN blocks at batch 1 and a quarter of the resolution (8k-200k output elements) 0.84-0.88x inference,
-# 0.91-0.95x training, and batch 2's block5 (2x512x14x14, 200k) 0.96-0.97x; from 2x512x28x28 (800k) on fastcnn
-# wins: batch 2 channels_last, blocks 1-4 (Winograd's convolution) 1.27-1.76x inference, 1.17-1.64x training
-# (conv_bn_block.json).
-# So below SMALL_OUTPUT the block runs its stock layers.
+# conv-BN blocks 2-5 at batch 1 and a quarter of the resolution (8k-100k output elements) 0.82-0.90x inference,
+# 0.89-0.95x training, and batch 2's block5 (2x512x14x14, 200k) 0.96-0.97x - unless their convolution is Winograd's:
+# block1 there (1x64x56x56, 200k output elements, 784 tiles) 1.09x / 1.06x (conv_bn_block_quick.json); from
+# 2x512x28x28 (800k) on fastcnn wins: batch 2 channels_last, blocks 1-4 (Winograd's convolution) 1.27-1.76x
+# inference, 1.17-1.64x training (conv_bn_block.json).
+# So below SMALL_OUTPUT, where the convolution is not Winograd's, the block runs its stock layers.
 ROUTES = ModuleRoutes("conv-BN block", [
-    Route(STOCK, measured=f"{CPU_RESULTS}_conv_bn_block_quick.json#block1-block5", device="cpu",
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_bn_block_quick.json#block2-block5", device="cpu",
           dtypes=(torch.float32,), size="small"),
 ])
 
 
-def _size_class(input, weight):
+def _size_class(input, weight, stride, padding, dilation, groups):
+    if winograd_runs(input, weight, stride, padding, dilation, groups):
+        return "winograd"
     return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
 
@@ -113,7 +116,9 @@ class _ConvBatchNormReLU(_FusedConv2d):
     def _route_says_stock(self, input, _):
         """Whether the block's route sends this call to its stock layers (remembered per input signature by
         `module_runs_stock`)."""
-        return stock_routable(input) and ROUTES.runs_stock(input, size=_size_class(input, self.weight))
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # the zero padding the op would get
+        return stock_routable(input) and ROUTES.runs_stock(
+            input, size=_size_class(input, self.weight, self.stride, padding, self.dilation, self.groups))
 
     def forward(self, input):
         if in_stock_slot():

@@ -9,6 +9,7 @@ import torch
 import fastcnn
 from fastcnn.info import report
 from fastcnn.nn import inception, residual
+from fastcnn.ops.conv2d import winograd_runs
 
 pytestmark = pytest.mark.stock_routes
 
@@ -196,3 +197,19 @@ def test_unfused_context_is_per_thread():
         release.set()
         thread.join()
     assert not is_unfused() and not in_stock_slot()
+
+
+@pytest.mark.skipif(not winograd_runs(
+    torch.empty(1, 64, 56, 56).contiguous(memory_format=torch.channels_last), torch.empty(64, 64, 3, 3), (1, 1),
+    (1, 1), (1, 1), 1), reason="Winograd's rule does not take this layer")
+def test_small_conv_bn_block_whose_convolution_is_winograd_runs_fused():
+    """Below SMALL_OUTPUT a conv-BN block still runs fused where its convolution is Winograd's (channels_last, enough
+    tiles and channels): VGG-16-BN block1 at batch 1 measured 1.09x inference, 1.06x training that way."""
+    from fastcnn.nn import conv_bn
+
+    stock = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2)).to(memory_format=torch.channels_last)
+    fused = fastcnn.convert(copy.deepcopy(stock))
+    x = torch.randn(1, 64, 56, 56).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert 64 * 56 * 56 < conv_bn.SMALL_OUTPUT
+    assert "fastcnn" in fused(x).grad_fn.name()
