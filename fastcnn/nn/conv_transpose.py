@@ -41,8 +41,11 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         self.activation = None if activation == "none" else activation
 
     def forward(self, input, output_size=None):
-        # The route reads the call's mode (whether autograd records it) besides the input: remembered per both.
-        if module_runs_stock(self, input, call_mode(input, self.weight, self.bias), self._route_says_stock):
+        # The route reads the call's mode (whether autograd records it) besides the input: remembered per both. The
+        # parameters are read from _parameters, where nn.Module.__getattr__ finds them, without that Python call
+        # (~10 us a name with the caches evicted, on every call).
+        params = self._parameters
+        if module_runs_stock(self, input, call_mode(input, params["weight"], params["bias"]), self._route_says_stock):
             out = super().forward(input, output_size)
             return out if self.activation is None else F.relu(out, inplace=True)
         if self.padding_mode != "zeros":
