@@ -205,8 +205,8 @@ class RouteTable:
 
 def remembered(memo, key, decide):
     """``decide(*key)``, remembered in the dict `memo` (emptied when it reaches `MEMO_LIMIT` keys, should calls come
-    in endlessly many signatures); under torch.compile worked out at each trace instead, so guards stay on the key's
-    inputs, not on the dict."""
+    in endlessly many signatures); worked out at each trace instead while dynamo traces, so guards stay on the key's
+    inputs, not on the dict (the keys hold no shapes, so export's symbolic ones never reach the dict)."""
     if _dynamo_compiling():
         return decide(*key)
     answer = memo.get(key)
@@ -233,7 +233,9 @@ def module_runs_stock(module, x, extra, decide):
     Working the answer out (the op's size class, then its table: 40-70 us), or even looking it up by the full call
     signature with the weight's shape and the convolution arguments (24-37 us), made a stock-routed conv + ReLU +
     pool module 0.95-0.97x the three stock modules in forward (it saves two module calls, ~20 us); remembered this
-    way, 1.00-1.02x (conv_block_sweep_channels_last.json, the thin layers). The module's own arguments are not in the key: a module whose weight or convolution arguments are reassigned
+    way, 1.00-1.02x (conv_block_sweep_channels_last.json, the thin layers).
+
+    The module's own arguments are not in the key: a module whose weight or convolution arguments are reassigned
     keeps the route it had for that input - a question of speed only, since both of its paths compute the stock
     result (the fused one through the op, whose argument layer checks the call).
 

@@ -49,14 +49,14 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route("triton", device="cuda"),
     # Where the CPU convolution is fastcnn's Winograd (winograd_runs: channels_last, 3x3 stride 1, enough tiles and
     # channels), fastcnn wins with or without a pool. Paired rounds against stock eager, batch 2 unless noted:
-    # VGG-16 blocks 1-4 forward 1.26-1.68x, forward+backward 1.14-1.72x (conv_block.json); 128 channels at 28-112
+    # VGG-16 blocks 1-4 forward 1.41-1.73x, forward+backward 1.15-1.93x (conv_block.json); 128 channels at 28-112
     # px and batch 1-8 at 56 px 1.20-1.90x / 1.08-1.72x with the pool (conv_block_sweep_channels_last.json) and
     # 1.05-1.58x / 1.03-1.62x without (conv_block_sweep_pool-none_channels_last.json).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
           device="cpu", size="winograd"),
     # In channels_last, where the convolution is oneDNN's (too few tiles or channels for Winograd), the fused path
     # loses or ties (fastcnn[cpu]): 2x3->16x64x64 ... 2x64->128x8x8 forward 0.63-0.67x, forward+backward 0.81-0.86x
-    # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.97x / 0.99x (conv_block.json).
+    # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.98x / 0.98x (conv_block.json).
     # So stock runs: routed there, the module measured 1.00-1.02x in both modes (the same sweep).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_channels_last.json#2x3x64x64-2x64x8x8", device="cpu",
           layout="channels_last"),
@@ -68,13 +68,13 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32-2x64x8x8", device="cpu",
           size="small"),
     # Without a pool (mode "relu") there is no pass to save on CPU: stock's oneDNN convolution adds the bias and
-    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.65-1.01x at every size of the
-    # sweep, forward+backward 0.78-1.07x. So stock runs.
+    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.57-0.97x at every size of the
+    # sweep, forward+backward 0.75-1.00x. So stock runs (routed: 0.98-1.01x).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
     # VGG-16 block-ending convs at batch 2, NCHW (conv_block.json): blocks 1-4, whose forward is Winograd's with the
-    # pool in its output transform, forward 1.33-1.90x, forward+backward 1.06-1.19x; block5 (oneDNN's convolution +
-    # the epilogue) 1.01x / 1.02x.
+    # pool in its output transform, forward 1.49-1.98x, forward+backward 1.09-1.26x; block5 (oneDNN's convolution +
+    # the epilogue) 1.02x / 1.01x.
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
