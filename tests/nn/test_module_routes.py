@@ -213,3 +213,17 @@ def test_small_conv_bn_block_whose_convolution_is_winograd_runs_fused():
     x = torch.randn(1, 64, 56, 56).contiguous(memory_format=torch.channels_last).requires_grad_()
     assert 64 * 56 * 56 < conv_bn.SMALL_OUTPUT
     assert "fastcnn" in fused(x).grad_fn.name()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_routed_conv_module_compiles_without_graph_breaks(channels_last):
+    """Under torch.compile the module works its route out while dynamo traces (nothing read from or written to its
+    remembered answers): one graph, the stock result, and eager calls before and after still remember theirs."""
+    module = fastcnn.nn.ConvReLUPool2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    want = module(x)  # eager: remembered (small CPU call: stock)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+    assert len(module.__dict__["_stock_route_memo"]) == 1
+    torch.testing.assert_close(module(x), want, rtol=0, atol=0)
