@@ -19,16 +19,19 @@ class _FusedConv2d(nn.Conv2d):
     forward, an in-place ReLU, the pool - and a routed call costs no more than the stock layers (the answer is
     remembered per input signature: `module_runs_stock`)."""
 
+    def _op_padding(self):
+        """The zero padding the fused op gets: the module's, or none where another padding mode pads first."""
+        return self.padding if self.padding_mode == "zeros" else (0, 0)
+
     def _fused_conv_args(self, input):
         if self.padding_mode != "zeros":
-            return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
-        return input, self.padding
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        return input, self._op_padding()
 
     def _route_says_stock(self, input, pool):
-        """Whether the op's route sends this call to stock (the route sees the zero padding the op would get); the
-        forward asks `module_runs_stock`, which remembers the answer per input signature."""
-        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
-        return runs_stock(input, self.weight, pool, self.stride, padding, self.dilation, self.groups)
+        """Whether the op's route sends this call to stock (the route sees the padding the op would get); the forward
+        asks `module_runs_stock`, which remembers the answer per input signature."""
+        return runs_stock(input, self.weight, pool, self.stride, self._op_padding(), self.dilation, self.groups)
 
     @staticmethod
     def _check_relu(relu):

@@ -116,9 +116,8 @@ class _ConvBatchNormReLU(_FusedConv2d):
     def _route_says_stock(self, input, _):
         """Whether the block's route sends this call to its stock layers (remembered per input signature by
         `module_runs_stock`)."""
-        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # the zero padding the op would get
         return stock_routable(input) and ROUTES.runs_stock(
-            input, size=_size_class(input, self.weight, self.stride, padding, self.dilation, self.groups))
+            input, size=_size_class(input, self.weight, self.stride, self._op_padding(), self.dilation, self.groups))
 
     def forward(self, input):
         if in_stock_slot():

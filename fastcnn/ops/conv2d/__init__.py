@@ -2,9 +2,9 @@
 bias): on CPU fastcnn's Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp) where `winograd_runs`, ATen's elsewhere.
 
 Backends (`ROUTES`): "cpu" (fastcnn::conv2d_winograd, whose backward is Winograd's too: the input gradient, and the
-weight gradient up to 256 x 256 filters) on CPU calls in the "winograd" size class; "reference" (``F.conv2d``: oneDNN, cuDNN) everywhere else. Under a
-forced backend other than "cpu" the convolution is ATen's, as it is in every other backend's BatchNorm ops
-(fastcnn.ops.batch_norm); under autocast it is ``F.conv2d``, which casts as stock does.
+weight gradient up to 256 x 256 filters) on CPU calls in the "winograd" size class; "reference" (``F.conv2d``:
+oneDNN, cuDNN) everywhere else. Under a forced backend other than "cpu" the convolution is ATen's, as it is in every
+other backend's BatchNorm ops (fastcnn.ops.batch_norm); under autocast it is ``F.conv2d``, which casts as stock does.
 """
 import torch
 
@@ -29,7 +29,8 @@ def winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=F
     this on every call."""
     w_shape = weight.shape
     if (not input.is_cpu or len(w_shape) != 4 or w_shape[0] < WINOGRAD_MIN_CHANNELS
-            or w_shape[1] < WINOGRAD_MIN_CHANNELS or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1 or input.dim() != 4 or input.shape[1] != w_shape[1]
+            or w_shape[1] < WINOGRAD_MIN_CHANNELS or w_shape[2] != 3 or w_shape[3] != 3 or groups != 1
+            or input.dim() != 4 or input.shape[1] != w_shape[1]
             or input.dtype != torch.float32 or weight.dtype != torch.float32
             or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)):
         return False

@@ -10,16 +10,7 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import (
-    CPU_RESULTS,
-    STOCK,
-    Route,
-    RouteTable,
-    autocast,
-    load_triton,
-    route,
-    stock_routable,
-)
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
 from ..conv2d import winograd_runs
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
