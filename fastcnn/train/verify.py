@@ -2,15 +2,19 @@
 and torch.optim's, in a teacher-forced lockstep; a report of how far apart each step takes them, how their evaluation
 outputs compare and how fast each runs.
 
-The stock model trains. Before every step the fused model and a control (a copy of the stock model in the other
-memory format: the same math through other kernels, as the fused model is) are given the stock model's exact state;
-then all three run the step (forward under the same autocast, loss, backward, their optimizer's step) on the same
-batch from the same RNG state (so dropout masks agree). Per step the fused model's and the control's differences
-from the stock model are recorded: the loss, the BatchNorm running statistics after the step, the parameters after
-the step. At two checkpoints (half way and at the end) the fused model's evaluation outputs on the validation set
-are compared with those of a stock copy given the fused model's own state (the control, given the same state, again
-measures rounding), with the validation metrics. Pass/fail by the rule of :mod:`fastcnn.train.tolerances`.
+The fused model is checked twice over: as ``fused``, every block on fastcnn's kernels (also where a module route
+sends a block to its stock layers for speed on this device: `fastcnn.nn.skip_stock_routes`), and as ``routed``, a
+copy that runs as a user's model does, routes on. The stock model trains. Before every step both fused sides and a
+control (a copy of the stock model in the other memory format: the same math through other kernels, as the fused
+model is) are given the stock model's exact state; then all four run the step (forward under the same autocast,
+loss, backward, their optimizer's step) on the same batch from the same RNG state (so dropout masks agree). Per step
+each fused side's and the control's differences from the stock model are recorded: the loss, the BatchNorm running
+statistics after the step, the parameters after the step. At two checkpoints (half way and at the end) both fused
+sides' evaluation outputs on the validation set, given the fused model's state, are compared with those of a stock
+copy given the same state (the control, given it too, again measures rounding), with the validation metrics.
+Pass/fail by the rule of :mod:`fastcnn.train.tolerances`.
 """
+import contextlib
 import copy
 import statistics
 import time
@@ -25,6 +29,14 @@ from .schedules import build_scheduler
 from .tolerances import PARITY_FACTOR, PARITY_FLOOR, PARITY_WINDOW, PRECISION_DTYPES, STEP_STATISTIC, parity_bound
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+JUDGED = ("fused", "routed")  # the sides held to the bound: fastcnn's kernels everywhere, and as routed
+SPEED_LABELS = {"routed": "fastcnn as your model runs (routes on)",
+                "fused": "fastcnn's kernels everywhere (stock routes skipped)"}
+
+
+def _label(side, name):
+    """A check's name: the fused side's plain, the routed side's prefixed."""
+    return name if side == "fused" else f"{side}: {name}"
 
 
 def optimizer_pair(name, fused_params, stock_params, **hyper):
@@ -70,16 +82,18 @@ class Check:
         return self.fused <= self.bound
 
     def format(self):
-        return (f"  {self.name:<36} fused {self.fused:9.3g}  control {self.control:9.3g}  bound {self.bound:9.3g}  "
+        return (f"  {self.name:<44} fastcnn {self.fused:9.3g}  control {self.control:9.3g}  bound {self.bound:9.3g}  "
                 f"{'ok' if self.passed else 'FAIL'}")
 
 
 @dataclass
 class ParityReport:
-    """What :func:`verify` measured. ``steps[q] = (fused, control)``: per-step differences from the stock model of
-    quantity q (``loss``, ``buffers``, ``updates``; see :mod:`fastcnn.train.tolerances`); ``evaluations``: the
-    checkpoint ``Check``s; ``validation``: per side the final validation metrics (``fused``: the fused model,
-    ``fused in stock``: a stock copy with the fused model's state, ``stock``: the stock model)."""
+    """What :func:`verify` measured. ``steps[q][side]``: per-step differences from the stock model of quantity q
+    (``loss``, ``buffers``, ``updates``; see :mod:`fastcnn.train.tolerances`) for the sides ``fused`` (fastcnn's
+    kernels everywhere), ``routed`` (the fused model as it runs, routes on; optional) and ``control``;
+    ``evaluations``: the checkpoint ``Check``s; ``seconds``: per side the time of its training steps;
+    ``validation``: per side the final validation metrics (``fused`` and ``routed``: the fused model's state on
+    either path, ``fused in stock``: a stock copy with that state, ``stock``: the stock model)."""
 
     dtype: torch.dtype
     window: int
@@ -93,25 +107,27 @@ class ParityReport:
 
     @property
     def loss_differences(self):
-        return self.steps["loss"][0]
+        return self.steps["loss"]["fused"]
 
     @property
     def control_differences(self):
-        return self.steps["loss"][1]
+        return self.steps["loss"]["control"]
 
     @property
     def val_accuracy(self):
         return {side: metrics["accuracy"] for side, metrics in self.validation.items()}
 
     def checks(self):
-        """The per-step checks (over the first ``window`` steps) followed by the evaluation checks."""
+        """Each judged side's per-step checks (over the first ``window`` steps), then the evaluation checks."""
         step_checks = []
-        for quantity, (fused, control) in self.steps.items():
-            fused, control = fused[:self.window], control[:self.window]
-            pick = max if STEP_STATISTIC[quantity] == "max" else statistics.median
-            fused_value, control_value = pick(fused), pick(control)
-            step_checks.append(Check(f"{quantity} ({STEP_STATISTIC[quantity]} over steps)", fused_value,
-                                     control_value, parity_bound(control_value, self.dtype)))
+        for side in JUDGED:
+            for quantity, values in self.steps.items():
+                if side not in values:
+                    continue
+                pick = max if STEP_STATISTIC[quantity] == "max" else statistics.median
+                value, control = pick(values[side][:self.window]), pick(values["control"][:self.window])
+                step_checks.append(Check(_label(side, f"{quantity} ({STEP_STATISTIC[quantity]} over steps)"), value,
+                                         control, parity_bound(control, self.dtype)))
         return step_checks + list(self.evaluations)
 
     @property
@@ -129,20 +145,22 @@ class ParityReport:
                  f"): {'PASS' if self.passed else 'FAIL'}"]
         lines += [check.format() for check in self.checks()]
         updates = self.steps["updates"]
-        worst = max(range(len(updates[0])), key=updates[0].__getitem__)
-        lines.append(f"  largest one-step parameter difference: fused {updates[0][worst]:.3g} at step {worst + 1}, "
-                     f"control {max(updates[1]):.3g} (a step's can be large: see fastcnn.train.tolerances)")
+        worst = max(range(len(updates["fused"])), key=updates["fused"].__getitem__)
+        lines.append(f"  largest one-step parameter difference: fused {updates['fused'][worst]:.3g} at step "
+                     f"{worst + 1}, control {max(updates['control']):.3g} (a step's can be large: see "
+                     "fastcnn.train.tolerances)")
         if self.fewest_batch_norm_values:
             count, name = self.fewest_batch_norm_values
             lines.append(f"  fewest values per BatchNorm channel in training: {count} ({name})")
         for side, metrics in self.validation.items():
             lines.append(f"  {side}: validation accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
-        for side in ("fused", "stock"):
+        timed = [side for side in ("routed", "fused", "stock") if side in self.seconds]
+        for side in timed:
             lines.append(f"  {side}: {self.throughput(side):.1f} images/s training, final train loss "
                          f"{self.train_loss[side]:.4f}")
-        lines.append(f"  speed: fused is {self.seconds['stock'] / self.seconds['fused']:.2f}x stock (training steps: "
-                     "forward, backward, optimizer; fastcnn's kernels everywhere, stock routes skipped as for the "
-                     "parity check - `fastcnn bench` times what the routes run)")
+        speeds = [f"{SPEED_LABELS[side]} {self.seconds['stock'] / self.seconds[side]:.2f}x stock" for side in timed
+                  if side != "stock"]
+        lines.append(f"  speed (training steps: forward, backward, optimizer): {'; '.join(speeds)}")
         return "\n".join(lines)
 
 
@@ -168,10 +186,11 @@ def state_difference(model, reference, kind="parameters"):
 
 
 class _Side:
-    """One model with its optimizer (None for the evaluation-only twin), timing its training steps."""
+    """One model with its optimizer (None for the evaluation-only twin), timing its training steps; ``routes``: the
+    context its forward and backward run in (`skip_stock_routes` for fastcnn's kernels everywhere)."""
 
-    def __init__(self, model, optimizer, device, dtype, channels_last):
-        self.model, self.optimizer, self.device = model.to(device), optimizer, device
+    def __init__(self, model, optimizer, device, dtype, channels_last, routes=contextlib.nullcontext):
+        self.model, self.optimizer, self.device, self.routes = model.to(device), optimizer, device, routes
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -179,13 +198,14 @@ class _Side:
         self.seconds, self.last_loss = 0.0, float("nan")
 
     def __call__(self, inputs):
-        with self.autocast:
+        with self.routes(), self.autocast:
             return self.model(inputs.to(memory_format=self.memory_format))
 
     def step(self, inputs, targets, loss_fn):
         start = time.perf_counter()
         loss = loss_fn(self(inputs), targets)
-        loss.backward()
+        with self.routes():
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = loss.item()  # .item() synchronises, so the time includes the whole step
@@ -227,16 +247,17 @@ def _fewest_batch_norm_values(model):
 
 @torch.no_grad()
 def _evaluate(step, sides, batches, loss_fn, dtype, bar):
-    """Eval-mode outputs of the fused model against ``fused in stock`` (a stock copy given the fused model's state),
-    the control (given the same state) measuring rounding; returns (checks, metrics per side)."""
+    """Eval-mode outputs of the fused model on either path (``fused``, ``routed``: given the fused model's state)
+    against ``fused in stock`` (a stock copy given that state), the control (given it too) measuring rounding;
+    returns (checks, metrics per side)."""
     state = sides["fused"].model.state_dict()
-    for name in ("fused in stock", "control"):
+    for name in ("routed", "fused in stock", "control"):
         sides[name].model.load_state_dict(state)
     modes = [(module, module.training) for side in sides.values() for module in side.model.modules()]
     for side in sides.values():
         side.model.eval()
     metrics = {name: EpochMetrics() for name in sides}
-    largest, scale, margins = {"fused": 0.0, "control": 0.0}, 0.0, []
+    largest, scale, margins = {name: 0.0 for name in (*JUDGED, "control")}, 0.0, {name: [] for name in JUDGED}
     for inputs, targets in batches:
         inputs, targets = inputs.to(sides["fused"].device), targets.to(sides["fused"].device)
         outputs = {name: side(inputs).float() for name, side in sides.items()}
@@ -247,20 +268,22 @@ def _evaluate(step, sides, batches, loss_fn, dtype, bar):
             largest[name] = max(largest[name], (outputs[name] - reference).abs().max().item())
         scale = max(scale, reference.abs().max().item())
         if reference.dim() == 2 and reference.shape[1] > 1:  # stock's top-two margins where the predictions differ
-            differ = outputs["fused"].argmax(1) != reference.argmax(1)
-            top2 = reference[differ].topk(2, dim=1).values
-            margins += (top2[:, 0] - top2[:, 1]).tolist()
+            for name in JUDGED:
+                top2 = reference[outputs[name].argmax(1) != reference.argmax(1)].topk(2, dim=1).values
+                margins[name] += (top2[:, 0] - top2[:, 1]).tolist()
         bar.update(1)
     for module, training in modes:
         module.train(training)
     scale = max(1.0, scale)
-    fused, control = largest["fused"] / scale, largest["control"] / scale
+    control = largest["control"] / scale
     bound = parity_bound(control, dtype)
-    # Outputs within `bound * scale` of stock's can change a prediction only where stock's top two are within
-    # twice that; any other changed prediction is a real difference.
-    beyond = sum(margin > 2 * bound * scale for margin in margins)
-    checks = [Check(f"eval outputs at step {step}", fused, control, bound),
-              Check(f"eval predictions at step {step} (count)", float(beyond), 0.0, 0.0)]
+    checks = []
+    for name in JUDGED:
+        # Outputs within `bound * scale` of stock's can change a prediction only where stock's top two are within
+        # twice that; any other changed prediction is a real difference.
+        beyond = sum(margin > 2 * bound * scale for margin in margins[name])
+        checks += [Check(_label(name, f"eval outputs at step {step}"), largest[name] / scale, control, bound),
+                   Check(_label(name, f"eval predictions at step {step} (count)"), float(beyond), 0.0, 0.0)]
     return checks, {name: metric.compute() for name, metric in metrics.items() if name != "control"}
 
 
@@ -279,14 +302,14 @@ def _progress_bar(enabled, **options):
     return tqdm(**options)
 
 
-@skip_stock_routes()  # the fused side runs fastcnn's path also where a module route would run stock layers
 def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", precision="32", device="cpu",
            channels_last=False, window=PARITY_WINDOW, max_steps=None, schedule=None, loss_fn=None, progress=True,
            model_kwargs=None, **optimizer_kwargs):
     """Train a fused model and its stock twin in a teacher-forced lockstep and report how they compare.
 
-    The fused model runs fastcnn's fused path in every module, also where a module route table sends a block to its
-    stock layers for speed on this device (`fastcnn.nn.skip_stock_routes`): verify checks fastcnn's kernels.
+    The fused model is judged on two paths: ``fused``, fastcnn's kernels in every module, also where a module route
+    table sends a block to its stock layers for speed on this device (`fastcnn.nn.skip_stock_routes`), and
+    ``routed``, a copy running as a user's model does. The speed line times both against stock.
 
     Args:
         model: a zoo name (``"vgg11"``: built with ``fused=True`` and ``fused=False``, stock weights copied into the
@@ -331,26 +354,29 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
     fused_optimizer, stock_optimizer = optimizer_pair(optimizer, fused_model.parameters(), stock_model.parameters(),
                                                       **optimizer_kwargs)
     control_optimizer = type(stock_optimizer)(control_model.parameters(), **optimizer_kwargs)
-    sides = {"fused": _Side(fused_model, fused_optimizer, device, dtype, channels_last),
+    routed_model = copy.deepcopy(fused_model)
+    routed_optimizer = type(fused_optimizer)(routed_model.parameters(), **optimizer_kwargs)
+    sides = {"fused": _Side(fused_model, fused_optimizer, device, dtype, channels_last, routes=skip_stock_routes),
              "stock": _Side(stock_model, stock_optimizer, device, dtype, channels_last),
              # the other memory format: other kernels, other rounding (see fastcnn.train.tolerances)
-             "control": _Side(control_model, control_optimizer, device, dtype, not channels_last)}
+             "control": _Side(control_model, control_optimizer, device, dtype, not channels_last),
+             "routed": _Side(routed_model, routed_optimizer, device, dtype, channels_last)}
     twin = _Side(copy.deepcopy(stock_model), None, device, dtype, channels_last)
     total = len(train_loader) * epochs if max_steps is None else min(max_steps, len(train_loader) * epochs)
     schedulers = [build_scheduler(side.optimizer, schedule, total=total, step_size=max(1, total // 3))
                   for side in sides.values()] if schedule else []
     checkpoints = {max(1, (total + 1) // 2), total}  # a second evaluation catches state the first left stale
-    steps = {quantity: ([], []) for quantity in STEP_STATISTIC}
+    steps = {quantity: {side: [] for side in (*JUDGED, "control")} for quantity in STEP_STATISTIC}
     evaluations, validation, images, probe = [], {}, 0, None
     bn_record, remove_hooks = _fewest_batch_norm_values(stock_model)
     bar = _progress_bar(progress, total=total, desc="verify fused vs stock", unit="step")
     for _ in range(epochs):
         for inputs, targets in train_loader:
-            if len(steps["loss"][0]) == total:
+            if len(steps["loss"]["fused"]) == total:
                 break
             inputs, targets = inputs.to(device), targets.to(device)
             probe = probe or [(inputs, targets)]
-            for name in ("fused", "control"):  # every step starts from the stock model's exact state
+            for name in (*JUDGED, "control"):  # every step starts from the stock model's exact state
                 sides[name].take_state(sides["stock"])
             snapshot, losses = _rng_snapshot(device), {}
             for name, side in sides.items():  # all sides draw the same dropout masks
@@ -360,24 +386,26 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
                 remove_hooks = remove_hooks()
             for scheduler in schedulers:
                 scheduler.step()
-            for index, name in enumerate(("fused", "control")):
-                steps["loss"][index].append(_relative(losses[name], losses["stock"]))
+            for name in (*JUDGED, "control"):
+                steps["loss"][name].append(_relative(losses[name], losses["stock"]))
                 for quantity, kind in (("buffers", "buffers"), ("updates", "parameters")):
-                    steps[quantity][index].append(state_difference(sides[name].model, stock_model, kind))
+                    steps[quantity][name].append(state_difference(sides[name].model, stock_model, kind))
             images += len(inputs)
-            bar.set_postfix(loss=f"{losses['stock']:.4g}", diff=f"{steps['loss'][0][-1]:.2g}", refresh=False)
+            done = len(steps["loss"]["fused"])
+            bar.set_postfix(loss=f"{losses['stock']:.4g}", diff=f"{steps['loss']['fused'][-1]:.2g}", refresh=False)
             bar.update(1)
-            if len(steps["loss"][0]) in checkpoints:
+            if done in checkpoints:
                 batches = val_loader if val_loader is not None else probe
-                eval_sides = {"fused": sides["fused"], "fused in stock": twin, "control": sides["control"]}
-                if len(steps["loss"][0]) == total:
+                eval_sides = {"fused": sides["fused"], "routed": sides["routed"], "fused in stock": twin,
+                              "control": sides["control"]}
+                if done == total:
                     eval_sides["stock"] = sides["stock"]
                 eval_bar = _progress_bar(progress, total=len(batches), desc="evaluate", unit="batch", leave=False)
-                checks, validation = _evaluate(len(steps["loss"][0]), eval_sides, batches, loss_fn, dtype, eval_bar)
+                checks, validation = _evaluate(done, eval_sides, batches, loss_fn, dtype, eval_bar)
                 eval_bar.close()
                 evaluations += checks
     bar.close()
-    if not steps["loss"][0]:
+    if not steps["loss"]["fused"]:
         raise ValueError("train_loader gave no batches")
     return ParityReport(dtype, window or total, steps, evaluations, {n: s.seconds for n, s in sides.items()}, images,
                         {n: s.last_loss for n, s in sides.items()}, validation, min(bn_record, default=None))

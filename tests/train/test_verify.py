@@ -4,6 +4,7 @@ BatchNorm momentum, a dropped bias. Every BatchNorm here normalises >= 1024 valu
 so a ReLU input that rounding puts on the other side of zero moves a gradient by ~1e-3 of its size, not 1/32 (see
 fastcnn.train.tolerances)."""
 import copy
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
 
 import fastcnn
 from fastcnn.data import digits, make_loader
+from fastcnn.nn import residual
 from fastcnn.train.tolerances import PARITY_FLOOR
 from fastcnn.train.verify import ParityReport, verify
 
@@ -56,9 +58,9 @@ def test_every_seed_passes(digit_data, seed):
     report = _verify(_pair(seed), _loaders(digit_data, seed), steps=10, schedule="cosine")
     assert report.passed, report.format()
     assert len(report.loss_differences) == 10 and report.images == 640
-    assert [c.name for c in report.checks()][:3] == ["loss (max over steps)", "buffers (max over steps)",
-                                                    "updates (median over steps)"]
-    assert len(report.evaluations) == 4  # outputs and predictions, half way and at the end
+    steps = ["loss (max over steps)", "buffers (max over steps)", "updates (median over steps)"]
+    assert [c.name for c in report.checks()][:6] == steps + [f"routed: {name}" for name in steps]
+    assert len(report.evaluations) == 8  # outputs and predictions of both fused sides, half way and at the end
     assert report.fewest_batch_norm_values == (64 * 4 * 4, "4")
 
 
@@ -68,6 +70,12 @@ def test_fused_and_stock_learn_the_digits_in_lockstep(digit_data):
     assert report.validation["fused"]["accuracy"] >= 0.9 and report.validation["stock"]["accuracy"] >= 0.9
     assert report.val_accuracy["fused in stock"] == report.val_accuracy["fused"], report.format()
     assert report.seconds["fused"] > 0 and report.seconds["stock"] > 0 and "PASS" in report.format()
+
+
+def _plant(module, forward):
+    """Replace ``module``'s forward by ``forward(self, x)``, bound so that verify's copy of the fused model (its
+    routed side) gets the bug in its own copy of the module."""
+    module.forward = types.MethodType(forward, module)
 
 
 def _failed_checks(report):
@@ -80,9 +88,8 @@ def test_a_stale_eval_fold_fails(digit_data):
     once and never refreshed). Training steps agree; the evaluation outputs do not."""
     fused, stock = _pair()
     block = fused[6]
-    frozen = copy.deepcopy(block).eval()
-    train_forward = block.forward
-    block.forward = lambda x: train_forward(x) if block.training else frozen(x)
+    block.__dict__["frozen"] = copy.deepcopy(block).eval()  # not a submodule: no state_dict key
+    _plant(block, lambda self, x: type(self).forward(self, x) if self.training else self.frozen(x))
     failed = _failed_checks(_verify((fused, stock), _loaders(digit_data)))
     assert failed[0].startswith("eval outputs at step 4") and "loss" not in failed and "updates" not in failed
 
@@ -92,14 +99,33 @@ def test_a_wrong_batch_norm_momentum_fails(digit_data):
     fused, stock = _pair()
     fused[4].momentum = 0.2
     assert stock[4].momentum == 0.1
-    assert _failed_checks(_verify((fused, stock), _loaders(digit_data))) == ["buffers"]
+    assert _failed_checks(_verify((fused, stock), _loaders(digit_data))) == ["buffers", "routed: buffers"]
+
+
+@pytest.mark.stock_routes
+def test_fused_side_runs_fastcnn_kernels_and_routed_side_the_routes(digit_data, monkeypatch):
+    """On CPU in float32 the residual block's route runs its stock layers: the routed side takes that route (as a
+    user's model does), the fused side runs the block's fused path; both are judged and timed."""
+    fused, stock = _pair()
+    ran_fused = []
+    fused_forward = residual._ResidualBlock._fused_forward
+
+    def recorded(self, *args):
+        ran_fused.append(self)
+        return fused_forward(self, *args)
+
+    monkeypatch.setattr(residual._ResidualBlock, "_fused_forward", recorded)
+    report = _verify((fused, stock), _loaders(digit_data), steps=2)
+    assert report.passed, report.format()
+    assert ran_fused and all(block is fused[6] for block in ran_fused)  # never the routed copy's block
+    assert report.seconds["routed"] > 0 and "fastcnn as your model runs (routes on)" in report.format()
 
 
 def test_a_dropped_bias_fails(digit_data):
     """The planted bug: the fused conv+ReLU+pool ignores its bias."""
     fused, stock = _pair()
-    conv = fused[0]
-    conv.forward = lambda x: fastcnn.functional.conv2d_relu_pool(x, conv.weight, None, conv.stride, conv.padding)
+    _plant(fused[0], lambda self, x: fastcnn.functional.conv2d_relu_pool(x, self.weight, None, self.stride,
+                                                                         self.padding))
     failed = _failed_checks(_verify((fused, stock), _loaders(digit_data)))
     assert {"loss", "updates", "eval outputs at step 4", "eval outputs at step 8"} <= set(failed)
 
@@ -107,8 +133,8 @@ def test_a_dropped_bias_fails(digit_data):
 def test_checks_take_max_or_median_over_steps():
     """One step whose update differs (a ReLU flip) passes the median rule; a loss difference in one step fails."""
     flip = [0.0, 0.3, 0.0]
-    steps = {"loss": ([0.0, 0.02, 0.5], [0.01, 0.0, 0.0]), "buffers": ([0.0] * 3, [0.0] * 3),
-             "updates": (flip, [0.0] * 3)}
+    steps = {"loss": {"fused": [0.0, 0.02, 0.5], "control": [0.01, 0.0, 0.0]},
+             "buffers": {"fused": [0.0] * 3, "control": [0.0] * 3}, "updates": {"fused": flip, "control": [0.0] * 3}}
     report = ParityReport(torch.bfloat16, 3, steps, [], {"fused": 1.0, "stock": 1.0}, 8, {"fused": 0, "stock": 0})
     loss, buffers, updates = report.checks()
     assert loss.bound == pytest.approx(0.02 + PARITY_FLOOR[torch.bfloat16]) and not loss.passed
