@@ -4,12 +4,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include "fastcnn/checks.h"
 #include "fastcnn/cpu_loops.h"
 #include "fastcnn/winograd.h"
 #include "fastcnn/winograd_tiles.h"
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -19,11 +21,13 @@ using namespace winograd_tiles;
 
 namespace {
 
-// The weight gradient accumulates 16 * C_in * C_out floats per thread, every block's 16 GEMMs reading and writing
-// them: with caches evicted before each call (weight gradient alone, VGG-16 shapes, batch 2) it won at 128 channels
-// (18 ms against oneDNN's 26) and 256 (22 against 26.5), tied at 64 and lost at 512 (37-42 against 31-35), where
-// those accumulators are 16 MB a thread. So it runs up to 256 x 256 filters.
-constexpr int64_t kMaxWeightGradFilters = 256 * 256;
+// The weight gradient has two plans for the sum over tiles. Narrow filters (up to 256 x 256): each thread adds its
+// blocks' 16 GEMMs into its own dU (16 * C_in * C_out floats), summed after; with caches evicted before each call
+// (weight gradient alone, VGG-16 shapes, batch 2) it won at 128 channels (18 ms against oneDNN's 26) and 256 (22
+// against 26.5), but lost at 512 (37-42 against 31-35), where every block's GEMMs read and write 16 MB a thread.
+// Wide filters: the transforms of a chunk of up to kWideChunkTiles tiles are written first, then each of the 16
+// GEMMs reduces over the whole chunk into the one dU, one position per task, so dU is read and written once a chunk.
+constexpr int64_t kMaxNarrowFilters = 256 * 256, kWideChunkTiles = 512;
 
 // --- The weight gradient, by Winograd's F(3x3, 2x2): the forward Y = A^T [U .* V] A with U = G g G^T gives, per
 // tile and channel pair, dL/dU = (A dY A^T) .* V, so that summed over tiles
@@ -65,59 +69,110 @@ FASTCNN_VECTOR_CLONES void grad_transform(const float* __restrict__ dy, const Ge
   }
 }
 
-// dU_q += V_q^T dM_q for the 16 positions q: dU_q (C x K) row-major; as BLAS sees it (column-major),
-// dU_q^T += dM_q^T V_q.
-void weight_grad_gemms(const float* V, const float* dM, const Geometry& g, int64_t nb, int64_t block, float* dU) {
-  for (int q = 0; q < 16; ++q) {
-    const float* v = V + q * block * g.C;
-    const float* dm = dM + q * block * g.K;
-    float* du = dU + q * g.C * g.K;
-    if (sgemm_ != nullptr) {
-      const int K = static_cast<int>(g.K), n = static_cast<int>(nb), C = static_cast<int>(g.C);
-      const float one = 1.0f;
-      sgemm_("N", "T", &K, &C, &n, &one, dm, &K, v, &C, &one, du, &K);
-    } else {
-      const auto options = at::TensorOptions().dtype(at::kFloat);
-      at::from_blob(du, {g.C, g.K}, options)
-          .addmm_(at::from_blob(const_cast<float*>(v), {nb, g.C}, options).t(),
-                  at::from_blob(const_cast<float*>(dm), {nb, g.K}, options));
-    }
+// dU_q (+)= dM_q^T V_q over nb tiles at position q: dU_q (K x C) row-major, which BLAS (column-major) sees as
+// dU_q^T = V_q^T dM_q with V_q (nb x C) and dM_q (nb x K) row-major; beta 0 overwrites, 1 adds.
+void weight_grad_gemm(const float* v, const float* dm, int64_t nb, int64_t C, int64_t K, float beta, float* du) {
+  if (sgemm_ != nullptr) {
+    const int c = static_cast<int>(C), k = static_cast<int>(K), n = static_cast<int>(nb);
+    const float one = 1.0f;
+    sgemm_("N", "T", &c, &k, &n, &one, v, &c, dm, &k, &beta, du, &c);
+  } else {
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor target = at::from_blob(du, {K, C}, options);
+    target.addmm_(at::from_blob(const_cast<float*>(dm), {nb, K}, options).t(),
+                  at::from_blob(const_cast<float*>(v), {nb, C}, options), beta);
   }
 }
 
-// Row a of dg = (G^T dU) G from row a of s = G^T dU.
-__attribute__((always_inline)) inline void weight_row_out(float* __restrict__ w, int64_t tap_stride, int64_t k, int a,
-                                                          float s0, float s1, float s2, float s3) {
-  const float half_sum = 0.5f * (s1 + s2);
-  w[(a * 3 + 0) * tap_stride + k] = s0 + half_sum;
-  w[(a * 3 + 1) * tap_stride + k] = 0.5f * (s1 - s2);
-  w[(a * 3 + 2) * tap_stride + k] = half_sum + s3;
+// dU[q][k][c] summed over every tile, each thread adding its blocks into its own copy, summed after (narrow filters).
+at::Tensor weight_grad_per_thread(const Plan& p, const float* dy) {
+  const Geometry& g = p.g;
+  at::Tensor partial = at::zeros({at::get_num_threads(), 16, g.K, g.C}, p.input.options());
+  const float* in = p.input.const_data_ptr<float>();
+  float* partial_data = partial.mutable_data_ptr<float>();
+  const int64_t block = p.block;
+  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(std::max(g.C, g.K), 0.0f), scratch(16 * block * (g.C + g.K));
+    float* V = scratch.data();
+    float* dM = V + 16 * block * g.C;
+    float* dU = partial_data + at::get_thread_num() * 16 * g.K * g.C;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * block, nb = std::min(block, g.tiles() - t0);
+      if (nb <= 0) break;
+      input_transform(in, g, t0, nb, block, zero.data(), V);
+      grad_transform(dy, g, t0, nb, block, zero.data(), dM);
+      for (int q = 0; q < 16; ++q) {
+        weight_grad_gemm(V + q * block * g.C, dM + q * block * g.K, nb, g.C, g.K, 1.0f, dU + q * g.K * g.C);
+      }
+    }
+  });
+  return partial.sum(0);
 }
 
-// dg[tap][c][k] = (G^T dU_{c,k} G)[tap] for one input channel c: du holds dU[q][c][k] q_stride apart, k < K.
-FASTCNN_VECTOR_CLONES void weight_back_transform(const float* __restrict__ du, int64_t q_stride, int64_t K,
-                                                 float* __restrict__ w, int64_t tap_stride) {
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
-    const float* f = du + k;
+// dU[q][k][c] summed over every tile chunk by chunk, each position's GEMM reducing over a whole chunk (wide filters).
+at::Tensor weight_grad_by_chunks(const Plan& p, const float* dy) {
+  const Geometry& g = p.g;
+  const int64_t chunk = std::min(g.tiles(), kWideChunkTiles), C = g.C, K = g.K;
+  at::Tensor dU = at::empty({16, K, C}, p.input.options());
+  std::vector<float> zero(std::max(C, K), 0.0f), scratch(16 * chunk * (C + K));
+  float* V = scratch.data();  // V[q][t][c] and dM[q][t][k] of the chunk's tiles
+  float* dM = V + 16 * chunk * C;
+  const float* in = p.input.const_data_ptr<float>();
+  float* du = dU.mutable_data_ptr<float>();
+  for (int64_t t0 = 0; t0 < g.tiles(); t0 += chunk) {
+    const int64_t n = std::min(chunk, g.tiles() - t0);
+    at::parallel_for(0, n, p.block, [&](int64_t begin, int64_t end) {
+      input_transform(in, g, t0 + begin, end - begin, chunk, zero.data(), V + begin * C);
+      grad_transform(dy, g, t0 + begin, end - begin, chunk, zero.data(), dM + begin * K);
+    });
+    at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        weight_grad_gemm(V + q * chunk * C, dM + q * chunk * K, n, C, K, t0 == 0 ? 0.0f : 1.0f, du + q * K * C);
+      }
+    });
+  }
+  return dU;
+}
+
+// Row a of dg = (G^T dU) G from row a of s = G^T dU, written at taps[(a * 3 + b) * C + c]; returns 1 where one of
+// the three values is not finite (their sum times zero is then NaN), else 0.
+__attribute__((always_inline)) inline uint32_t weight_row_out(float* __restrict__ taps, int64_t C, int64_t c, int a,
+                                                              float s0, float s1, float s2, float s3) {
+  const float half_sum = 0.5f * (s1 + s2);
+  const float w0 = s0 + half_sum, w1 = 0.5f * (s1 - s2), w2 = half_sum + s3;
+  taps[(a * 3 + 0) * C + c] = w0;
+  taps[(a * 3 + 1) * C + c] = w1;
+  taps[(a * 3 + 2) * C + c] = w2;
+  return static_cast<uint32_t>((w0 + w1 + w2) * 0.0f != 0.0f);
+}
+
+// dg[k][tap][c] = (G^T dU_{k,c} G)[tap] for one output channel k into taps (9 x C): du holds dU[q][k][c], q_stride
+// apart, c < C. Returns nonzero where a value is not finite.
+FASTCNN_VECTOR_CLONES uint32_t weight_back_transform(const float* __restrict__ du, int64_t q_stride, int64_t C,
+                                                     float* __restrict__ taps) {
+  uint32_t nonfinite = 0;
+#pragma omp simd reduction(| : nonfinite)
+  for (int64_t c = 0; c < C; ++c) {
+    const float* f = du + c;
     const float u00 = f[0], u01 = f[q_stride], u02 = f[2 * q_stride], u03 = f[3 * q_stride];
     const float u10 = f[4 * q_stride], u11 = f[5 * q_stride], u12 = f[6 * q_stride], u13 = f[7 * q_stride];
     const float u20 = f[8 * q_stride], u21 = f[9 * q_stride], u22 = f[10 * q_stride], u23 = f[11 * q_stride];
     const float u30 = f[12 * q_stride], u31 = f[13 * q_stride], u32 = f[14 * q_stride], u33 = f[15 * q_stride];
     // s = G^T dU, column by column: rows u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3
-    weight_row_out(w, tap_stride, k, 0, u00 + 0.5f * (u10 + u20), u01 + 0.5f * (u11 + u21),
-                   u02 + 0.5f * (u12 + u22), u03 + 0.5f * (u13 + u23));
-    weight_row_out(w, tap_stride, k, 1, 0.5f * (u10 - u20), 0.5f * (u11 - u21), 0.5f * (u12 - u22),
-                   0.5f * (u13 - u23));
-    weight_row_out(w, tap_stride, k, 2, 0.5f * (u10 + u20) + u30, 0.5f * (u11 + u21) + u31,
-                   0.5f * (u12 + u22) + u32, 0.5f * (u13 + u23) + u33);
+    nonfinite |= weight_row_out(taps, C, c, 0, u00 + 0.5f * (u10 + u20), u01 + 0.5f * (u11 + u21),
+                                u02 + 0.5f * (u12 + u22), u03 + 0.5f * (u13 + u23));
+    nonfinite |= weight_row_out(taps, C, c, 1, 0.5f * (u10 - u20), 0.5f * (u11 - u21), 0.5f * (u12 - u22),
+                                0.5f * (u13 - u23));
+    nonfinite |= weight_row_out(taps, C, c, 2, 0.5f * (u10 + u20) + u30, 0.5f * (u11 + u21) + u31,
+                                0.5f * (u12 + u22) + u32, 0.5f * (u13 + u23) + u33);
   }
+  return nonfinite;
 }
 
 }  // namespace
 
-at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
-                                        at::IntArrayRef padding) {
+at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef padding,
+                                        at::MemoryFormat weight_format) {
   RECORD_FUNCTION("fastcnn::winograd_conv3x3_weight_grad", std::vector<c10::IValue>({grad_out, input}));
   const int64_t C = input.size(1), K = grad_out.size(1);
   const Plan p = tile_plan(input, C, K, padding);
@@ -127,34 +182,30 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Te
               "fastcnn: winograd_conv3x3_weight_grad: grad_out of shape ", grad_out.sizes(), " does not match the ",
               "convolution's output (", g.N, ", ", K, ", ", g.HO, ", ", g.WO, ")");
   const at::Tensor dy = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
-  // One dU accumulator per thread (each GEMM adds into its thread's), summed after.
-  const int threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, 16, C, K}, p.input.options());
-  const float* in = p.input.const_data_ptr<float>();
-  const float* dy_data = dy.const_data_ptr<float>();
-  float* partial_data = partial.mutable_data_ptr<float>();
-  const int64_t block = p.block;
-  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(std::max(C, K), 0.0f), scratch(16 * block * (C + K));
-    float* V = scratch.data();
-    float* dM = V + 16 * block * C;
-    float* dU = partial_data + at::get_thread_num() * 16 * C * K;
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t t0 = b * block, nb = std::min(block, g.tiles() - t0);
-      if (nb <= 0) break;
-      input_transform(in, g, t0, nb, block, zero.data(), V);
-      grad_transform(dy_data, g, t0, nb, block, zero.data(), dM);
-      weight_grad_gemms(V, dM, g, nb, block, dU);
-    }
-  });
-  const at::Tensor dU = partial.sum(0);
-  at::Tensor taps = at::empty({9, C, K}, p.input.options());  // dg[tap][c][k]
+  const at::Tensor dU = C * K <= kMaxNarrowFilters ? weight_grad_per_thread(p, dy.const_data_ptr<float>())
+                                                   : weight_grad_by_chunks(p, dy.const_data_ptr<float>());
+  // The back transform writes each output channel's taps as (3, 3, C), which is the channels_last filter's own
+  // layout; a contiguous filter gets each channel's 9 x C block transposed from a scratch row.
+  at::Tensor grad_weight = at::empty({K, C, 3, 3}, p.input.options().memory_format(weight_format));
+  const bool taps_last = weight_format == at::MemoryFormat::ChannelsLast;
   const float* du = dU.const_data_ptr<float>();
-  float* w = taps.mutable_data_ptr<float>();
-  at::parallel_for(0, C, grain_for(16 * K), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) weight_back_transform(du + c * K, C * K, K, w + c * K, C * K);
+  float* w = grad_weight.mutable_data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, K, grain_for(16 * C), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(taps_last ? 0 : 9 * C);
+    uint32_t nonfinite = 0;
+    for (int64_t k = begin; k < end; ++k) {
+      float* taps = taps_last ? w + k * 9 * C : scratch.data();
+      nonfinite |= weight_back_transform(du + k * C, K * C, C, taps);
+      if (!taps_last) {
+        for (int64_t c = 0; c < C; ++c) {
+          for (int tap = 0; tap < 9; ++tap) w[(k * C + c) * 9 + tap] = taps[tap * C + c];
+        }
+      }
+    }
+    if (nonfinite != 0) finite.store(false, std::memory_order_relaxed);
   });
-  return taps.permute({2, 1, 0}).reshape({K, C, 3, 3});
+  return finite.load() ? grad_weight : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tensor& grad_conv, const at::Tensor& input,
@@ -162,16 +213,21 @@ std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tenso
                                                                  at::IntArrayRef padding, at::IntArrayRef dilation,
                                                                  int64_t groups, std::array<bool, 2> output_mask) {
   at::Tensor grad_input, grad_weight;
-  const bool winograd = (output_mask[0] || output_mask[1]) &&
-                        winograd_applies(input, weight, stride, padding, dilation, groups);
-  if (winograd && output_mask[0]) {
+  // The weight gradient is Winograd's wherever the shape fits, NCHW too (through channels_last copies): its error
+  // against float64 (relative RMS 1.5-4.1e-7, VGG-16 blocks 1-4 behind a ReLU and max pool) is below or near
+  // oneDNN's channels_last one (1.5-7.7e-7) and below oneDNN's NCHW one (3.4e-7-1.9e-6), and it ran 1.4-2.3x faster
+  // than either (warm caches, batch 2: 29 against 48-54 ms at 512 channels, 44 against 50-61 ms at 64). The input
+  // gradient is Winograd's on channels_last input only: on NCHW its error (4.4e-7 at 512 channels) is more than the
+  // benchmarks' rule allows against oneDNN's NCHW one (1.5e-7).
+  const bool fits = (output_mask[0] || output_mask[1]) &&
+                    winograd_fits(input, weight, stride, padding, dilation, groups);
+  if (fits && output_mask[0] && memory_format_of(input) == at::MemoryFormat::ChannelsLast) {
     grad_input = winograd_conv3x3(grad_conv, weight, {2 - padding[0], 2 - padding[1]}, /*flip_weight=*/true);
   }
-  if (winograd && output_mask[1] && weight.size(0) * weight.size(1) <= kMaxWeightGradFilters) {
-    grad_weight = winograd_conv3x3_weight_grad(grad_conv, input, padding);
-    // A non-finite value: the transforms subtract, so one infinity can become NaN (inf - inf) where the direct
-    // sum gives +-inf; such calls (rare) run ATen's, whose results stock's match.
-    if (!grad_weight.isfinite().all().item<bool>()) grad_weight = at::Tensor();
+  if (fits && output_mask[1]) {
+    // Undefined where a value is not finite: the transforms subtract, so one infinity can become NaN (inf - inf)
+    // where the direct sum gives +-inf; such calls (rare) run ATen's, whose results stock's match.
+    grad_weight = winograd_conv3x3_weight_grad(grad_conv, input, padding, memory_format_of(weight));
   }
   const bool aten_input = output_mask[0] && !grad_input.defined();
   const bool aten_weight = output_mask[1] && !grad_weight.defined();

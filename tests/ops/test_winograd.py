@@ -80,10 +80,10 @@ def test_forward_and_gradients_within_the_tolerance_table(case, pool):
 
 
 @pytest.mark.parametrize("pool", ["max", "avg", "none"])
-def test_nchw_runs_winograd_only_in_the_forward_with_a_2x2_max_pool(pool):
+def test_nchw_runs_winograd_in_the_forward_with_a_2x2_max_pool_and_the_weight_gradient(pool):
     """NCHW input: Winograd's forward where the 2x2 max pool is taken in its output transform (on a channels_last
-    copy of the input; the output comes back NCHW), never its input gradient (oneDNN's NCHW one is more accurate
-    than the benchmarks' rule lets Winograd's be). The output on random values within the tolerance table; the
+    copy of the input; the output comes back NCHW) and its weight gradient (more accurate than oneDNN's NCHW one),
+    never its input gradient (oneDNN's NCHW one is more accurate than the benchmarks' rule lets Winograd's be). The output on random values within the tolerance table; the
     gradients on small integers, where every convolution is exact (Winograd's transforms only halve), so that a
     near-tie in a pool window cannot pick another element than float64 does and they must equal the oracle's."""
     x, weight, bias = _inputs(2, 64, 80, 33, 31, channels_last=False)
@@ -106,8 +106,9 @@ def test_nchw_runs_winograd_only_in_the_forward_with_a_2x2_max_pool(pool):
 
     with fastcnn.use_backend("cpu"):
         assert _ran_winograd(fused) == (1 if pool == "max" else 0)
+        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == 1  # more accurate than oneDNN's NCHW
         out, _, grads = fused()
-    assert grads[0].is_contiguous()
+    assert grads[0].is_contiguous() and grads[1].is_contiguous()
     torch.testing.assert_close(out.double(), oracle, rtol=0, atol=0)
     for name, got, exact in zip(("input", "weight", "bias"), grads, oracle_grads):
         torch.testing.assert_close(got.double(), exact, rtol=0, atol=0, msg=f"grad {name}")
@@ -145,18 +146,32 @@ def test_results_repeat_and_agree_across_thread_counts():
         assert_close_to_oracle(out, stock_out, oracle, "out")
 
 
-def test_weight_gradient_of_wide_filters_is_onednns():
-    """Above 256 x 256 filters the weight gradient's per-thread accumulators outgrow the caches and oneDNN's ran
-    faster (winograd.cpp); the forward and the input gradient stay Winograd's."""
-    x, weight, bias = _inputs(1, 260, 260, 32, 32, True)
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last], ids=["oihw", "ohwi"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_weight_gradient_of_wide_filters_sums_tiles_by_chunks(channels_last, weight_format):
+    """Above 256 x 256 filters each position's GEMM reduces over a chunk of up to 512 tiles (winograd_backward.cpp):
+    575 tiles here, so two chunks, the second adding to the first. Within the tolerance table in either filter
+    layout (the back transform writes channels_last taps, or transposes them per output channel), and for NCHW
+    input too, whose input gradient stays oneDNN's."""
+    x, weight, bias = _inputs(1, 260, 264, 50, 46, channels_last)
+    weight = weight.contiguous(memory_format=weight_format)
     args = ((1, 1), (1, 1), (1, 1), 1, "none", (2, 2), (2, 2))
+    grad_out = torch.randn(1, 264, 50, 46, dtype=torch.float64)
+    _, _, oracle_grads = forward_backward(lambda *t: stock(*t, *args), (x.double(), weight.double(),
+                                                                           bias.double() + 100), grad_out)
+    _, _, stock_grads = forward_backward(lambda *t: stock(*t, *args), (x, weight, bias + 100), grad_out.float())
 
-    def fused():
-        return forward_backward(lambda *t: fastcnn.functional.conv2d_relu_pool(*t, *args), (x, weight, bias))
+    def fused():  # the bias keeps every ReLU open, so the gradient reaching the convolution is dense
+        return forward_backward(lambda *t: fastcnn.functional.conv2d_relu_pool(*t, *args), (x, weight, bias + 100),
+                                grad_out.float())
 
     with fastcnn.use_backend("cpu"):
-        assert _ran_winograd(fused) == 2
-        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == 0
+        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == 1
+        assert _ran_winograd(fused) == (2 if channels_last else 0)  # forward and input gradient on NHWC only
+        _, _, grads = fused()
+    assert grads[1].is_contiguous(memory_format=weight_format)
+    for name, got, ref, oracle_grad in zip(("input", "weight"), grads, stock_grads, oracle_grads):
+        assert_close_to_oracle(got, ref, oracle_grad, f"grad {name}")
 
 
 def test_weight_gradient_repeats_bitwise():

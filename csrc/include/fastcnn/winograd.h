@@ -28,13 +28,14 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, a
                             bool flip_weight);
 
 // The weight gradient (C_out, C_in, 3, 3) of winograd_conv3x3(input, weight, padding) for grad_out (N, C_out, HO,
-// WO), by Winograd's F(3x3, 2x2) (winograd.cpp).
-at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef padding);
+// WO), by Winograd's F(3x3, 2x2) (winograd_backward.cpp), in weight_format; undefined where a value is not finite.
+at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef padding,
+                                        at::MemoryFormat weight_format);
 
 // (grad_input, grad_weight) of conv2d(input, weight, None, stride, padding, dilation, groups), each undefined unless
 // output_mask asks for it: by Winograd where winograd_applies to the forward (the input gradient is the 3x3
 // convolution of grad_conv with the weight transposed and turned by 180 degrees, padding 2 - p; the weight gradient
-// winograd_conv3x3_weight_grad, up to 256 x 256 filters), else by ATen's convolution_backward. Any device (Winograd
+// winograd_conv3x3_weight_grad), else by ATen's convolution_backward. Any device (Winograd
 // applies on CPU only).
 std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tensor& grad_conv, const at::Tensor& input,
                                                                  const at::Tensor& weight, at::IntArrayRef stride,
