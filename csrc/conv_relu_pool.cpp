@@ -3,7 +3,8 @@
 // ONE epilogue pass (fastcnn::bias_relu_pool, a per-device kernel) adds the bias, applies ReLU and the pool, and
 // writes only the pooled output and its compact code. The backward rebuilds the gradient of the convolution output
 // from the pooled gradient and the code, then computes the input gradient (Winograd again where the forward ran
-// it on channels_last input) and the weight gradient (ATen's convolution_backward).
+// it on channels_last input) and the weight gradient (Winograd's wherever the shape fits, in either layout; see
+// convolution_backward_winograd), else ATen's convolution_backward.
 // The same device-generic code serves CPU and CUDA; only the epilogue kernels differ. (On CPU, oneDNN's fused
 // conv + bias + ReLU post-ops, mkldnn::_convolution_pointwise, followed by a pool-only pass, was measured no faster:
 // the convolution costs the same with or without its bias and ReLU, and the epilogue pass stays.)

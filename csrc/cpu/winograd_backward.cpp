@@ -213,12 +213,13 @@ std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tenso
                                                                  at::IntArrayRef padding, at::IntArrayRef dilation,
                                                                  int64_t groups, std::array<bool, 2> output_mask) {
   at::Tensor grad_input, grad_weight;
-  // The weight gradient is Winograd's wherever the shape fits, NCHW too (through channels_last copies): its error
-  // against float64 (relative RMS 1.5-4.1e-7, VGG-16 blocks 1-4 behind a ReLU and max pool) is below or near
-  // oneDNN's channels_last one (1.5-7.7e-7) and below oneDNN's NCHW one (3.4e-7-1.9e-6), and it ran 1.4-2.3x faster
-  // than either (warm caches, batch 2: 29 against 48-54 ms at 512 channels, 44 against 50-61 ms at 64). The input
-  // gradient is Winograd's on channels_last input only: on NCHW its error (4.4e-7 at 512 channels) is more than the
-  // benchmarks' rule allows against oneDNN's NCHW one (1.5e-7).
+  // The weight gradient is Winograd's wherever the shape fits, NCHW too (through channels_last copies). Its error
+  // against float64 (relative RMS, VGG-16 blocks 1-4 at batch 2 behind a ReLU and max pool: 4.1 / 3.2 / 2.4 /
+  // 3.4e-7 at 64 / 128 / 256 / 512 channels) is below oneDNN's NCHW one (1.9e-6 / 9.6 / 6.8 / 3.4e-7) and within the
+  // benchmarks' rule of oneDNN's channels_last one (7.7 / 3.9 / 2.8 / 1.5e-7). With the caches evicted it ran 84,
+  // 34, 33 and 29 ms from NCHW input against oneDNN NCHW's 88, 59, 50 and 49 ms. The input gradient is Winograd's
+  // on channels_last input only: on NCHW its error (4.4e-7 at 512 channels) is more than the benchmarks' rule
+  // allows against oneDNN's NCHW one (1.5e-7).
   const bool fits = (output_mask[0] || output_mask[1]) &&
                     winograd_fits(input, weight, stride, padding, dilation, groups);
   if (fits && output_mask[0] && memory_format_of(input) == at::MemoryFormat::ChannelsLast) {
