@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import functional
 from ..ops import pair
 from ..ops._dispatch import module_runs_stock
-from ..ops.conv_relu_pool import runs_stock
+from ..ops.conv_relu_pool import route_mode, runs_stock
 from ..ops.conv_relu_pool.reference import relu_pool
 from .unfused import in_stock_slot
 
@@ -28,10 +28,10 @@ class _FusedConv2d(nn.Conv2d):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         return input, self._op_padding()
 
-    def _route_says_stock(self, input, pool):
-        """Whether the op's route sends this call to stock (the route sees the padding the op would get); the forward
-        asks `module_runs_stock`, which remembers the answer per input signature."""
-        return runs_stock(input, self.weight, pool, self.stride, self._op_padding(), self.dilation, self.groups)
+    def _route_says_stock(self, input, mode):
+        """Whether the op's route sends this call in `mode` (`route_mode`) to stock (the route sees the padding the
+        op would get); the forward asks `module_runs_stock`, which remembers the answer per input signature."""
+        return runs_stock(input, self.weight, mode, self.stride, self._op_padding(), self.dilation, self.groups)
 
     @staticmethod
     def _check_relu(relu):
@@ -68,7 +68,8 @@ class ConvReLU2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if module_runs_stock(self, input, "none", self._route_says_stock):
+        mode = route_mode("none", input, self.weight, self.bias)
+        if module_runs_stock(self, input, mode, self._route_says_stock):
             return relu_pool(super().forward(input), "none", None, None)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -110,7 +111,7 @@ class ConvReLUPool2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if module_runs_stock(self, input, self.pool, self._route_says_stock):
+        if module_runs_stock(self, input, "relu-pool", self._route_says_stock):
             return relu_pool(super().forward(input), self.pool, self.pool_size, self.pool_stride)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu_pool(input, self.weight, self.bias, self.stride, padding, self.dilation,

@@ -30,7 +30,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 STOCK = "reference"  # plain PyTorch is stock PyTorch: a route to it says "fastcnn is not faster here"
 UNMEASURED = "unmeasured"
 # The CPU run the CPU entries come from (one results file per suite: <CPU_RESULTS>_<suite>.json)
-CPU_RESULTS = "benchmarks/results/2026-12-06_cpu-intel-r-xeon-r-processor"
+CPU_RESULTS = "benchmarks/results/2026-12-07_cpu-intel-r-xeon-r-processor"
 NO_TRITON = "no Triton kernel for this op"
 
 
@@ -397,6 +397,17 @@ def memory_format_of(x):
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _records(t):
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def call_mode(input, weight, bias):
+    """"train" where autograd records the call, else "infer" (a non-tensor argument records nothing: the op's
+    argument layer names it) - for ops whose speed against stock differs with their backward."""
+    recorded = torch.is_grad_enabled() and (_records(input) or _records(weight) or _records(bias))
+    return "train" if recorded else "infer"
 
 
 def layout_of(x):

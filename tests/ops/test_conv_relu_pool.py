@@ -344,16 +344,16 @@ def test_small_cpu_calls_route_to_stock_unless_fastcnn_is_asked_for():
     first_layer, w_first = torch.randn(2, 3, 64, 64), torch.randn(16, 3, 3, 3)
     conv = ((1, 1), (1, 1), (1, 1), 1)  # stride, padding, dilation, groups
     assert small.numel() < first_layer.numel() < SMALL_OUTPUT <= 2 * 16 * 64 * 64
-    assert runs_stock(small, w, "max", *conv) and runs_stock(small, w, "avg", *conv)
-    assert not runs_stock(large, w, "max", *conv) and not runs_stock(first_layer, w_first, "max", *conv)
-    assert runs_stock(small.double(), w.double(), "max", *conv)  # any dtype: the cost is per call
-    assert not runs_stock(small.numpy(), w, "max", *conv)  # not a tensor: the op's checks name the argument
+    assert runs_stock(small, w, "relu-pool", *conv)
+    assert not runs_stock(large, w, "relu-pool", *conv) and not runs_stock(first_layer, w_first, "relu-pool", *conv)
+    assert runs_stock(small.double(), w.double(), "relu-pool", *conv)  # any dtype: the cost is per call
+    assert not runs_stock(small.numpy(), w, "relu-pool", *conv)  # not a tensor: the op's checks name the argument
     with fastcnn.ops.skip_stock_routes():
-        assert not runs_stock(small, w, "max", *conv)
+        assert not runs_stock(small, w, "relu-pool", *conv)
     with fastcnn.use_backend("cpu"):
-        assert not runs_stock(small, w, "max", *conv)
+        assert not runs_stock(small, w, "relu-pool", *conv)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the op routes on the cast dtype
-        assert not runs_stock(small, w, "max", *conv)
+        assert not runs_stock(small, w, "relu-pool", *conv)
 
 
 @needs_cpp
@@ -370,3 +370,41 @@ def test_cpu_conv_relu_without_pool_routes_to_stock():
     assert route(ROUTES, x, mode="relu", size="winograd") == "cpu"  # a convolution faster than stock's
     with fastcnn.ops.skip_stock_routes():
         assert route(ROUTES, x, mode="relu") == "cpu"
+
+
+@needs_cpp
+@pytest.mark.stock_routes
+def test_nchw_conv_relu_runs_fastcnns_where_autograd_records_it_and_the_weight_gradient_is_winograds():
+    """Without a pool an NCHW call runs fastcnn's op only where autograd records it (mode "relu-train") and its
+    weight gradient is Winograd's (size "winograd" whatever the layout); inference and thin layers run stock. The
+    ConvReLU2d module follows the same route, remembered per mode, and gives stock's gradients."""
+    from fastcnn.ops.conv_relu_pool import route_mode, runs_stock
+
+    x, weight, bias = torch.randn(2, 128, 28, 28), torch.randn(128, 128, 3, 3) * 0.03, torch.randn(128)
+    thin_x, thin_w = torch.randn(2, 16, 32, 32), torch.randn(32, 16, 3, 3)
+    conv = ((1, 1), (1, 1), (1, 1), 1)
+    assert route_mode("max", x, weight, bias) == "relu-pool" and route_mode("none", x, weight, bias) == "relu"
+    weight.requires_grad_()
+    assert route_mode("none", x, weight, bias) == "relu-train"
+    assert not runs_stock(x, weight, "relu-train", *conv) and runs_stock(x, weight, "relu", *conv)
+    assert runs_stock(thin_x, thin_w, "relu-train", *conv)
+    with torch.no_grad():
+        assert route_mode("none", x, weight, bias) == "relu"
+
+    layer = fastcnn.nn.ConvReLU2d(128, 128, 3, padding=1)
+    stock = torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.ReLU())
+    stock[0].load_state_dict(layer.state_dict())
+    x.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            layer(x)
+        out = layer(x)
+    assert sum(e.name == "fastcnn::conv2d_relu_pool" for e in prof.events()) == 1  # the recorded call only
+    assert len(layer.__dict__["_stock_route_memo"]) == 2  # one answer per mode
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad_out.float())
+    expected = torch.autograd.grad(stock(x), (x, stock[0].weight), grad_out.float())
+    x64 = x.detach().double().requires_grad_()
+    oracle = torch.autograd.grad(stock.double()(x64), (x64, stock[0].weight), grad_out)
+    for name, got, ref, exact in zip(("input", "weight"), (x.grad, layer.weight.grad), expected, oracle):
+        assert_close_to_oracle(got, ref, exact, f"grad {name}")

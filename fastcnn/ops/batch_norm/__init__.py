@@ -51,7 +51,7 @@ ROUTES = RouteTable("batch_norm", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
     # CPU, fp32 channels_last, batch 2, stock / fastcnn interleaved: the VGG-16-BN Conv+BN+ReLU+pool blocks 1-4
-    # (their convolution Winograd's, fastcnn.ops.conv2d) train 1.04-1.68x and infer 1.28-1.87x; the residual and
+    # (their convolution Winograd's, fastcnn.ops.conv2d) train 1.26-1.84x and infer 1.34-1.81x; the residual and
     # Inception blocks, which also run these ops, lose as a whole and run their stock layers on CPU (their module
     # routes).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_bn_block.json#block1-block5", device="cpu"),

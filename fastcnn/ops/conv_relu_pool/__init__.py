@@ -10,7 +10,17 @@ until the kernels are timed on a GPU (see benchmarks/); forcing a backend is pos
 import torch
 
 from .._args import check_float_tensors, check_same_device_and_dtype, conv_output_size, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
+from .._dispatch import (
+    CPU_RESULTS,
+    STOCK,
+    Route,
+    RouteTable,
+    autocast,
+    call_mode,
+    load_triton,
+    route,
+    stock_routable,
+)
 from ..conv2d import winograd_runs
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
@@ -29,8 +39,11 @@ def conv_output_elements(input, weight):
     return n * weight.shape[0] * h * w
 
 
-def _size_class(input, weight, stride, padding, dilation, groups):
-    if winograd_runs(input, weight, stride, padding, dilation, groups):
+def _size_class(input, weight, stride, padding, dilation, groups, mode):
+    """"winograd" where fastcnn's CPU Winograd serves the call - its forward on channels_last input, and for a
+    recorded call without a pool (mode "relu-train") its weight gradient, which runs on NCHW input too - else
+    "small" or "large" by `conv_output_elements`."""
+    if winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=mode == "relu-train"):
         return "winograd"
     return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
@@ -40,47 +53,58 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route("triton", device="cuda"),
     # Where the CPU convolution is fastcnn's Winograd (winograd_runs: channels_last, 3x3 stride 1, enough tiles and
     # channels), fastcnn wins with or without a pool. Paired rounds against stock eager, batch 2 unless noted:
-    # VGG-16 blocks 1-4 forward 1.41-1.73x, forward+backward 1.15-1.93x (conv_block.json); 128 channels at 28-112
-    # px and batch 1-8 at 56 px 1.20-1.90x / 1.08-1.72x with the pool (conv_block_sweep_channels_last.json) and
-    # 1.05-1.58x / 1.03-1.62x without (conv_block_sweep_pool-none_channels_last.json).
+    # VGG-16 blocks 1-4 forward 1.31-1.82x, forward+backward 1.38-1.92x (conv_block.json); 128 channels at 28-112
+    # px and batch 1-8 at 56 px 1.19-1.69x / 1.27-1.75x with the pool (conv_block_sweep_channels_last.json) and
+    # 1.14-1.54x / 1.22-1.84x without (conv_block_sweep_pool-none_channels_last.json).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
           device="cpu", size="winograd"),
     # In channels_last, where the convolution is oneDNN's (too few tiles or channels for Winograd), the fused path
-    # loses or ties (fastcnn[cpu]): 2x3->16x64x64 ... 2x64->128x8x8 forward 0.63-0.67x, forward+backward 0.81-0.86x
-    # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.98x / 0.98x (conv_block.json).
-    # So stock runs: routed there, the module measured 1.00-1.02x in both modes (the same sweep).
+    # loses or ties (fastcnn[cpu]): 2x3->16x64x64 ... 2x64->128x8x8 forward 0.67-0.69x, forward+backward 0.83-0.87x
+    # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.99x / 1.00x (conv_block.json).
+    # So stock runs: routed there, the module measured 0.98-1.03x in both modes (the same sweep).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_channels_last.json#2x3x64x64-2x64x8x8", device="cpu",
           layout="channels_last"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
     # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
-    # 2x128x14x14 0.83x forward / 0.90x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
-    # 0.86x / 0.92x and smaller 0.75-0.86x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.13-1.94x forward and
-    # 1.11-1.27x forward+backward. So below SMALL_OUTPUT output elements stock runs (routed: 1.00-1.02x).
+    # 2x128x14x14 0.84x forward / 0.92x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
+    # 0.84x / 0.91x and smaller 0.65-0.73x / 0.81-0.86x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.19-1.98x
+    # forward and 1.16-1.40x forward+backward. So below SMALL_OUTPUT output elements stock runs (routed: 1.00-1.02x).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32-2x64x8x8", device="cpu",
           size="small"),
-    # Without a pool (mode "relu") there is no pass to save on CPU: stock's oneDNN convolution adds the bias and
-    # the ReLU runs in place, where fastcnn's epilogue is a second pass - forward 0.57-0.97x at every size of the
-    # sweep, forward+backward 0.75-1.00x. So stock runs (routed: 0.98-1.01x).
+    # Without a pool there is no pass to save on CPU: stock's oneDNN convolution adds the bias and the ReLU runs in
+    # place, where fastcnn's epilogue is a second pass - NCHW forward 0.60-0.99x at every size of the sweep
+    # (conv_block_sweep_pool-none.json, fastcnn[cpu]). Where autograd records the call and the weight gradient is
+    # Winograd's (mode "relu-train", size "winograd": 128 channels at 28-112 px, batch 1-8 at 56 px), forward+backward
+    # won 1.06-1.15x; elsewhere it lost, 0.78-0.89x. So only those run fastcnn's (routed: 1.06-1.15x, and 0.99x at
+    # 112 px, a noisy row whose rounds spread 0.96-1.27x), the rest stock (routed: 0.97-1.00x).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x28x28-8x128x56x56", device="cpu",
+          mode="relu-train", size="winograd"),
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14,2x3x64x64-2x64x8x8",
+          device="cpu", mode="relu-train"),
     # VGG-16 block-ending convs at batch 2, NCHW (conv_block.json): blocks 1-4, whose forward is Winograd's with the
-    # pool in its output transform, forward 1.49-1.98x, forward+backward 1.09-1.26x; block5 (oneDNN's convolution +
-    # the epilogue) 1.02x / 1.01x.
+    # pool in its output transform and whose weight gradient is Winograd's, forward 1.42-1.75x, forward+backward
+    # 1.29-1.45x; block5 (oneDNN's convolution + the epilogue) 1.02x / 1.01x.
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
 
-def _mode(pool):
-    return "relu" if pool == "none" else "relu-pool"
+def route_mode(pool, input, weight, bias):
+    """The mode `ROUTES` keys on: "relu-pool" with a pool; without one "relu-train" where autograd records the call
+    (its backward can win, `call_mode`) and "relu" where it does not."""
+    if pool != "none":
+        return "relu-pool"
+    return "relu-train" if call_mode(input, weight, bias) == "train" else "relu"
 
 
-def runs_stock(input, weight, pool, stride, padding, dilation, groups):
-    """True where `ROUTES` sends a call on tensor `input` with these arguments to stock PyTorch (outside autocast,
-    under which the op routes on the cast dtype): a fused conv module then runs as the stock layers it replaces,
-    without the op's argument layer (stock's own checks apply, as they would to those layers). The modules remember
-    the answer per input signature (`module_runs_stock`)."""
+def runs_stock(input, weight, mode, stride, padding, dilation, groups):
+    """True where `ROUTES` sends a call on tensor `input` in `mode` (`route_mode`) with these arguments to stock
+    PyTorch (outside autocast, under which the op routes on the cast dtype): a fused conv module then runs as the
+    stock layers it replaces, without the op's argument layer (stock's own checks apply, as they would to those
+    layers). The modules remember the answer per input signature and mode (`module_runs_stock`)."""
     return stock_routable(input) and ROUTES.choose(
-        input, _mode(pool), _size_class(input, weight, stride, padding, dilation, groups)) == STOCK
+        input, mode, _size_class(input, weight, stride, padding, dilation, groups, mode)) == STOCK
 
 
 def check_conv_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride):
@@ -131,7 +155,8 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     input, weight, bias = autocast(input, weight, bias)
     stride, padding, dilation, pool_size, pool_stride = check_conv_relu_pool(
         input, weight, bias, stride, padding, dilation, groups, pool, pool_size, pool_stride)
-    backend = route(ROUTES, input, _mode(pool), _size_class(input, weight, stride, padding, dilation, groups))
+    mode = route_mode(pool, input, weight, bias)
+    backend = route(ROUTES, input, mode, _size_class(input, weight, stride, padding, dilation, groups, mode))
     if backend == "reference" or input.numel() == 0:
         return reference.conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, pool, pool_size,
                                           pool_stride)
@@ -141,4 +166,5 @@ def conv2d_relu_pool(input, weight, bias, stride, padding, dilation, groups, poo
     return out
 
 
-__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "runs_stock"]
+__all__ = ["POOLS", "ROUTES", "check_conv_relu_pool", "conv2d_relu_pool", "conv_output_elements", "route_mode",
+           "runs_stock"]

@@ -7,10 +7,8 @@ forward, strided-convolution backward with the ReLU mask applied on load); on CP
 oneDNN); "reference" (plain PyTorch) everywhere.
 The CUDA order is provisional until timed on a GPU (see benchmarks/bench_conv_transpose.py).
 """
-import torch
-
 from .._args import check_float_tensors, check_same_device_and_dtype, pair
-from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, load_triton, route, stock_routable
+from .._dispatch import CPU_RESULTS, STOCK, Route, RouteTable, autocast, call_mode, load_triton, route, stock_routable
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import ACTIVATIONS, output_size
@@ -21,17 +19,6 @@ _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 # fastcnn's fixed per-call cost (its autograd node, the epilogue pass in backward) outweighs what it saves.
 SMALL_OUTPUT = {(True, "infer"): 1 << 17, (True, "train"): 1 << 18, (False, "infer"): 1 << 21,
                 (False, "train"): 1 << 20}
-
-
-def _records(t):
-    return isinstance(t, torch.Tensor) and t.requires_grad
-
-
-def call_mode(input, weight, bias):
-    """"train" where autograd records the call, else "infer" (a non-tensor argument records nothing: the argument
-    layer names it)."""
-    recorded = torch.is_grad_enabled() and (_records(input) or _records(weight) or _records(bias))
-    return "train" if recorded else "infer"
 
 
 def _size_class(input, weight, stride, groups, mode):
