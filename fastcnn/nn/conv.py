@@ -111,7 +111,8 @@ class ConvReLUPool2d(_FusedConv2d):
     def forward(self, input):
         if in_stock_slot():
             return super().forward(input)
-        if module_runs_stock(self, input, "relu-pool", self._route_says_stock):
+        mode = route_mode(self.pool, input, self.weight, self.bias)
+        if module_runs_stock(self, input, mode, self._route_says_stock):
             return relu_pool(super().forward(input), self.pool, self.pool_size, self.pool_stride)
         input, padding = self._fused_conv_args(input)
         return functional.conv2d_relu_pool(input, self.weight, self.bias, self.stride, padding, self.dilation,

@@ -30,6 +30,7 @@ from .tolerances import PARITY_FACTOR, PARITY_FLOOR, PARITY_WINDOW, PRECISION_DT
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
 JUDGED = ("fused", "routed")  # the sides held to the bound: fastcnn's kernels everywhere, and as routed
+COMPARED = (*JUDGED, "control")  # the sides whose differences from stock are recorded (the control as yardstick)
 SPEED_LABELS = {"routed": "fastcnn as your model runs (routes on)",
                 "fused": "fastcnn's kernels everywhere (stock routes skipped)"}
 
@@ -257,7 +258,7 @@ def _evaluate(step, sides, batches, loss_fn, dtype, bar):
     for side in sides.values():
         side.model.eval()
     metrics = {name: EpochMetrics() for name in sides}
-    largest, scale, margins = {name: 0.0 for name in (*JUDGED, "control")}, 0.0, {name: [] for name in JUDGED}
+    largest, scale, margins = {name: 0.0 for name in COMPARED}, 0.0, {name: [] for name in JUDGED}
     for inputs, targets in batches:
         inputs, targets = inputs.to(sides["fused"].device), targets.to(sides["fused"].device)
         outputs = {name: side(inputs).float() for name, side in sides.items()}
@@ -366,7 +367,7 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
     schedulers = [build_scheduler(side.optimizer, schedule, total=total, step_size=max(1, total // 3))
                   for side in sides.values()] if schedule else []
     checkpoints = {max(1, (total + 1) // 2), total}  # a second evaluation catches state the first left stale
-    steps = {quantity: {side: [] for side in (*JUDGED, "control")} for quantity in STEP_STATISTIC}
+    steps = {quantity: {side: [] for side in COMPARED} for quantity in STEP_STATISTIC}
     evaluations, validation, images, probe = [], {}, 0, None
     bn_record, remove_hooks = _fewest_batch_norm_values(stock_model)
     bar = _progress_bar(progress, total=total, desc="verify fused vs stock", unit="step")
@@ -376,7 +377,7 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
                 break
             inputs, targets = inputs.to(device), targets.to(device)
             probe = probe or [(inputs, targets)]
-            for name in (*JUDGED, "control"):  # every step starts from the stock model's exact state
+            for name in COMPARED:  # every step starts from the stock model's exact state
                 sides[name].take_state(sides["stock"])
             snapshot, losses = _rng_snapshot(device), {}
             for name, side in sides.items():  # all sides draw the same dropout masks
@@ -386,7 +387,7 @@ def verify(model, train_loader, val_loader=None, *, epochs=1, optimizer="sgd", p
                 remove_hooks = remove_hooks()
             for scheduler in schedulers:
                 scheduler.step()
-            for name in (*JUDGED, "control"):
+            for name in COMPARED:
                 steps["loss"][name].append(_relative(losses[name], losses["stock"]))
                 for quantity, kind in (("buffers", "buffers"), ("updates", "parameters")):
                     steps[quantity][name].append(state_difference(sides[name].model, stock_model, kind))

@@ -83,8 +83,8 @@ def test_forward_and_gradients_within_the_tolerance_table(case, pool):
 def test_nchw_runs_winograd_in_the_forward_with_a_2x2_max_pool_and_the_weight_gradient(pool):
     """NCHW input: Winograd's forward where the 2x2 max pool is taken in its output transform (on a channels_last
     copy of the input; the output comes back NCHW) and its weight gradient (more accurate than oneDNN's NCHW one),
-    never its input gradient (oneDNN's NCHW one is more accurate than the benchmarks' rule lets Winograd's be). The output on random values within the tolerance table; the
-    gradients on small integers, where every convolution is exact (Winograd's transforms only halve), so that a
+    never its input gradient (oneDNN's NCHW one is more accurate than the benchmarks' rule lets Winograd's be). The
+    output on random values within the tolerance table; the gradients on small integers, where every convolution is exact (Winograd's transforms only halve), so that a
     near-tie in a pool window cannot pick another element than float64 does and they must equal the oracle's."""
     x, weight, bias = _inputs(2, 64, 80, 33, 31, channels_last=False)
     args = ((1, 1), (1, 1), (1, 1), 1, pool, (2, 2), (2, 2))

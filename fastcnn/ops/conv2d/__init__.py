@@ -2,9 +2,9 @@
 bias): on CPU fastcnn's Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp) where `winograd_runs`, ATen's elsewhere.
 
 Backends (`ROUTES`): "cpu" (fastcnn::conv2d_winograd, whose backward is Winograd's too: the input gradient and the
-weight gradient) on CPU calls in the "winograd" size class; "reference" (``F.conv2d``:
-oneDNN, cuDNN) everywhere else. Under a forced backend other than "cpu" the convolution is ATen's, as it is in every
-other backend's BatchNorm ops (fastcnn.ops.batch_norm); under autocast it is ``F.conv2d``, which casts as stock does.
+weight gradient) on CPU calls in the "winograd" size class; "reference" (``F.conv2d``: oneDNN, cuDNN) everywhere
+else. Under a forced backend other than "cpu" the convolution is ATen's, as it is in every other backend's BatchNorm
+ops (fastcnn.ops.batch_norm); under autocast it is ``F.conv2d``, which casts as stock does.
 """
 import torch
 

@@ -4,8 +4,9 @@ Backends, in the order tried (`ROUTES`): on CUDA tensors "cuda" (cuDNN convoluti
 backward kernels), then "triton" (implicit-GEMM convolution with the pool in its epilogue); on CPU tensors "cpu"
 (oneDNN's convolution + one C++ epilogue pass, or where `winograd_runs` fastcnn's Winograd F(2x2, 3x3), with a
 2x2 max pool taken in its output transform - for a 2x2 max pool also on NCHW input, whose weight gradient is
-Winograd's too where the shape fits: see csrc/conv_relu_pool.cpp); "reference" (plain PyTorch) everywhere. The CUDA order is provisional
-until the kernels are timed on a GPU (see benchmarks/); forcing a backend is possible with fastcnn.set_backend.
+Winograd's too where the shape fits: see csrc/conv_relu_pool.cpp); "reference" (plain PyTorch) everywhere. The
+CUDA order is provisional until the kernels are timed on a GPU (see benchmarks/); forcing a backend is possible
+with fastcnn.set_backend.
 """
 import torch
 
