@@ -9,9 +9,10 @@
 // per 2x2 tile and channel pair where the direct convolution does 36 (2.25x fewer), done by the BLAS that torch
 // links (MKL's sgemm on x86).
 //
-// Work is cut into blocks of tiles, each one task of at::parallel_for: its input transform, its 16 GEMMs (on that
-// task's thread) and its output transform run back to back while its V and M are still in cache. The transforms
-// use only additions, subtractions and halvings, and the error measured against float64 is below that of oneDNN's
+// Work is cut into tasks of at::parallel_for whose GEMMs run on the task's thread: blocks of tiles (input transform,
+// 16 GEMMs and output transform back to back while V and M are still in cache) where the filters are narrow, columns
+// of output channels where they are wide (run_columns: U is then made and read once). The transforms use only
+// additions, subtractions and halvings, and the error measured against float64 is below that of oneDNN's
 // channels_last direct convolution (tests/ops/test_winograd.py). The backward is in winograd_backward.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -41,79 +43,117 @@ namespace {
 //   channels_last convolution's (3-11e-7), but above oneDNN's NCHW one (1.2-1.9e-7) by more than the benchmarks'
 //   accuracy rule allows (twice stock's error plus one epsilon: the input gradient of 256 -> 256 at 56x56 failed it).
 //   The fused block's forward with a 2x2 max pool passes it (2.1-3.9e-7 against 4.8-5.1e-7 allowed, VGG-16 blocks
-//   1-4) and runs on NCHW input too (winograd_fits, csrc/conv_relu_pool.cpp).
-// - enough work to amortise the per-call filter transform, which reads the weight and writes U (16 * C_in * C_out
-//   floats) that every block then reads: at least 256 tiles and tiles * C_in * C_out >= 2^21. With warm caches 98
-//   tiles of 512 channels won (1.17x), but in the conv-block suite, which evicts the caches before each call as the
-//   layers of a network do, they lost (VGG-16 block5 channels_last: 0.83x forward, 0.90x forward+backward); 64
-//   channels at 200 tiles 0.97x, 392 1.08x, 800 1.37x (warm);
-// - at least 64 channels on both sides (fewer leave the GEMMs too short).
-constexpr int64_t kMinTiles = 256, kMinWork = int64_t{1} << 21, kMinChannels = 64;
+//   1-5) and runs on NCHW input too (winograd_fits, csrc/conv_relu_pool.cpp).
+// - at least 64 channels on both sides (fewer leave the GEMMs too short);
+// - enough work for its plan (run_forward below):
+//   - wide filters (C_in * C_out >= 256 * 256) and up to 1024 tiles run by columns of output channels, from 96 tiles
+//     up. Measured with the caches evicted, fused block forward against stock, NCHW / channels_last: 98 tiles
+//     1.38 / 1.38x at 512 channels, 1.40 / 1.34x at 256; 196 tiles 1.55-1.63 / 1.40-1.53x; 392 tiles at 512
+//     channels 1.68 / 1.63x (1.14 / 1.14x by blocks of tiles); but 49 tiles 1.04 / 0.94x at 512 channels.
+//   - the others by blocks of tiles, from 256 tiles and tiles * C_in * C_out >= 2^21 up: each block reads all of U
+//     (16 * C_in * C_out floats), so the work must amortise it (on an older machine 64 channels at 200 tiles gave
+//     0.97x, 392 1.08x, 800 1.37x, warm).
+constexpr int64_t kMinChannels = 64, kMinTiles = 256, kMinWork = int64_t{1} << 21;
+constexpr int64_t kMinColumnFilters = 256 * 256, kMinColumnTiles = 96, kMaxColumnTiles = 1024;
 
+bool by_columns(int64_t tiles, int64_t C, int64_t K) { return tiles <= kMaxColumnTiles && C * K >= kMinColumnFilters; }
 
-// U[q][c][k] = (G g G^T)[q] for n filters g(k, c), k < n, whose tap (a, b) is taps[(a * 3 + b) * kTapRow + k].
-constexpr int64_t kTapRow = 64;
+constexpr int64_t kTapRow = 64;  // filters transformed at a time
 
-// Row i of U = t G^T from row i of t = G g (the rows of one tap column are q_stride apart in U).
-__attribute__((always_inline)) inline void filter_row_out(float* __restrict__ u, int64_t row_stride, int64_t k, int i,
-                                                          float t0, float t1, float t2) {
-  u[(i * 4 + 0) * row_stride + k] = t0;
-  u[(i * 4 + 1) * row_stride + k] = 0.5f * (t0 + t1 + t2);
-  u[(i * 4 + 2) * row_stride + k] = 0.5f * (t0 - t1 + t2);
-  u[(i * 4 + 3) * row_stride + k] = t2;
+// Where a scratch buffer's 16 positions lie: q_stride floats apart.
+struct Positions {
+  float* data;
+  int64_t q_stride;
+  float* at(int q) const { return data + q * q_stride; }
+};
+
+// A q stride of at least `floats` that is not a multiple of 1 KB: the 16 positions of one row then fall in different
+// L1 sets (at multiples of 4 KB, as 98 tiles x 512 channels are, they would all evict each other).
+int64_t spread(int64_t floats) {
+  const int64_t lines = (floats + 15) / 16 * 16;
+  return lines % 256 == 0 ? lines + 16 : lines;
 }
 
+// Row i of U = t G^T from row i of t = G g, for lane l (the 16 positions are q_stride apart in U).
+__attribute__((always_inline)) inline void filter_row_out(float* __restrict__ u, int64_t q_stride, int64_t l, int i,
+                                                          float t0, float t1, float t2) {
+  u[(i * 4 + 0) * q_stride + l] = t0;
+  u[(i * 4 + 1) * q_stride + l] = 0.5f * (t0 + t1 + t2);
+  u[(i * 4 + 2) * q_stride + l] = 0.5f * (t0 - t1 + t2);
+  u[(i * 4 + 3) * q_stride + l] = t2;
+}
+
+// u[q * q_stride + l] = (G g_l G^T)[q] for the n filters g_l whose tap (a, b) is f[l * lane_stride + (a * 3 + b) *
+// tap_stride], vectorised along l (the taps are gathered from the weight as they are read: no transposed copy).
 // (The transforms keep their values in named scalars: a private array in a vectorised loop body becomes per-lane
 // memory.)
-FASTCNN_VECTOR_CLONES void filter_transform(const float* __restrict__ taps, int64_t n, float* __restrict__ u,
-                                            int64_t row_stride) {
-#pragma omp simd  // U's rows do not overlap the taps (the vectoriser cannot prove it across row_stride)
-  for (int64_t k = 0; k < n; ++k) {
-    const float* f = taps + k;  // tap (a, b) at f[(a * 3 + b) * kTapRow]
-    const float g00 = f[0], g01 = f[kTapRow], g02 = f[2 * kTapRow];
-    const float g10 = f[3 * kTapRow], g11 = f[4 * kTapRow], g12 = f[5 * kTapRow];
-    const float g20 = f[6 * kTapRow], g21 = f[7 * kTapRow], g22 = f[8 * kTapRow];
+FASTCNN_VECTOR_CLONES void filter_transform(const float* __restrict__ f, int64_t lane_stride, int64_t tap_stride,
+                                            int64_t n, float* __restrict__ u, int64_t q_stride) {
+#pragma omp simd  // U's rows do not overlap the weight (the vectoriser cannot prove it across the strides)
+  for (int64_t l = 0; l < n; ++l) {
+    const float* t = f + l * lane_stride;
+    const float g00 = t[0], g01 = t[tap_stride], g02 = t[2 * tap_stride];
+    const float g10 = t[3 * tap_stride], g11 = t[4 * tap_stride], g12 = t[5 * tap_stride];
+    const float g20 = t[6 * tap_stride], g21 = t[7 * tap_stride], g22 = t[8 * tap_stride];
     // t = G g, row by row
-    filter_row_out(u, row_stride, k, 0, g00, g01, g02);
-    filter_row_out(u, row_stride, k, 1, 0.5f * (g00 + g10 + g20), 0.5f * (g01 + g11 + g21), 0.5f * (g02 + g12 + g22));
-    filter_row_out(u, row_stride, k, 2, 0.5f * (g00 - g10 + g20), 0.5f * (g01 - g11 + g21), 0.5f * (g02 - g12 + g22));
-    filter_row_out(u, row_stride, k, 3, g20, g21, g22);
+    filter_row_out(u, q_stride, l, 0, g00, g01, g02);
+    filter_row_out(u, q_stride, l, 1, 0.5f * (g00 + g10 + g20), 0.5f * (g01 + g11 + g21), 0.5f * (g02 + g12 + g22));
+    filter_row_out(u, q_stride, l, 2, 0.5f * (g00 - g10 + g20), 0.5f * (g01 - g11 + g21), 0.5f * (g02 - g12 + g22));
+    filter_row_out(u, q_stride, l, 3, g20, g21, g22);
   }
 }
 
-// U (16, C, K) for the filters g(k, c) = weight[k][c], or, flipped, weight[c][k] turned by 180 degrees. The taps
-// of kTapRow filters for kTapChannels input channels are gathered into rows over k (a transpose through L1 that
-// reads the weight in runs of kTapChannels * 9 floats, in place of a permuted copy of the whole weight), then
-// transformed vectorised along k.
-constexpr int64_t kTapChannels = 16;
+// The filters g(k, c) = weight[k][c], or, flipped, weight[c][k] turned by 180 degrees, read in place from an OIHW
+// or a channels_last weight (any other layout is copied to OIHW first).
+struct FilterSource {
+  at::Tensor weight;
+  const float* data;  // tap 0 of g(0, 0)
+  int64_t in_stride, out_stride, tap_stride;  // between the filters' input channels c, output channels k, and taps
+  // Whether U_q is written (K x C), transposed, rather than (C x K): the transform's lanes run along the filters'
+  // closer axis, c where the input channels are nearer each other (OIHW 9 floats apart, channels_last 1), k where
+  // the output channels are (the flipped filters of the input gradient).
+  bool transposed;
 
-at::Tensor transform_filters(const at::Tensor& weight_in, bool flip, int64_t C, int64_t K) {
-  const at::Tensor weight = weight_in.contiguous();
-  const int64_t in_stride = flip ? weight.stride(0) : weight.stride(1);
-  const int64_t out_stride = flip ? weight.stride(1) : weight.stride(0);
-  at::Tensor U = at::empty({16, C, K}, weight.options());
-  const float* src = weight.const_data_ptr<float>();
-  float* dst = U.mutable_data_ptr<float>();
-  const int64_t chunks = (C + kTapChannels - 1) / kTapChannels;
-  at::parallel_for(0, chunks, grain_for(kTapChannels * 9 * K), [&](int64_t begin, int64_t end) {
-    std::vector<float> taps(kTapChannels * 9 * kTapRow);  // [channel][tap][k]
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t c0 = chunk * kTapChannels, nc = std::min(kTapChannels, C - c0);
-      for (int64_t k0 = 0; k0 < K; k0 += kTapRow) {
-        const int64_t n = std::min(kTapRow, K - k0);
-        for (int64_t k = 0; k < n; ++k) {
-          for (int64_t c = 0; c < nc; ++c) {
-            const float* g = src + (c0 + c) * in_stride + (k0 + k) * out_stride;
-            for (int tap = 0; tap < 9; ++tap) taps[(c * 9 + (flip ? 8 - tap : tap)) * kTapRow + k] = g[tap];
-          }
-        }
-        for (int64_t c = 0; c < nc; ++c) {
-          filter_transform(taps.data() + c * 9 * kTapRow, n, dst + (c0 + c) * K + k0, C * K);
-        }
+  FilterSource(const at::Tensor& weight_in, bool flip) {
+    const bool taps_in_place = weight_in.stride(2) == 3 * weight_in.stride(3);
+    weight = taps_in_place ? weight_in : weight_in.contiguous();
+    in_stride = flip ? weight.stride(0) : weight.stride(1);
+    out_stride = flip ? weight.stride(1) : weight.stride(0);
+    // Turned by 180 degrees, tap (a, b) is the weight's (2 - a, 2 - b): read backwards from the last.
+    tap_stride = flip ? -weight.stride(3) : weight.stride(3);
+    data = weight.const_data_ptr<float>() + (flip ? 8 * weight.stride(3) : 0);
+    transposed = in_stride < out_stride;
+  }
+
+  // U_q (positions q_stride apart) for every channel c < C and the filters [k0, k0 + n), written from column (or,
+  // transposed, row) 0 of `u`: (C x n) with rows ld apart, or transposed (n x C) with rows ld apart.
+  void transform(int64_t C, int64_t k0, int64_t n, float* u, int64_t ld, int64_t q_stride) const {
+    if (transposed) {
+      for (int64_t k = 0; k < n; ++k) {
+        filter_transform(data + (k0 + k) * out_stride, in_stride, tap_stride, C, u + k * ld, q_stride);
+      }
+      return;
+    }
+    for (int64_t kk = 0; kk < n; kk += kTapRow) {  // kTapRow filters at a time, whose taps stay in L1
+      const int64_t nk = std::min(kTapRow, n - kk);
+      for (int64_t c = 0; c < C; ++c) {
+        filter_transform(data + c * in_stride + (k0 + kk) * out_stride, out_stride, tap_stride, nk,
+                         u + c * ld + kk, q_stride);
       }
     }
+  }
+};
+
+// U of every filter (C x K, or transposed K x C, at each position), for the blocks of tiles.
+void transform_filters(const FilterSource& filters, int64_t C, int64_t K, Positions U) {
+  const int64_t chunks = (K + kTapRow - 1) / kTapRow;
+  at::parallel_for(0, chunks, grain_for(9 * C * kTapRow), [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t k0 = chunk * kTapRow;
+      filters.transform(C, k0, std::min(kTapRow, K - k0), U.data + (filters.transposed ? k0 * C : k0),
+                        filters.transposed ? C : K, U.q_stride);
+    }
   });
-  return U;
 }
 
 }  // namespace
@@ -129,9 +169,10 @@ __attribute__((always_inline)) inline void input_row_out(float* __restrict__ v, 
   v[(i * 4 + 3) * q_stride + c] = r1 - r3;
 }
 
-// V[q][t][c] = (B^T d B)[q] for the tiles [t0, t0 + nb) of an NHWC input; taps outside the image read `zero`.
+// V[q][t][c] = (B^T d B)[q] (positions q_stride apart) for the tiles [t0, t0 + nb) of an NHWC input; taps outside
+// the image read `zero`.
 FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const Geometry& g, int64_t t0, int64_t nb,
-                                           int64_t block, const float* __restrict__ zero, float* __restrict__ V) {
+                                           int64_t q_stride, const float* __restrict__ zero, float* __restrict__ V) {
   const int64_t C = g.C;
   for (int64_t tt = 0; tt < nb; ++tt) {
     const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
@@ -143,7 +184,6 @@ FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const G
       }
     }
     float* __restrict__ v = V + tt * C;
-    const int64_t q_stride = block * C;
     // `omp simd`: the rows of V written do not overlap the input rows read, which the vectoriser cannot prove
     // through the array of pointers.
 #pragma omp simd
@@ -199,27 +239,35 @@ __attribute__((always_inline)) inline void pool_step(float y, float bias, uint32
   offset = (j & take) | (offset & ~take);
 }
 
-// out = A^T M A for the tiles [t0, t0 + nb), written NHWC; outputs past an odd edge are dropped.
-FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
-                                            int64_t block, float* __restrict__ tile, float* __restrict__ out) {
-  const int64_t K = g.K, q_stride = block * K;
+// The output channels [k0, k0 + n) that one M holds (rows of n values): all K for a block of tiles, a slice of them
+// for a column of the filters (run_columns).
+struct Columns {
+  int64_t k0, n;
+};
+
+// out = A^T M A for the tiles [t0, t0 + nb), written NHWC; outputs past an odd edge are dropped. M's positions are
+// q_stride apart.
+FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, int64_t q_stride, const Geometry& g,
+                                            int64_t t0, int64_t nb, Columns cols, float* __restrict__ tile,
+                                            float* __restrict__ out) {
+  const int64_t n = cols.n;
   uint32_t nonfinite = 0;
   for (int64_t tt = 0; tt < nb; ++tt) {
-    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
-    const float* __restrict__ m = M + tt * K;
-    for (int64_t k = 0; k < K; ++k) {
+    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, image = t / (g.TW * g.TH);
+    const float* __restrict__ m = M + tt * n;
+    for (int64_t k = 0; k < n; ++k) {
       const TileOut y = tile_outputs(m, q_stride, k);
       tile[k] = y.y00;
-      tile[K + k] = y.y01;
-      tile[2 * K + k] = y.y10;
-      tile[3 * K + k] = y.y11;
+      tile[n + k] = y.y01;
+      tile[2 * n + k] = y.y10;
+      tile[3 * n + k] = y.y11;
       nonfinite |= not_finite(y);
     }
     for (int a = 0; a < 2; ++a) {
       for (int b = 0; b < 2; ++b) {
         const int64_t y = 2 * ty + a, x = 2 * tx + b;
-        if (y < g.HO && x < g.WO) std::memcpy(out + ((n * g.HO + y) * g.WO + x) * K, tile + (a * 2 + b) * K,
-                                              K * sizeof(float));
+        if (y < g.HO && x < g.WO) std::memcpy(out + ((image * g.HO + y) * g.WO + x) * g.K + cols.k0,
+                                              tile + (a * 2 + b) * n, n * sizeof(float));
       }
     }
   }
@@ -231,19 +279,21 @@ FASTCNN_VECTOR_CLONES bool output_transform(const float* __restrict__ M, const G
 // the same values, in the same order and rounding, as fastcnn::bias_relu_pool on the stored convolution (the max
 // starts below every ReLU output and takes v where v > best or v is NaN; the code is the window offset). Tiles past
 // an odd edge feed no window.
-FASTCNN_VECTOR_CLONES bool output_relu_maxpool(const float* __restrict__ M, const Geometry& g, int64_t t0, int64_t nb,
-                                               int64_t block, const float* __restrict__ bias,
-                                               uint32_t* __restrict__ offsets, float* __restrict__ out,
-                                               uint8_t* __restrict__ code) {
-  const int64_t K = g.K, q_stride = block * K, PH = g.HO / 2, PW = g.WO / 2;
+FASTCNN_VECTOR_CLONES bool output_relu_maxpool(const float* __restrict__ M, int64_t q_stride, const Geometry& g,
+                                               int64_t t0, int64_t nb, Columns cols,
+                                               const float* __restrict__ bias_all, uint32_t* __restrict__ offsets,
+                                               float* __restrict__ out, uint8_t* __restrict__ code) {
+  const int64_t n = cols.n, PH = g.HO / 2, PW = g.WO / 2;
+  const float* __restrict__ bias = bias_all + cols.k0;
   uint32_t nonfinite = 0;
   for (int64_t tt = 0; tt < nb; ++tt) {
-    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, n = t / (g.TW * g.TH);
+    const int64_t t = t0 + tt, tx = t % g.TW, ty = (t / g.TW) % g.TH, image = t / (g.TW * g.TH);
     if (ty >= PH || tx >= PW) continue;
-    const float* __restrict__ m = M + tt * K;
-    float* __restrict__ o = out + ((n * PH + ty) * PW + tx) * K;
+    const float* __restrict__ m = M + tt * n;
+    const int64_t window = ((image * PH + ty) * PW + tx) * g.K + cols.k0;
+    float* __restrict__ o = out + window;
     // The offsets are narrowed to the uint8 code in a second loop, so that the first keeps one lane width.
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < n; ++k) {
       const TileOut y = tile_outputs(m, q_stride, k);
       nonfinite |= not_finite(y);
       float best = -1.0f;  // below every ReLU output
@@ -255,28 +305,31 @@ FASTCNN_VECTOR_CLONES bool output_relu_maxpool(const float* __restrict__ M, cons
       o[k] = best;
       offsets[k] = offset;
     }
-    uint8_t* __restrict__ c = code + ((n * PH + ty) * PW + tx) * K;
-    for (int64_t k = 0; k < K; ++k) c[k] = static_cast<uint8_t>(offsets[k]);
+    uint8_t* __restrict__ c = code + window;
+    for (int64_t k = 0; k < n; ++k) c[k] = static_cast<uint8_t>(offsets[k]);
   }
   return nonfinite == 0;
 }
 
-// M_q = V_q U_q for the 16 positions q: V_q (nb x C) and M_q (nb x K) row-major with row strides C and K. A
-// row-major product is the column-major product of the transposes, M_q^T = U_q^T V_q^T, which is how BLAS sees it.
-void tile_gemms(const float* U, const float* V, const Geometry& g, int64_t nb, int64_t block, float* M) {
+// M_q = V_q U_q for the 16 positions q: V_q (nb x C), U_q (C x n, or stored transposed: n x C) and M_q (nb x n)
+// row-major. A row-major product is the column-major product of the transposes, M_q^T = U_q^T V_q^T, which is how
+// BLAS sees it.
+void tile_gemms(Positions U, bool u_transposed, Positions V, int64_t C, int64_t n, int64_t nb, Positions M) {
   for (int q = 0; q < 16; ++q) {
-    const float* u = U + q * g.C * g.K;
-    const float* v = V + q * block * g.C;
-    float* m = M + q * block * g.K;
+    const float* u = U.at(q);
+    const float* v = V.at(q);
+    float* m = M.at(q);
     if (sgemm_ != nullptr) {
-      const int K = static_cast<int>(g.K), n = static_cast<int>(nb), C = static_cast<int>(g.C);
+      const int ni = static_cast<int>(n), nbi = static_cast<int>(nb), Ci = static_cast<int>(C);
       const float one = 1.0f, zero = 0.0f;
-      sgemm_("N", "N", &K, &n, &C, &one, u, &K, v, &C, &zero, m, &K);
+      sgemm_(u_transposed ? "T" : "N", "N", &ni, &nbi, &Ci, &one, u, u_transposed ? &Ci : &ni, v, &Ci, &zero, m,
+             &ni);
     } else {
       const auto options = at::TensorOptions().dtype(at::kFloat);
-      at::Tensor mt = at::from_blob(m, {nb, g.K}, options);
-      at::mm_out(mt, at::from_blob(const_cast<float*>(v), {nb, g.C}, options),
-                 at::from_blob(const_cast<float*>(u), {g.C, g.K}, options));
+      at::Tensor mt = at::from_blob(m, {nb, n}, options);
+      const at::Tensor ut = u_transposed ? at::from_blob(const_cast<float*>(u), {n, C}, options).t()
+                                         : at::from_blob(const_cast<float*>(u), {C, n}, options);
+      at::mm_out(mt, at::from_blob(const_cast<float*>(v), {nb, C}, options), ut);
     }
   }
 }
@@ -294,8 +347,9 @@ bool winograd_fits(const at::Tensor& input, const at::Tensor& weight, at::IntArr
   const int64_t HO = input.size(2) + 2 * padding[0] - 2, WO = input.size(3) + 2 * padding[1] - 2;
   if (HO < 1 || WO < 1) return false;
   const int64_t tiles = input.size(0) * ((HO + 1) / 2) * ((WO + 1) / 2);
-  return tiles >= kMinTiles && tiles * weight.size(0) * weight.size(1) >= kMinWork &&
-         std::min(weight.size(0), weight.size(1)) >= kMinChannels;
+  const int64_t C = weight.size(1), K = weight.size(0);
+  if (std::min(C, K) < kMinChannels) return false;
+  return by_columns(tiles, C, K) ? tiles >= kMinColumnTiles : tiles >= kMinTiles && tiles * C * K >= kMinWork;
 }
 
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
@@ -336,43 +390,100 @@ Plan tile_plan(const at::Tensor& input_in, int64_t C, int64_t K, at::IntArrayRef
 
 namespace {
 
-Plan make_plan(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding, bool flip_weight) {
+// One forward call: its tiles and its filters.
+struct Forward {
+  Plan tiles;
+  FilterSource filters;
+};
+
+Forward plan_forward(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding, bool flip_weight) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "fastcnn: winograd_conv3x3 takes a float32 (C_out, C_in, 3, 3) weight");
   const int64_t C = flip_weight ? weight.size(0) : weight.size(1), K = flip_weight ? weight.size(1) : weight.size(0);
-  Plan p = tile_plan(input, C, K, padding);
-  p.U = transform_filters(weight, flip_weight, C, K);
-  return p;
+  return {tile_plan(input, C, K, padding), FilterSource(weight, flip_weight)};
 }
 
-// Per-task scratch of the output transforms: one tile's outputs (4 x K) or one pooled row's window offsets (K).
+// Per-task scratch of the output transforms: one tile's outputs (4 x n) or one pooled row's window offsets (n).
 struct OutputScratch {
   std::vector<float> tile;
   std::vector<uint32_t> offsets;
+  explicit OutputScratch(int64_t n) : tile(4 * n), offsets(n) {}
 };
 
-// Runs the input transform and the GEMMs of every block, each followed by finish(M, t0, nb, scratch), which writes
-// the block's outputs and returns false where one is not finite; returns whether all were finite.
+// Many tiles: U of every filter first, then blocks of tiles, one task each, whose input transform, 16 GEMMs and
+// finish(M, t0, nb, columns, scratch) - which writes the block's outputs and returns false where one is not
+// finite - run back to back while its V and M are still in cache. Returns whether all outputs were finite.
 template <typename Finish>
-bool run_blocks(const Plan& p, const Finish& finish) {
+bool run_tile_blocks(const Forward& f, const Finish& finish) {
+  const Plan& p = f.tiles;
   const Geometry& g = p.g;
+  const int64_t u_stride = spread(g.C * g.K), v_stride = spread(p.block * g.C), m_stride = spread(p.block * g.K);
+  std::unique_ptr<float[]> u_data(new float[16 * u_stride]);  // uninitialised: written before read
+  const Positions u{u_data.get(), u_stride};
+  transform_filters(f.filters, g.C, g.K, u);
   const float* in = p.input.const_data_ptr<float>();
-  const float* u = p.U.const_data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(g.C, 0.0f), scratch(16 * p.block * (g.C + g.K));
-    OutputScratch out_scratch{std::vector<float>(4 * g.K), std::vector<uint32_t>(g.K)};
-    float* V = scratch.data();
-    float* M = V + 16 * p.block * g.C;
+    std::vector<float> zero(g.C, 0.0f);
+    std::unique_ptr<float[]> scratch(new float[16 * (v_stride + m_stride)]);  // uninitialised: written before read
+    OutputScratch out_scratch(g.K);
+    const Positions V{scratch.get(), v_stride}, M{scratch.get() + 16 * v_stride, m_stride};
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * p.block, nb = std::min(p.block, g.tiles() - t0);
       if (nb <= 0) break;
-      input_transform(in, g, t0, nb, p.block, zero.data(), V);
-      tile_gemms(u, V, g, nb, p.block, M);
-      if (!finish(M, t0, nb, out_scratch)) finite.store(false);
+      input_transform(in, g, t0, nb, v_stride, zero.data(), V.data);
+      tile_gemms(u, f.filters.transposed, V, g.C, g.K, nb, M);
+      if (!finish(M, t0, nb, Columns{0, g.K}, out_scratch)) finite.store(false);
     }
   });
   return finite.load();
+}
+
+// Few tiles against wide filters (VGG-16's block5 at batch 2: 98 tiles, 512 x 512 filters): there each block of
+// tiles would read all of U (16 * C * K floats, 16 MB), which costs more than the GEMMs save (0.86x oneDNN's NCHW
+// forward, 0.72x its channels_last one). So the filters are split instead: V of every tile first (16 * tiles * C
+// floats, 3.2 MB there), then columns of output channels, one task each, which transforms its filters (reading the
+// weight once in all, as the direct convolution does), multiplies every tile's V by them and finishes its channels
+// of every tile. Columns of up to 128 channels, at least two of them so that two threads share the work; measured
+// at block5 (forward, caches evicted, interleaved against stock): 32 channels 1.21 / 1.18x (NCHW / channels_last),
+// 64 1.27 / 1.24x, 128 1.38-1.43 / 1.33-1.36x, 256 1.48 / 1.41x - longer GEMMs - but 256 leaves one thread idle at
+// 256 channels (0.91x).
+constexpr int64_t kMaxColumnWidth = 128;
+
+int64_t column_width(int64_t K) { return std::min(kMaxColumnWidth, ((K + 1) / 2 + 15) / 16 * 16); }
+
+template <typename Finish>
+bool run_columns(const Forward& f, const Finish& finish) {
+  const Geometry& g = f.tiles.g;
+  const int64_t T = g.tiles(), C = g.C, width = column_width(g.K);
+  const int64_t u_stride = spread(C * width), v_stride = spread(T * C), m_stride = spread(T * width);
+  const float* in = f.tiles.input.const_data_ptr<float>();
+  std::unique_ptr<float[]> v_data(new float[16 * v_stride]);  // uninitialised: written before read
+  const Positions V{v_data.get(), v_stride};
+  at::parallel_for(0, T, grain_for(16 * C), [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(C, 0.0f);
+    input_transform(in, g, begin, end - begin, v_stride, zero.data(), V.data + begin * C);
+  });
+  const int64_t columns = (g.K + width - 1) / width;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, columns, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> scratch(new float[16 * (u_stride + m_stride)]);
+    const Positions U{scratch.get(), u_stride}, M{scratch.get() + 16 * u_stride, m_stride};
+    OutputScratch out_scratch(width);
+    for (int64_t column = begin; column < end; ++column) {
+      const Columns cols{column * width, std::min(width, g.K - column * width)};
+      f.filters.transform(C, cols.k0, cols.n, U.data, f.filters.transposed ? C : cols.n, u_stride);
+      tile_gemms(U, f.filters.transposed, V, C, cols.n, T, M);
+      if (!finish(M, 0, T, cols, out_scratch)) finite.store(false);
+    }
+  });
+  return finite.load();
+}
+
+template <typename Finish>
+bool run_forward(const Forward& f, const Finish& finish) {
+  const Geometry& g = f.tiles.g;
+  return by_columns(g.tiles(), g.C, g.K) ? run_columns(f, finish) : run_tile_blocks(f, finish);
 }
 
 }  // namespace
@@ -380,12 +491,13 @@ bool run_blocks(const Plan& p, const Finish& finish) {
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding,
                             bool flip_weight) {
   RECORD_FUNCTION("fastcnn::winograd_conv3x3", std::vector<c10::IValue>({input, weight}));  // named in profiles
-  const Plan p = make_plan(input, weight, padding, flip_weight);
+  const Forward f = plan_forward(input, weight, padding, flip_weight);
+  const Plan& p = f.tiles;
   const Geometry& g = p.g;
   at::Tensor out = at::empty({g.N, g.K, g.HO, g.WO}, p.input.options().memory_format(at::MemoryFormat::ChannelsLast));
   float* dst = out.mutable_data_ptr<float>();
-  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, OutputScratch& scratch) {
-    return output_transform(M, g, t0, nb, p.block, scratch.tile.data(), dst);
+  const bool finite = run_forward(f, [&](Positions M, int64_t t0, int64_t nb, Columns cols, OutputScratch& scratch) {
+    return output_transform(M.data, M.q_stride, g, t0, nb, cols, scratch.tile.data(), dst);
   });
   if (finite) return out;
   // A non-finite input or weight: the transforms subtract, so one infinity becomes NaN (inf - inf) in outputs where
@@ -402,7 +514,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     at::IntArrayRef padding) {
   RECORD_FUNCTION("fastcnn::winograd_conv3x3", std::vector<c10::IValue>({input, weight}));
-  const Plan p = make_plan(input, weight, padding, /*flip_weight=*/false);
+  const Forward f = plan_forward(input, weight, padding, /*flip_weight=*/false);
+  const Plan& p = f.tiles;
   const Geometry& g = p.g;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous()
                                                            : at::zeros({g.K}, p.input.options());
@@ -413,8 +526,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> winograd_conv3x3_relu_maxpool(
   const float* bias_data = b.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   uint8_t* codes = code.mutable_data_ptr<uint8_t>();
-  const bool finite = run_blocks(p, [&](const float* M, int64_t t0, int64_t nb, OutputScratch& scratch) {
-    return output_relu_maxpool(M, g, t0, nb, p.block, bias_data, scratch.offsets.data(), dst, codes);
+  const bool finite = run_forward(f, [&](Positions M, int64_t t0, int64_t nb, Columns cols, OutputScratch& scratch) {
+    return output_relu_maxpool(M.data, M.q_stride, g, t0, nb, cols, bias_data, scratch.offsets.data(), dst, codes);
   });
   if (!finite) return std::nullopt;
   return std::make_tuple(out, code);

@@ -99,7 +99,7 @@ at::Tensor weight_grad_per_thread(const Plan& p, const float* dy) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * block, nb = std::min(block, g.tiles() - t0);
       if (nb <= 0) break;
-      input_transform(in, g, t0, nb, block, zero.data(), V);
+      input_transform(in, g, t0, nb, block * g.C, zero.data(), V);
       grad_transform(dy, g, t0, nb, block, zero.data(), dM);
       for (int q = 0; q < 16; ++q) {
         weight_grad_gemm(V + q * block * g.C, dM + q * block * g.K, nb, g.C, g.K, 1.0f, dU + q * g.K * g.C);
@@ -122,7 +122,7 @@ at::Tensor weight_grad_by_chunks(const Plan& p, const float* dy) {
   for (int64_t t0 = 0; t0 < g.tiles(); t0 += chunk) {
     const int64_t n = std::min(chunk, g.tiles() - t0);
     at::parallel_for(0, n, p.block, [&](int64_t begin, int64_t end) {
-      input_transform(in, g, t0 + begin, end - begin, chunk, zero.data(), V + begin * C);
+      input_transform(in, g, t0 + begin, end - begin, chunk * C, zero.data(), V + begin * C);
       grad_transform(dy, g, t0 + begin, end - begin, chunk, zero.data(), dM + begin * K);
     });
     at::parallel_for(0, 16, 1, [&](int64_t begin, int64_t end) {

@@ -15,18 +15,22 @@ from _tolerances import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="fastcnn._C is not built")
 
-# (N, C_in, C_out, H, W, padding, channels_last): each channels_last with at least 256 2x2 output tiles, 64 channels
-# on both sides and tiles * C_in * C_out >= 2^21, so the rule picks Winograd.
+# (N, C_in, C_out, H, W, padding, channels_last): each channels_last with 64 channels on both sides and enough 2x2
+# output tiles, so the rule picks Winograd: narrow filters by blocks of at least 256 tiles with tiles * C_in * C_out
+# >= 2^21, wide ones (C_in * C_out >= 256 * 256) by columns of output channels from 96 tiles.
 ELIGIBLE = [
     (2, 64, 64, 33, 31, 1, True),
     (1, 64, 96, 45, 33, 0, True),
     (2, 96, 64, 25, 27, 2, True),
     (1, 128, 160, 35, 33, 2, True),
+    (2, 256, 256, 13, 15, 1, True),   # 112 tiles by columns: two of 128 channels
+    (1, 160, 416, 19, 21, 1, True),   # 110 tiles by columns of 128 channels and a last of 32; the input gradient's
+                                      # flipped filters (416 -> 160) by two of 80
 ]
 # Just outside the rule: too little work, too few tiles, too few channels, NCHW, stride 2, 5x5, float64.
 NOT_ELIGIBLE = [
     dict(shape=(1, 64, 64, 28, 28), padding=1, channels_last=True),         # 196 tiles * 64 * 64 < 2^21
-    dict(shape=(2, 256, 256, 14, 14), padding=1, channels_last=True),       # 98 tiles
+    dict(shape=(1, 256, 256, 14, 14), padding=1, channels_last=True),       # 49 tiles
     dict(shape=(2, 32, 64, 40, 40), padding=1, channels_last=True),         # 32 input channels
     dict(shape=(2, 128, 128, 40, 40), padding=1, channels_last=False),      # NCHW
     dict(shape=(2, 64, 64, 40, 40), padding=1, channels_last=True, stride=2),
@@ -84,8 +88,9 @@ def test_nchw_runs_winograd_in_the_forward_with_a_2x2_max_pool_and_the_weight_gr
     """NCHW input: Winograd's forward where the 2x2 max pool is taken in its output transform (on a channels_last
     copy of the input; the output comes back NCHW) and its weight gradient (more accurate than oneDNN's NCHW one),
     never its input gradient (oneDNN's NCHW one is more accurate than the benchmarks' rule lets Winograd's be). The
-    output on random values within the tolerance table; the gradients on small integers, where every convolution is exact (Winograd's transforms only halve), so that a
-    near-tie in a pool window cannot pick another element than float64 does and they must equal the oracle's."""
+    output on random values within the tolerance table; the gradients on small integers, where every convolution is
+    exact (Winograd's transforms only halve), so that a near-tie in a pool window cannot pick another element than
+    float64 does and they must equal the oracle's."""
     x, weight, bias = _inputs(2, 64, 80, 33, 31, channels_last=False)
     args = ((1, 1), (1, 1), (1, 1), 1, pool, (2, 2), (2, 2))
     with torch.no_grad():
@@ -123,11 +128,17 @@ def test_direct_convolution_outside_the_rule(case):
         assert _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, stride, p, pool="none")) == 0
 
 
-def test_results_repeat_and_agree_across_thread_counts():
-    """The tiles are split into blocks by the shapes alone. At one thread count a call repeats bitwise; across
-    thread counts results agree within the tolerance table (MKL's AVX-512 sgemm gave bitwise the same results on
-    1-3 threads, its AVX2 kernels differed in the last bits at 3)."""
-    x, weight, bias = _inputs(2, 64, 80, 35, 29, True)
+# (N, C_in, C_out, H, W): one shape for each plan of the forward, by blocks of tiles and by columns of output
+# channels (110 tiles, columns of 128, 128 and 32 channels).
+PLANS = {"tiles": (2, 64, 80, 35, 29), "columns": (1, 256, 288, 21, 19)}
+
+
+@pytest.mark.parametrize("shape", PLANS.values(), ids=PLANS.keys())
+def test_results_repeat_and_agree_across_thread_counts(shape):
+    """The work is split into blocks of tiles or columns of channels by the shapes alone. At one thread count a call
+    repeats bitwise; across thread counts results agree within the tolerance table (MKL's AVX-512 sgemm gave bitwise
+    the same results on 1-3 threads, its AVX2 kernels differed in the last bits at 3)."""
+    x, weight, bias = _inputs(*shape, True)
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -186,10 +197,11 @@ def test_weight_gradient_repeats_bitwise():
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("channels", [64, 256], ids=["tiles", "columns"])  # the forward's two plans
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("pool", ["none", "max"])  # "max": the pool in the output transform
-def test_nonfinite_input_reaches_the_outputs_stock_reaches(value, pool):
-    x, weight, bias = _inputs(2, 64, 64, 32, 34, True)
+def test_nonfinite_input_reaches_the_outputs_stock_reaches(value, pool, channels):
+    x, weight, bias = _inputs(2 if channels == 64 else 1, channels, channels, 32, 34, True)
     x[0, 3, 0, 0] = value     # a tile corner
     x[0, 5, 17, 9] = value    # inside a tile
     x[0, 7, 31, 33] = value   # the far edge
@@ -232,8 +244,12 @@ AGREEMENT_CASES = NOT_ELIGIBLE + [dict(shape=c[:5], padding=c[5], channels_last=
     dict(shape=(2, 64, 64, 32, 32), padding=1, channels_last=True),   # 512 tiles * 64 * 64 = 2^21: the threshold
     dict(shape=(2, 64, 64, 31, 32), padding=1, channels_last=True),   # 512 tiles, the last row partial
     dict(shape=(2, 64, 64, 30, 32), padding=1, channels_last=True),   # 480 tiles
-    dict(shape=(1, 256, 256, 32, 31), padding=1, channels_last=True),  # 256 tiles: the minimum
-    dict(shape=(1, 256, 256, 30, 32), padding=1, channels_last=True),  # 240 tiles
+    dict(shape=(1, 256, 255, 32, 31), padding=1, channels_last=True),  # 256 tiles of narrow filters: the minimum
+    dict(shape=(1, 256, 255, 30, 32), padding=1, channels_last=True),  # 240 tiles of narrow filters
+    dict(shape=(1, 256, 256, 24, 16), padding=1, channels_last=True),  # 96 tiles of wide filters: the minimum
+    dict(shape=(1, 256, 256, 22, 16), padding=1, channels_last=True),  # 88 tiles
+    dict(shape=(2, 256, 256, 44, 46), padding=1, channels_last=True),  # 1012 tiles: by columns
+    dict(shape=(2, 256, 256, 46, 46), padding=1, channels_last=True),  # 1058 tiles: by blocks of tiles
 ]
 
 

@@ -30,9 +30,10 @@ struct Plan {
 // The tiles and blocks of a 3x3 convolution of input (C channels) into K channels (U left undefined).
 Plan tile_plan(const at::Tensor& input_in, int64_t C, int64_t K, at::IntArrayRef padding);
 
-// V[q][t][c] = (B^T d B)[q] for the tiles [t0, t0 + nb) of an NHWC input; taps outside the image read `zero`.
+// V[q][t][c] = (B^T d B)[q] (positions q_stride apart) for the tiles [t0, t0 + nb) of an NHWC input; taps outside
+// the image read `zero`.
 FASTCNN_VECTOR_CLONES void input_transform(const float* __restrict__ in, const Geometry& g, int64_t t0, int64_t nb,
-                                           int64_t block, const float* __restrict__ zero, float* __restrict__ V);
+                                           int64_t q_stride, const float* __restrict__ zero, float* __restrict__ V);
 
 }  // namespace winograd_tiles
 }  // namespace fastcnn

@@ -16,9 +16,11 @@ from . import register
 # Where the CPU convolution is fastcnn's Winograd rather than oneDNN's direct one: the rule of winograd_applies in
 # csrc/cpu/winograd.cpp (its measurements are there), mirrored here so that a route can name the class;
 # tests/ops/test_winograd.py checks that the two agree.
-WINOGRAD_MIN_TILES = 256
-WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
 WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_TILES = 256  # narrow filters, by blocks of tiles
+WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
+WINOGRAD_COLUMN_FILTERS = 256 * 256  # C_in * C_out from which filters count as wide: by columns of output channels,
+WINOGRAD_COLUMN_TILES = (96, 1024)  # for this many tiles (beyond, by blocks of tiles)
 
 
 def winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=False):
@@ -40,8 +42,12 @@ def winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=F
     if out_h < 1 or out_w < 1:
         return False
     tiles = input.shape[0] * ((out_h + 1) // 2) * ((out_w + 1) // 2)
-    return (tiles >= WINOGRAD_MIN_TILES and tiles * w_shape[0] * w_shape[1] >= WINOGRAD_MIN_WORK
-            and (any_layout or layout_of(input) == "channels_last"))
+    filters = w_shape[0] * w_shape[1]
+    if filters >= WINOGRAD_COLUMN_FILTERS and tiles <= WINOGRAD_COLUMN_TILES[1]:
+        enough = tiles >= WINOGRAD_COLUMN_TILES[0]
+    else:
+        enough = tiles >= WINOGRAD_MIN_TILES and tiles * filters >= WINOGRAD_MIN_WORK
+    return enough and (any_layout or layout_of(input) == "channels_last")
 
 
 ROUTES = RouteTable("conv2d", [
@@ -78,4 +84,5 @@ def conv2d(input, weight, stride=1, padding=0, dilation=1, groups=1):
     return register.run_conv2d_winograd(input, weight, list(padding))
 
 
-__all__ = ["ROUTES", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "WINOGRAD_MIN_WORK", "conv2d", "winograd_runs"]
+__all__ = ["ROUTES", "WINOGRAD_COLUMN_FILTERS", "WINOGRAD_COLUMN_TILES", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES",
+           "WINOGRAD_MIN_WORK", "conv2d", "winograd_runs"]
