@@ -29,6 +29,20 @@ namespace {
 // GEMMs reduces over the whole chunk into the one dU, one position per task, so dU is read and written once a chunk.
 constexpr int64_t kMaxNarrowFilters = 256 * 256, kWideChunkTiles = 512;
 
+// Where it runs: where the forward's rule holds (winograd_fits) with at least 128 channels on both sides. Weight
+// gradient alone, caches evicted, VGG-16 block shapes at batch 2, on a machine whose float32 matmul runs 0.46 TFLOP/s
+// (benchmarks' ceilings): Winograd from NCHW / channels_last input against oneDNN's in the same layout at 64
+// channels (224 px) 31 / 25 ms against 22 / 22 - at so few channels its transforms (a pass over the input and the
+// gradient per tile) weigh more against the GEMMs - at 128 (112 px) 17.4 / 12.9 against 18.6 / 18.2, at 256 (56
+// px) 19.0 / 15.2 against 20.8 / 19.2, at 512 (28 px) 13.6 / 11.8 against 18.5 / 22.5 and at 512 (14 px, by the
+// forward's column rule) 4.5 / 4.0 against 5.5 / 10.9. (A slower machine, 0.16 TFLOP/s, had 64 channels win
+// narrowly from NCHW: 84 against 88 ms.)
+constexpr int64_t kMinWeightGradChannels = 128;
+
+bool weight_grad_fits(const at::Tensor& weight) {
+  return std::min(weight.size(0), weight.size(1)) >= kMinWeightGradChannels;
+}
+
 // --- The weight gradient, by Winograd's F(3x3, 2x2): the forward Y = A^T [U .* V] A with U = G g G^T gives, per
 // tile and channel pair, dL/dU = (A dY A^T) .* V, so that summed over tiles
 //     dU_q[c][k] = sum_t V_q[t][c] dM_q[t][k]   with dM = A dY A^T (16 GEMMs per block of tiles),
@@ -213,19 +227,18 @@ std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tenso
                                                                  at::IntArrayRef padding, at::IntArrayRef dilation,
                                                                  int64_t groups, std::array<bool, 2> output_mask) {
   at::Tensor grad_input, grad_weight;
-  // The weight gradient is Winograd's wherever the shape fits, NCHW too (through channels_last copies). Its error
-  // against float64 (relative RMS, VGG-16 blocks 1-4 at batch 2 behind a ReLU and max pool: 4.1 / 3.2 / 2.4 /
-  // 3.4e-7 at 64 / 128 / 256 / 512 channels) is below oneDNN's NCHW one (1.9e-6 / 9.6 / 6.8 / 3.4e-7) and within the
-  // benchmarks' rule of oneDNN's channels_last one (7.7 / 3.9 / 2.8 / 1.5e-7). With the caches evicted it ran 84,
-  // 34, 33 and 29 ms from NCHW input against oneDNN NCHW's 88, 59, 50 and 49 ms. The input gradient is Winograd's
-  // on channels_last input only: on NCHW its error (4.4e-7 at 512 channels) is more than the benchmarks' rule
-  // allows against oneDNN's NCHW one (1.5e-7).
+  // The weight gradient is Winograd's wherever its rule holds (weight_grad_fits), NCHW too (through channels_last
+  // copies). Its error against float64 (relative RMS, VGG-16 blocks 1-4 at batch 2 behind a ReLU and max pool: 4.1
+  // / 3.2 / 2.4 / 3.4e-7 at 64 / 128 / 256 / 512 channels) is below oneDNN's NCHW one (1.9e-6 / 9.6 / 6.8 / 3.4e-7)
+  // and within the benchmarks' rule of oneDNN's channels_last one (7.7 / 3.9 / 2.8 / 1.5e-7). The input gradient is
+  // Winograd's on channels_last input only: on NCHW its error (4.4e-7 at 512 channels) is more than the benchmarks'
+  // rule allows against oneDNN's NCHW one (1.5e-7).
   const bool fits = (output_mask[0] || output_mask[1]) &&
                     winograd_fits(input, weight, stride, padding, dilation, groups);
   if (fits && output_mask[0] && memory_format_of(input) == at::MemoryFormat::ChannelsLast) {
     grad_input = winograd_conv3x3(grad_conv, weight, {2 - padding[0], 2 - padding[1]}, /*flip_weight=*/true);
   }
-  if (fits && output_mask[1]) {
+  if (fits && output_mask[1] && weight_grad_fits(weight)) {
     // Undefined where a value is not finite: the transforms subtract, so one infinity can become NaN (inf - inf)
     // where the direct sum gives +-inf; such calls (rare) run ATen's, whose results stock's match.
     grad_weight = winograd_conv3x3_weight_grad(grad_conv, input, padding, memory_format_of(weight));

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import fastcnn
 from fastcnn import _extension
 
+from fastcnn.ops.conv2d import WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS, winograd_runs, winograd_weight_grad_runs
+
 from _blocks import forward_backward, stock
 from _tolerances import assert_close_to_oracle
 
@@ -74,7 +76,8 @@ def test_forward_and_gradients_within_the_tolerance_table(case, pool):
 
     with fastcnn.use_backend("cpu"):
         assert _ran_winograd(fused) == 2  # the forward and the input gradient
-        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == 1
+        weight_grads = 1 if min(c_in, c_out) >= WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS else 0
+        assert _ran_winograd(fused, "fastcnn::winograd_conv3x3_weight_grad") == weight_grads
         out, _, grads = fused()
     assert_close_to_oracle(out, stock_out, oracle, "out")
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -91,7 +94,7 @@ def test_nchw_runs_winograd_in_the_forward_with_a_2x2_max_pool_and_the_weight_gr
     output on random values within the tolerance table; the gradients on small integers, where every convolution is
     exact (Winograd's transforms only halve), so that a near-tie in a pool window cannot pick another element than
     float64 does and they must equal the oracle's."""
-    x, weight, bias = _inputs(2, 64, 80, 33, 31, channels_last=False)
+    x, weight, bias = _inputs(2, 128, 144, 33, 31, channels_last=False)
     args = ((1, 1), (1, 1), (1, 1), 1, pool, (2, 2), (2, 2))
     with torch.no_grad():
         oracle = stock(x.double(), weight.double(), bias.double(), *args)
@@ -256,12 +259,33 @@ AGREEMENT_CASES = NOT_ELIGIBLE + [dict(shape=c[:5], padding=c[5], channels_last=
 @pytest.mark.parametrize("case", AGREEMENT_CASES, ids=range(len(AGREEMENT_CASES)))
 def test_python_mirror_of_the_rule_agrees_with_the_kernel(case):
     """The route table's size class "winograd" (winograd_runs, Python) is the C++ rule (winograd_applies)."""
-    from fastcnn.ops.conv2d import winograd_runs
-
     x, weight, bias, conv = _case_arguments(case)
     with fastcnn.use_backend("cpu"), torch.no_grad():
         ran = _ran_winograd(lambda: fastcnn.functional.conv2d_relu_pool(x, weight, bias, *conv, pool="none")) > 0
     assert winograd_runs(x, weight, *conv) == ran
+
+
+WEIGHT_GRAD_CASES = AGREEMENT_CASES + [
+    dict(shape=(2, 64, 80, 33, 31), padding=1, channels_last=False),    # 64 channels: oneDNN's, in either layout
+    dict(shape=(2, 127, 128, 33, 31), padding=1, channels_last=True),   # 127
+    dict(shape=(2, 128, 128, 33, 31), padding=1, channels_last=False),  # 128: Winograd's from NCHW input too
+]
+
+
+@pytest.mark.parametrize("case", WEIGHT_GRAD_CASES, ids=range(len(WEIGHT_GRAD_CASES)))
+def test_python_mirror_of_the_weight_gradient_rule_agrees_with_the_kernel(case):
+    """winograd_weight_grad_runs (Python, the size class of training calls without a pool) is the C++ rule
+    (weight_grad_fits in winograd_backward.cpp): Winograd's weight gradient where the forward's rule holds in any
+    layout and both sides have at least 128 channels."""
+    x, weight, bias, conv = _case_arguments(case)
+    weight.requires_grad_()
+
+    def backward():
+        fastcnn.functional.conv2d_relu_pool(x, weight, bias, *conv, pool="none").sum().backward()
+
+    with fastcnn.use_backend("cpu"):
+        ran = _ran_winograd(backward, "fastcnn::winograd_conv3x3_weight_grad") > 0
+    assert winograd_weight_grad_runs(x, weight, *conv) == ran
 
 
 def test_conv_relu_module_runs_winograd_by_default_and_matches_stock():

@@ -35,7 +35,8 @@ at::Tensor winograd_conv3x3_weight_grad(const at::Tensor& grad_out, const at::Te
 // (grad_input, grad_weight) of conv2d(input, weight, None, stride, padding, dilation, groups), each undefined unless
 // output_mask asks for it: the input gradient by Winograd where winograd_applies to the forward (the 3x3
 // convolution of grad_conv with the weight transposed and turned by 180 degrees, padding 2 - p), the weight gradient
-// (winograd_conv3x3_weight_grad) where winograd_fits, whatever the input's layout; else by ATen's
+// (winograd_conv3x3_weight_grad) where winograd_fits with at least 128 channels on both sides, whatever the input's
+// layout (winograd_backward.cpp); else by ATen's
 // convolution_backward. Any device (Winograd applies on CPU only).
 std::tuple<at::Tensor, at::Tensor> convolution_backward_winograd(const at::Tensor& grad_conv, const at::Tensor& input,
                                                                  const at::Tensor& weight, at::IntArrayRef stride,

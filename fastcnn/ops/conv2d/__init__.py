@@ -21,6 +21,8 @@ WINOGRAD_MIN_TILES = 256  # narrow filters, by blocks of tiles
 WINOGRAD_MIN_WORK = 1 << 21  # tiles * C_in * C_out
 WINOGRAD_COLUMN_FILTERS = 256 * 256  # C_in * C_out from which filters count as wide: by columns of output channels,
 WINOGRAD_COLUMN_TILES = (96, 1024)  # for this many tiles (beyond, by blocks of tiles)
+# The weight gradient's further rule (weight_grad_fits in csrc/cpu/winograd_backward.cpp, measured there).
+WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 128
 
 
 def winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=False):
@@ -48,6 +50,14 @@ def winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=F
     else:
         enough = tiles >= WINOGRAD_MIN_TILES and tiles * filters >= WINOGRAD_MIN_WORK
     return enough and (any_layout or layout_of(input) == "channels_last")
+
+
+def winograd_weight_grad_runs(input, weight, stride, padding, dilation, groups):
+    """True where the weight gradient of fastcnn's CPU convolution for these arguments is Winograd's, whatever the
+    input's memory format: `winograd_runs` with at least WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS channels on both
+    sides."""
+    return (len(weight.shape) == 4 and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS
+            and winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=True))
 
 
 ROUTES = RouteTable("conv2d", [
@@ -85,4 +95,5 @@ def conv2d(input, weight, stride=1, padding=0, dilation=1, groups=1):
 
 
 __all__ = ["ROUTES", "WINOGRAD_COLUMN_FILTERS", "WINOGRAD_COLUMN_TILES", "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES",
-           "WINOGRAD_MIN_WORK", "conv2d", "winograd_runs"]
+           "WINOGRAD_MIN_WORK", "WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS", "conv2d", "winograd_runs",
+           "winograd_weight_grad_runs"]

@@ -22,7 +22,7 @@ from .._dispatch import (
     route,
     stock_routable,
 )
-from ..conv2d import winograd_runs
+from ..conv2d import winograd_runs, winograd_weight_grad_runs
 from . import reference
 from . import register  # noqa: F401  (fakes and autograd of the C++ ops, when fastcnn._C has them)
 from .reference import POOLS
@@ -44,7 +44,8 @@ def _size_class(input, weight, stride, padding, dilation, groups, mode):
     """"winograd" where fastcnn's CPU Winograd serves the call - its forward on channels_last input, and for a
     recorded call without a pool (mode "relu-train") its weight gradient, which runs on NCHW input too - else
     "small" or "large" by `conv_output_elements`."""
-    if winograd_runs(input, weight, stride, padding, dilation, groups, any_layout=mode == "relu-train"):
+    if winograd_runs(input, weight, stride, padding, dilation, groups) or (
+            mode == "relu-train" and winograd_weight_grad_runs(input, weight, stride, padding, dilation, groups)):
         return "winograd"
     return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
 
