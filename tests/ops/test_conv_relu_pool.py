@@ -375,19 +375,22 @@ def test_cpu_conv_relu_without_pool_routes_to_stock():
 @needs_cpp
 @pytest.mark.stock_routes
 def test_nchw_conv_relu_runs_fastcnns_where_autograd_records_it_and_the_weight_gradient_is_winograds():
-    """Without a pool an NCHW call runs fastcnn's op only where autograd records it (mode "relu-train") and its
-    weight gradient is Winograd's (size "winograd" whatever the layout); inference and thin layers run stock. The
-    ConvReLU2d module follows the same route, remembered per mode, and gives stock's gradients."""
-    from fastcnn.ops.conv_relu_pool import route_mode, runs_stock
+    """Without a pool an NCHW call runs fastcnn's op only where autograd records it (mode "relu-train"), its
+    weight gradient is Winograd's (size "winograd" whatever the layout) and its output has at least
+    WEIGHT_GRAD_WIN_OUTPUT elements; inference, thin and smaller layers run stock. The ConvReLU2d module follows the
+    same route, remembered per mode, and gives stock's gradients."""
+    from fastcnn.ops.conv_relu_pool import WEIGHT_GRAD_WIN_OUTPUT, route_mode, runs_stock
 
-    x, weight, bias = torch.randn(2, 128, 28, 28), torch.randn(128, 128, 3, 3) * 0.03, torch.randn(128)
+    x, weight, bias = torch.randn(2, 128, 40, 40), torch.randn(128, 128, 3, 3) * 0.03, torch.randn(128)
     thin_x, thin_w = torch.randn(2, 16, 32, 32), torch.randn(32, 16, 3, 3)
+    small_x = torch.randn(2, 128, 28, 28)  # Winograd's weight gradient, but fewer output elements
+    assert small_x.numel() < WEIGHT_GRAD_WIN_OUTPUT <= x.numel()
     conv = ((1, 1), (1, 1), (1, 1), 1)
     assert route_mode("max", x, weight, bias) == "relu-pool" and route_mode("none", x, weight, bias) == "relu"
     weight.requires_grad_()
     assert route_mode("none", x, weight, bias) == "relu-train"
     assert not runs_stock(x, weight, "relu-train", *conv) and runs_stock(x, weight, "relu", *conv)
-    assert runs_stock(thin_x, thin_w, "relu-train", *conv)
+    assert runs_stock(thin_x, thin_w, "relu-train", *conv) and runs_stock(small_x, weight, "relu-train", *conv)
     with torch.no_grad():
         assert route_mode("none", x, weight, bias) == "relu"
 

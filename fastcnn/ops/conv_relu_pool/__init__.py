@@ -30,6 +30,9 @@ from .reference import POOLS
 _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 
 SMALL_OUTPUT = 1 << 17  # N * C_out * H * W below which a call is "small" (between a 65k loss and a 131k win)
+# Output elements from which a recorded NCHW call without a pool, which wins by Winograd's weight gradient alone, wins
+# at all (between a 200k loss and a 401k win: the ROUTES comments).
+WEIGHT_GRAD_WIN_OUTPUT = 1 << 18
 
 
 def conv_output_elements(input, weight):
@@ -42,12 +45,14 @@ def conv_output_elements(input, weight):
 
 def _size_class(input, weight, stride, padding, dilation, groups, mode):
     """"winograd" where fastcnn's CPU Winograd serves the call - its forward on channels_last input, and for a
-    recorded call without a pool (mode "relu-train") its weight gradient, which runs on NCHW input too - else
-    "small" or "large" by `conv_output_elements`."""
+    recorded call without a pool (mode "relu-train") of at least WEIGHT_GRAD_WIN_OUTPUT output elements its weight
+    gradient, which runs on NCHW input too - else "small" or "large" by `conv_output_elements`."""
+    output = conv_output_elements(input, weight)
     if winograd_runs(input, weight, stride, padding, dilation, groups) or (
-            mode == "relu-train" and winograd_weight_grad_runs(input, weight, stride, padding, dilation, groups)):
+            mode == "relu-train" and output >= WEIGHT_GRAD_WIN_OUTPUT
+            and winograd_weight_grad_runs(input, weight, stride, padding, dilation, groups)):
         return "winograd"
-    return "small" if conv_output_elements(input, weight) < SMALL_OUTPUT else "large"
+    return "small" if output < SMALL_OUTPUT else "large"
 
 
 ROUTES = RouteTable("conv2d_relu_pool", [
@@ -55,39 +60,39 @@ ROUTES = RouteTable("conv2d_relu_pool", [
     Route("triton", device="cuda"),
     # Where the CPU convolution is fastcnn's Winograd (winograd_runs: channels_last, 3x3 stride 1, enough tiles and
     # channels), fastcnn wins with or without a pool. Paired rounds against stock eager, batch 2 unless noted:
-    # VGG-16 blocks 1-4 forward 1.31-1.82x, forward+backward 1.38-1.92x (conv_block.json); 128 channels at 28-112
-    # px and batch 1-8 at 56 px 1.19-1.69x / 1.27-1.75x with the pool (conv_block_sweep_channels_last.json) and
-    # 1.14-1.54x / 1.22-1.84x without (conv_block_sweep_pool-none_channels_last.json).
+    # VGG-16 blocks 1-5 forward 1.36-1.59x, forward+backward 1.39-1.71x (conv_block.json); 128 channels at 28-112
+    # px and batch 1-8 at 56 px 1.32-1.54x / 1.30-1.68x with the pool (conv_block_sweep_channels_last.json) and
+    # 1.15-1.37x / 1.22-1.50x without (conv_block_sweep_pool-none_channels_last.json).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none_channels_last.json#2x128x28x28-8x128x56x56",
           device="cpu", size="winograd"),
     # In channels_last, where the convolution is oneDNN's (too few tiles or channels for Winograd), the fused path
-    # loses or ties (fastcnn[cpu]): 2x3->16x64x64 ... 2x64->128x8x8 forward 0.67-0.69x, forward+backward 0.83-0.87x
-    # (conv_block_sweep_channels_last.json, "thin"); VGG-16 block5, 2x512x14x14, 0.99x / 1.00x (conv_block.json).
-    # So stock runs: routed there, the module measured 0.98-1.03x in both modes (the same sweep).
+    # loses (fastcnn[cpu]): 2x3->16x64x64 ... 2x64->128x8x8 forward 0.64-0.72x, forward+backward 0.85-0.88x, and
+    # 2x128x14x14 0.82x / 0.91x (conv_block_sweep_channels_last.json). So stock runs: routed there, the module
+    # measured 0.98-1.03x in both modes (the same sweep).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_channels_last.json#2x3x64x64-2x64x8x8", device="cpu",
           layout="channels_last"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_block_sweep.json). Small calls lose: the op's fixed
     # cost per call (its Python argument layer, a second pass, the code's allocation) outweighs the passes it saves -
-    # 2x128x14x14 0.84x forward / 0.92x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
-    # 0.84x / 0.91x and smaller 0.65-0.73x / 0.81-0.86x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.19-1.98x
-    # forward and 1.16-1.40x forward+backward. So below SMALL_OUTPUT output elements stock runs (routed: 1.00-1.02x).
+    # 2x128x14x14 0.85x forward / 0.90x forward+backward, the encoder-decoder's 2x16->32x32x32 (65k output elements)
+    # 0.91x / 0.94x and smaller 0.66-0.77x / 0.83-0.87x; from 2x3->16x64x64 (131k) on fastcnn wins, 1.43-1.75x
+    # forward and 1.18-1.34x forward+backward. So below SMALL_OUTPUT output elements stock runs (routed: 0.99-1.02x).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep.json#2x128x14x14,2x16x32x32-2x64x8x8", device="cpu",
           size="small"),
     # Without a pool there is no pass to save on CPU: stock's oneDNN convolution adds the bias and the ReLU runs in
-    # place, where fastcnn's epilogue is a second pass - NCHW forward 0.60-0.99x at every size of the sweep
+    # place, where fastcnn's epilogue is a second pass - NCHW forward 0.63-0.98x at every size of the sweep
     # (conv_block_sweep_pool-none.json, fastcnn[cpu]). Where autograd records the call and the weight gradient is
-    # Winograd's (mode "relu-train", size "winograd": 128 channels at 28-112 px, batch 1-8 at 56 px), forward+backward
-    # won 1.06-1.15x; elsewhere it lost, 0.78-0.89x. So only those run fastcnn's (routed: 1.06-1.15x, and 0.99x at
-    # 112 px, a noisy row whose rounds spread 0.96-1.27x), the rest stock (routed: 0.97-1.00x).
-    Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x28x28-8x128x56x56", device="cpu",
+    # Winograd's (mode "relu-train", size "winograd": 128 channels at 56-112 px, batch 1-8 at 56 px), forward+backward
+    # ran 0.99-1.08x; at 28 px (200k output elements, below WEIGHT_GRAD_WIN_OUTPUT) 0.96-0.99x in two runs, and
+    # elsewhere 0.79-0.88x. So only those run fastcnn's (routed: 0.99-1.08x), the rest stock (routed: 0.97-1.00x).
+    Route("cpu", measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x56x56-8x128x56x56", device="cpu",
           mode="relu-train", size="winograd"),
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14-2x128x112x112", device="cpu",
           mode="relu"),
-    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14,2x3x64x64-2x64x8x8",
+    Route(STOCK, measured=f"{CPU_RESULTS}_conv_block_sweep_pool-none.json#2x128x14x14,2x128x28x28,2x3x64x64-2x64x8x8",
           device="cpu", mode="relu-train"),
-    # VGG-16 block-ending convs at batch 2, NCHW (conv_block.json): blocks 1-4, whose forward is Winograd's with the
-    # pool in its output transform and whose weight gradient is Winograd's, forward 1.42-1.75x, forward+backward
-    # 1.29-1.45x; block5 (oneDNN's convolution + the epilogue) 1.02x / 1.01x.
+    # VGG-16 block-ending convs at batch 2, NCHW (conv_block.json), whose forward is Winograd's with the pool in its
+    # output transform and whose weight gradient is Winograd's from 128 channels: forward 1.36-1.86x,
+    # forward+backward 1.12-1.29x (block1, 64 channels, 1.12x: its weight gradient is oneDNN's).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_block.json#block1-block5", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 
