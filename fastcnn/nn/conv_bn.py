@@ -44,12 +44,12 @@ from .unfused import in_stock_slot
 SMALL_OUTPUT = 1 << 18  # N * C_out * H * W below which a fused conv-BN call is "small"
 
 # CPU, fp32, stock / fastcnn in paired rounds: small blocks lose to the fused chain's fixed cost per call - VGG-16's
-# conv-BN blocks 2-5 at batch 1 and a quarter of the resolution (8k-100k output elements) 0.83-0.89x inference,
-# 0.89-0.96x training, and batch 2's block5 (2x512x14x14, 200k) 0.97x / 1.00x - unless their convolution is
-# Winograd's: block1 there (1x64x56x56, 200k output elements, 784 tiles) 1.10x / 1.10x, routed so 1.12x / 1.10x
-# (conv_bn_block_quick.json). From 2x512x28x28 (800k) on fastcnn wins: batch 2 channels_last, blocks 1-4 (Winograd's
-# convolution and weight gradient) 1.34-1.81x inference, 1.26-1.84x training (conv_bn_block.json).
-# So below SMALL_OUTPUT, where the convolution is not Winograd's, the block runs its stock layers.
+# conv-BN blocks 2-5 at batch 1 and a quarter of the resolution (8k-100k output elements) 0.85-0.88x inference,
+# 0.87-0.93x training - unless their convolution is Winograd's: block1 there (1x64x56x56, 200k output elements, 784
+# tiles) 1.18x / 1.09x, routed so 1.21x / 1.11x (conv_bn_block_quick.json). Batch 2 channels_last, blocks 1-5
+# (Winograd's convolution, and its weight gradient from 128 channels) 1.28-1.82x inference, 1.35-1.57x training
+# (conv_bn_block.json). So below SMALL_OUTPUT, where the convolution is not Winograd's, the block runs its stock
+# layers.
 ROUTES = ModuleRoutes("conv-BN block", [
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_bn_block_quick.json#block2-block5", device="cpu",
           dtypes=(torch.float32,), size="small"),

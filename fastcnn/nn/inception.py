@@ -24,8 +24,8 @@ from ._batch_norm_fusion import (
 from .unfused import is_unfused
 
 _RESULTS = f"{CPU_RESULTS}_inception.json"
-# On CPU the fused block does not beat stock (GoogLeNet inception3a, float32, paired rounds, stock / fused): 0.88x
-# inference, 0.97x training (routed to stock: 1.00x) - so there it runs its stock branches until a measurement says
+# On CPU the fused block does not beat stock (GoogLeNet inception3a, float32, paired rounds, stock / fused): 0.89x
+# inference, 1.00x training (routed to stock: 1.00x) - so there it runs its stock branches until a measurement says
 # otherwise.
 ROUTES = ModuleRoutes("inception block", [
     Route(STOCK, measured=f"{_RESULTS}#inception3a-train", device="cpu", dtypes=(torch.float32,), mode="train"),

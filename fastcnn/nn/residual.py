@@ -15,8 +15,8 @@ from ._batch_norm_fusion import (
 )
 from .unfused import is_unfused
 
-# On CPU the fused blocks do not beat stock (float32, paired rounds, stock / fused): Bottleneck layer1 1.00x
-# inference / 0.99x training, layer2 0.96x / 0.94x (routed to stock: 0.99-1.01x). The convolutions (oneDNN, the same
+# On CPU the fused blocks do not beat stock (float32, paired rounds, stock / fused): Bottleneck layer1 1.01x
+# inference / 0.99x training, layer2 0.97x / 0.94x (routed to stock: 0.99-1.01x). The convolutions (oneDNN, the same
 # calls) are ~75% of a step; what is left is too small for the saved passes to pay for the per-op overhead of the
 # fused chain. So on CPU the blocks run their stock layers until a measurement says otherwise.
 ROUTES = ModuleRoutes("residual block", [

@@ -50,8 +50,8 @@ _triton, _TRITON_WHY_NOT = load_triton(".register_triton", __name__)
 ROUTES = RouteTable("batch_norm", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # CPU, fp32 channels_last, batch 2, stock / fastcnn interleaved: the VGG-16-BN Conv+BN+ReLU+pool blocks 1-4
-    # (their convolution Winograd's, fastcnn.ops.conv2d) train 1.26-1.84x and infer 1.34-1.81x; the residual and
+    # CPU, fp32 channels_last, batch 2, stock / fastcnn interleaved: the VGG-16-BN Conv+BN+ReLU+pool blocks 1-5
+    # (their convolution Winograd's, fastcnn.ops.conv2d) train 1.35-1.57x and infer 1.28-1.82x; the residual and
     # Inception blocks, which also run these ops, lose as a whole and run their stock layers on CPU (their module
     # routes).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_bn_block.json#block1-block5", device="cpu"),

@@ -35,13 +35,13 @@ ROUTES = RouteTable("conv_transpose2d_act", [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
     # CPU, fp32, stock / fastcnn[cpu] in paired rounds (conv_transpose_sweep.json: NCHW, batch 2). Small calls lose
-    # to the op's fixed cost per call: kernel == stride 0.88-0.95x forward below 131k output elements, 0.82-0.94x
+    # to the op's fixed cost per call: kernel == stride 0.87-0.97x forward below 131k output elements, 0.85-0.99x
     # forward+backward below 262k; kernel != stride (oneDNN, then the ReLU: nothing fused to win in forward)
-    # 0.76-0.96x forward up to 800k, 0.82-1.00x forward+backward. So stock runs there (routed: 0.98-1.03x).
+    # 0.79-0.98x forward up to 800k, 0.86-1.02x forward+backward. So stock runs there (routed: 0.99-1.04x).
     Route(STOCK, measured=f"{CPU_RESULTS}_conv_transpose_sweep.json#k2s2 128->128 @2-k4s2p1 64->32 @56",
           device="cpu", size="small"),
-    # Above: forward 1.22-2.37x, forward+backward 1.06-1.45x (the sweep); U-Net decoder shapes at batch 2,
-    # channels_last (conv_transpose.json): forward 1.03-1.32x, forward+backward 1.11-1.70x (k2s2 and k4s2p1).
+    # Above: forward 1.26-2.76x, forward+backward 1.12-1.57x (the sweep); U-Net decoder shapes at batch 2,
+    # channels_last (conv_transpose.json): forward 1.04-1.24x, forward+backward 1.17-1.96x (k2s2 and k4s2p1).
     Route("cpu", measured=f"{CPU_RESULTS}_conv_transpose.json#k2s2,k4s2p1", device="cpu"),
 ], compiled=register.COMPILED_OPS, triton=_TRITON_WHY_NOT, no_float64=("triton",))
 

@@ -18,8 +18,9 @@ TRITON_OPS = None if _triton is None else _triton.TRITON_OPS
 ROUTES = {op: RouteTable(op, [
     Route("cuda", device="cuda"),
     Route("triton", device="cuda"),
-    # CPU, fp32 ResNet-50 / VGG-16 parameter sets: 0.96-1.09x torch's fused step, 2.1-5.6x its foreach and
-    # single-tensor steps (the reference backend's speed class); LARS 2.0-3.1x the unfused LARS.
+    # CPU, fp32 ResNet-50 / VGG-16 parameter sets: 0.97-1.00x torch's fused step (memory-bound: the same passes),
+    # 2.0-6.0x its foreach and single-tensor steps (the reference backend's speed class); LARS 2.0-2.9x the unfused
+    # LARS.
     Route("cpu", measured=f"{CPU_RESULTS}_optim_float32.json#resnet50,vgg16", device="cpu"),
 ], compiled=(op,), triton=_TRITON_WHY_NOT, no_float64=("triton",)) for op in OPS}
 
