@@ -20,14 +20,14 @@ struct Geometry {
   int64_t tiles() const { return N * TH * TW; }
 };
 
-// One call's tiles, blocks and transformed filters.
+// One call's tiles and its blocks of them.
 struct Plan {
   Geometry g;
-  at::Tensor input, U;  // input channels_last
+  at::Tensor input;  // channels_last
   int64_t block, blocks;
 };
 
-// The tiles and blocks of a 3x3 convolution of input (C channels) into K channels (U left undefined).
+// The tiles and blocks of a 3x3 convolution of input (C channels) into K channels.
 Plan tile_plan(const at::Tensor& input_in, int64_t C, int64_t K, at::IntArrayRef padding);
 
 // V[q][t][c] = (B^T d B)[q] (positions q_stride apart) for the tiles [t0, t0 + nb) of an NHWC input; taps outside
