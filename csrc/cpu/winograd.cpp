@@ -439,9 +439,9 @@ bool run_tile_blocks(const Forward& f, const Finish& finish) {
   return finite.load();
 }
 
-// Few tiles against wide filters (VGG-16's block5 at batch 2: 98 tiles, 512 x 512 filters): there each block of
-// tiles would read all of U (16 * C * K floats, 16 MB), which costs more than the GEMMs save (0.86x oneDNN's NCHW
-// forward, 0.72x its channels_last one). So the filters are split instead: V of every tile first (16 * tiles * C
+// Wide filters over up to 1024 tiles (VGG-16's block5 at batch 2: 98 tiles, 512 x 512 filters): there each block of
+// tiles would read all of U (16 * C * K floats, 16 MB), which costs more than the GEMMs save (block5: 0.86x oneDNN's
+// NCHW forward, 0.72x its channels_last one). So the filters are split instead: V of every tile first (16 * tiles * C
 // floats, 3.2 MB there), then columns of output channels, one task each, which transforms its filters (reading the
 // weight once in all, as the direct convolution does), multiplies every tile's V by them and finishes its channels
 // of every tile. Columns of up to 128 channels, at least two of them so that two threads share the work; measured
