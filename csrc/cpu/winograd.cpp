@@ -13,7 +13,8 @@
 // 16 GEMMs and output transform back to back while V and M are still in cache) where the filters are narrow, columns
 // of output channels where they are wide (run_columns: U is then made and read once). The transforms use only
 // additions, subtractions and halvings, and the error measured against float64 is below that of oneDNN's
-// channels_last direct convolution (tests/ops/test_winograd.py). The backward is in winograd_backward.cpp.
+// channels_last direct convolution (tests/ops/test_winograd.py). The filter transform is in winograd_filters.cpp,
+// the backward in winograd_backward.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -21,6 +22,7 @@
 #include "fastcnn/checks.h"
 #include "fastcnn/cpu_loops.h"
 #include "fastcnn/winograd.h"
+#include "fastcnn/winograd_filters.h"
 #include "fastcnn/winograd_tiles.h"
 
 #include <algorithm>
@@ -35,6 +37,7 @@
 namespace fastcnn {
 
 using namespace winograd_tiles;
+using winograd_filters::FilterSource;
 
 namespace {
 
@@ -57,104 +60,6 @@ constexpr int64_t kMinChannels = 64, kMinTiles = 256, kMinWork = int64_t{1} << 2
 constexpr int64_t kMinColumnFilters = 256 * 256, kMinColumnTiles = 96, kMaxColumnTiles = 1024;
 
 bool by_columns(int64_t tiles, int64_t C, int64_t K) { return tiles <= kMaxColumnTiles && C * K >= kMinColumnFilters; }
-
-constexpr int64_t kTapRow = 64;  // filters transformed at a time
-
-// Where a scratch buffer's 16 positions lie: q_stride floats apart.
-struct Positions {
-  float* data;
-  int64_t q_stride;
-  float* at(int q) const { return data + q * q_stride; }
-};
-
-// A q stride of at least `floats` that is not a multiple of 1 KB: the 16 positions of one row then fall in different
-// L1 sets (at multiples of 4 KB, as 98 tiles x 512 channels are, they would all evict each other).
-int64_t spread(int64_t floats) {
-  const int64_t lines = (floats + 15) / 16 * 16;
-  return lines % 256 == 0 ? lines + 16 : lines;
-}
-
-// Row i of U = t G^T from row i of t = G g, for lane l (the 16 positions are q_stride apart in U).
-__attribute__((always_inline)) inline void filter_row_out(float* __restrict__ u, int64_t q_stride, int64_t l, int i,
-                                                          float t0, float t1, float t2) {
-  u[(i * 4 + 0) * q_stride + l] = t0;
-  u[(i * 4 + 1) * q_stride + l] = 0.5f * (t0 + t1 + t2);
-  u[(i * 4 + 2) * q_stride + l] = 0.5f * (t0 - t1 + t2);
-  u[(i * 4 + 3) * q_stride + l] = t2;
-}
-
-// u[q * q_stride + l] = (G g_l G^T)[q] for the n filters g_l whose tap (a, b) is f[l * lane_stride + (a * 3 + b) *
-// tap_stride], vectorised along l (the taps are gathered from the weight as they are read: no transposed copy).
-// (The transforms keep their values in named scalars: a private array in a vectorised loop body becomes per-lane
-// memory.)
-FASTCNN_VECTOR_CLONES void filter_transform(const float* __restrict__ f, int64_t lane_stride, int64_t tap_stride,
-                                            int64_t n, float* __restrict__ u, int64_t q_stride) {
-#pragma omp simd  // U's rows do not overlap the weight (the vectoriser cannot prove it across the strides)
-  for (int64_t l = 0; l < n; ++l) {
-    const float* t = f + l * lane_stride;
-    const float g00 = t[0], g01 = t[tap_stride], g02 = t[2 * tap_stride];
-    const float g10 = t[3 * tap_stride], g11 = t[4 * tap_stride], g12 = t[5 * tap_stride];
-    const float g20 = t[6 * tap_stride], g21 = t[7 * tap_stride], g22 = t[8 * tap_stride];
-    // t = G g, row by row
-    filter_row_out(u, q_stride, l, 0, g00, g01, g02);
-    filter_row_out(u, q_stride, l, 1, 0.5f * (g00 + g10 + g20), 0.5f * (g01 + g11 + g21), 0.5f * (g02 + g12 + g22));
-    filter_row_out(u, q_stride, l, 2, 0.5f * (g00 - g10 + g20), 0.5f * (g01 - g11 + g21), 0.5f * (g02 - g12 + g22));
-    filter_row_out(u, q_stride, l, 3, g20, g21, g22);
-  }
-}
-
-// The filters g(k, c) = weight[k][c], or, flipped, weight[c][k] turned by 180 degrees, read in place from an OIHW
-// or a channels_last weight (any other layout is copied to OIHW first).
-struct FilterSource {
-  at::Tensor weight;
-  const float* data;  // tap 0 of g(0, 0)
-  int64_t in_stride, out_stride, tap_stride;  // between the filters' input channels c, output channels k, and taps
-  // Whether U_q is written (K x C), transposed, rather than (C x K): the transform's lanes run along the filters'
-  // closer axis, c where the input channels are nearer each other (OIHW 9 floats apart, channels_last 1), k where
-  // the output channels are (the flipped filters of the input gradient).
-  bool transposed;
-
-  FilterSource(const at::Tensor& weight_in, bool flip) {
-    const bool taps_in_place = weight_in.stride(2) == 3 * weight_in.stride(3);
-    weight = taps_in_place ? weight_in : weight_in.contiguous();
-    in_stride = flip ? weight.stride(0) : weight.stride(1);
-    out_stride = flip ? weight.stride(1) : weight.stride(0);
-    // Turned by 180 degrees, tap (a, b) is the weight's (2 - a, 2 - b): read backwards from the last.
-    tap_stride = flip ? -weight.stride(3) : weight.stride(3);
-    data = weight.const_data_ptr<float>() + (flip ? 8 * weight.stride(3) : 0);
-    transposed = in_stride < out_stride;
-  }
-
-  // U_q (positions q_stride apart) for every channel c < C and the filters [k0, k0 + n), written from column (or,
-  // transposed, row) 0 of `u`: (C x n) with rows ld apart, or transposed (n x C) with rows ld apart.
-  void transform(int64_t C, int64_t k0, int64_t n, float* u, int64_t ld, int64_t q_stride) const {
-    if (transposed) {
-      for (int64_t k = 0; k < n; ++k) {
-        filter_transform(data + (k0 + k) * out_stride, in_stride, tap_stride, C, u + k * ld, q_stride);
-      }
-      return;
-    }
-    for (int64_t kk = 0; kk < n; kk += kTapRow) {  // kTapRow filters at a time, whose taps stay in L1
-      const int64_t nk = std::min(kTapRow, n - kk);
-      for (int64_t c = 0; c < C; ++c) {
-        filter_transform(data + c * in_stride + (k0 + kk) * out_stride, out_stride, tap_stride, nk,
-                         u + c * ld + kk, q_stride);
-      }
-    }
-  }
-};
-
-// U of every filter (C x K, or transposed K x C, at each position), for the blocks of tiles.
-void transform_filters(const FilterSource& filters, int64_t C, int64_t K, Positions U) {
-  const int64_t chunks = (K + kTapRow - 1) / kTapRow;
-  at::parallel_for(0, chunks, grain_for(9 * C * kTapRow), [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t k0 = chunk * kTapRow;
-      filters.transform(C, k0, std::min(kTapRow, K - k0), U.data + (filters.transposed ? k0 * C : k0),
-                        filters.transposed ? C : K, U.q_stride);
-    }
-  });
-}
 
 }  // namespace
 
@@ -420,7 +325,7 @@ bool run_tile_blocks(const Forward& f, const Finish& finish) {
   const int64_t u_stride = spread(g.C * g.K), v_stride = spread(p.block * g.C), m_stride = spread(p.block * g.K);
   std::unique_ptr<float[]> u_data(new float[16 * u_stride]);  // uninitialised: written before read
   const Positions u{u_data.get(), u_stride};
-  transform_filters(f.filters, g.C, g.K, u);
+  winograd_filters::transform_filters(f.filters, g.C, g.K, u);
   const float* in = p.input.const_data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -472,7 +377,7 @@ bool run_columns(const Forward& f, const Finish& finish) {
     OutputScratch out_scratch(width);
     for (int64_t column = begin; column < end; ++column) {
       const Columns cols{column * width, std::min(width, g.K - column * width)};
-      f.filters.transform(C, cols.k0, cols.n, U.data, f.filters.transposed ? C : cols.n, u_stride);
+      f.filters.transform(C, cols.k0, cols.n, U, /*first=*/cols.k0, /*width=*/cols.n);
       tile_gemms(U, f.filters.transposed, V, C, cols.n, T, M);
       if (!finish(M, 0, T, cols, out_scratch)) finite.store(false);
     }

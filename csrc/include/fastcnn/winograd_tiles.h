@@ -1,5 +1,6 @@
 // The pieces of the CPU Winograd F(2x2, 3x3) convolution that its forward (winograd.cpp) and its weight gradient
-// (winograd_backward.cpp) share (csrc/cpu/): the tile geometry, the plan of blocks and the input transform.
+// (winograd_backward.cpp) share (csrc/cpu/): the tile geometry, the plan of blocks, the layout of the 16 positions
+// in scratch and the input transform.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +20,20 @@ struct Geometry {
   int64_t N, C, K, H, W, ph, pw, HO, WO, TH, TW;  // C in, K out; TH x TW tiles of 2x2 outputs per image
   int64_t tiles() const { return N * TH * TW; }
 };
+
+// Where a scratch buffer's 16 positions lie: q_stride floats apart.
+struct Positions {
+  float* data;
+  int64_t q_stride;
+  float* at(int q) const { return data + q * q_stride; }
+};
+
+// A q stride of at least `floats` that is not a multiple of 1 KB: the 16 positions of one row then fall in different
+// L1 sets (at multiples of 4 KB, as 98 tiles x 512 channels are, they would all evict each other).
+inline int64_t spread(int64_t floats) {
+  const int64_t lines = (floats + 15) / 16 * 16;
+  return lines % 256 == 0 ? lines + 16 : lines;
+}
 
 // One call's tiles and its blocks of them.
 struct Plan {
